@@ -1,0 +1,38 @@
+"""The ``hla`` command line. Each sub-command imports its module lazily so ``hla --version`` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hla import __version__
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from hla.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hla", description="Hybrid linear attention (Kimi Linear) tools")
+    parser.add_argument("--version", action="version", version=f"hla {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="self-check and a small side-by-side run on this machine")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
