@@ -17,13 +17,12 @@ heads first (value head ``j`` reads q/k head ``j // (HV // H)``).
 
 Overflow. ``exp(gc_i - gc_j)`` with ``j <= i`` is at most 1, but the usual factorisation
 ``(q_i exp(gc_i)) . (k_j exp(-gc_j))`` overflows fp32 once a channel decays by more than ~88
-within a chunk, which the unbounded Kimi gate allows. ``intra`` therefore never forms
-``exp(-gc)``: the chunk is split into sub-blocks of ``BS`` tokens; for row block ``a`` (first
-token ``r``) and columns ``j < r`` the product is factored around the anchor ``r`` as
-``exp(gc_i - gc_r) * exp(gc_r - gc_j)``, both factors ``<= 1``; the ``BS x BS`` diagonal blocks
-are formed elementwise with the exponent difference inside. Every exponent that is used is
-``<= 0``; the unused (future) ones are masked to ``-inf`` before ``exp``, so no inf ever meets a
-zero (no NaN in forward or backward) and future tokens contribute exact zeros (causality).
+within a chunk, which the unbounded Kimi gate allows. ``intra`` never forms ``exp(-gc)``: it
+splits the chunk hierarchically (64 -> 16 -> 4 -> 1) and factors each cross-block entry as
+row factor x block-pair factor x column factor, every exponent ``<= 0`` (see
+:func:`chunk_kda_intra`). Unused (future) block pairs are masked to ``-inf`` before ``exp``, so
+no inf ever meets a zero (no NaN in forward or backward) and future tokens contribute exact
+zeros (causality, FLA #1240).
 """
 
 from __future__ import annotations
