@@ -36,7 +36,7 @@ DEV = torch.device("cuda")
 
 
 def ms(fn, grad_to_none=None) -> float:
-    return do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
+    return do_bench(fn, warmup=25, rep=120, grad_to_none=grad_to_none, return_mode="median")
 
 
 def copy_ceiling() -> float:
