@@ -325,6 +325,6 @@ def kda_intra_fwd(
         HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid,
         PREC_INV="ieee", PREC="ieee" if INTERPRET else "tf32",
-        num_warps=4,
+        num_warps=4, num_stages=1,
     )
     return out

@@ -196,7 +196,7 @@ def kda_recurrence_fwd(
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=64,
         HAS_H0=initial_state is not None, STORE_FINAL=output_final_state, STORE_H=store_h,
-        num_warps=4,
+        num_warps=4, num_stages=1,
     )
     return o, ht, h, vnew
 
@@ -228,6 +228,6 @@ def kda_recurrence_bwd(
         du, dqg, dw, dkd, dA, ddl, cu_seqlens, chunk_offsets, TT, NC,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=BT,
         HAS_DHT=dht is not None, STORE_DH0=need_dh0,
-        num_warps=4,
+        num_warps=4, num_stages=1,
     )
     return dict(du=du, dqg=dqg.sum(0), dw=dw.sum(0), dkd=dkd.sum(0), dA=dA.sum(0), ddl=ddl.sum(0), dh0=dh0)
