@@ -41,6 +41,8 @@ class KimiDeltaAttention(nn.Module):
         self.num_heads = H = config.kda_num_heads
         self.head_dim = K = config.kda_head_dim
         self.lower_bound = config.kda_lower_bound
+        # hla.ops.kda backend: "auto" (Triton on CUDA when available, else torch); benchmarks set others.
+        self.kda_backend = "auto"
         self.eps = config.rms_norm_eps
         D = H * K
         W = config.kda_conv_size
@@ -101,7 +103,7 @@ class KimiDeltaAttention(nn.Module):
                 # In-place fp32 state update, no host sync (CUDA-graph capturable on GPU).
                 o = kda_ops.kda_decode(
                     q, k, v, g_raw, beta_raw, lc.state, A_log=self.A_log.view(H), dt_bias=self.dt_bias,
-                    lower_bound=self.lower_bound, use_qk_l2norm=True, use_beta_sigmoid=True,
+                    lower_bound=self.lower_bound, use_qk_l2norm=True, use_beta_sigmoid=True, backend=self.kda_backend,
                 )
             else:
                 o, final = self._kda(q, k, v, g_raw, beta_raw, lc.state, True)
@@ -116,5 +118,5 @@ class KimiDeltaAttention(nn.Module):
         return kda_ops.kda(
             q, k, v, g_raw, beta_raw, initial_state=initial_state, output_final_state=output_final_state,
             A_log=self.A_log.view(self.num_heads), dt_bias=self.dt_bias, lower_bound=self.lower_bound,
-            use_qk_l2norm=True, use_beta_sigmoid=True,
+            use_qk_l2norm=True, use_beta_sigmoid=True, backend=self.kda_backend,
         )
