@@ -79,9 +79,13 @@ class KimiLinearForCausalLM(nn.Module):
         self.config = config
         self.model = KimiLinearModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config ties them (redo after ``to_empty``)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # ---- weights --------------------------------------------------------------------------------------
     @torch.no_grad()
