@@ -56,9 +56,10 @@ def chunk_kda_cumsum(g: torch.Tensor) -> torch.Tensor:
 
 
 # Largest exponent the block-start factorisation may meet, per compute dtype: a column factor of at
-# most exp(60) ~ 1e26 keeps every product finite in fp32, and a row factor of at least exp(-60)
-# stays clear of fp32's subnormals (~exp(-87)), so every used product keeps its relative precision.
-_BLOCKSTART_LIMIT = {torch.float32: 60.0, torch.float64: 600.0}
+# most exp(80) ~ 6e34 keeps every used product finite in fp32 (|k| up to ~1e3), and a row factor of
+# at least exp(-80) ~ 2e-35 stays above fp32's subnormals (1.2e-38) for |q| >= 1e-3, so every used
+# product keeps its relative precision. float64: exp(600) ~ 4e260.
+_BLOCKSTART_LIMIT = {torch.float32: 80.0, torch.float64: 600.0}
 
 
 def chunk_kda_intra(
@@ -70,7 +71,7 @@ def chunk_kda_intra(
     :func:`chunk_kda_intra_hierarchical` (its first level). Inside each 16-token diagonal block,
     "auto" factors around the block's first token ``r``: ``exp(gc_i - gc_r) * exp(gc_r - gc_j)``,
     one matmul, exact for row ``i`` while ``max_d (gc_r - gc_i) <= _BLOCKSTART_LIMIT``; rows past
-    that (a channel decaying by > 60 within 16 tokens) are taken from the fully hierarchical result,
+    that (a channel decaying by > 80 within 16 tokens in fp32) are taken from the fully hierarchical result,
     computed only for the (batch, head, chunk) items that have such a row (one host read).
     The choice is made per row from tokens ``<= i`` only, so outputs stay bit-exactly causal.
     "hierarchical" uses :func:`chunk_kda_intra_hierarchical` everywhere.

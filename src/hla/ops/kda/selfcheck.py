@@ -35,7 +35,7 @@ def random_kda_inputs(
     gate_scale: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Random but realistic KDA inputs: unit-norm q/k, Kimi-gate decays, beta in (0, 1).
+    """Random but realistic KDA inputs: unit-norm q/k, Kimi-gate decays at the Kimi init, beta in (0, 1).
 
     Returns a dict ``q [B,T,H,K], k, v [B,T,HV,V], g [B,T,HV,K] (float32, or float64), beta [B,T,HV]``,
     ``g`` multiplied by ``gate_scale`` (use large values to test strong decay).
@@ -47,8 +47,13 @@ def random_kda_inputs(
         return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device)
 
     gdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    # The Kimi/FLA initialisation (spec section 2): A = U(1, 16), dt = logU(1e-3, 1e-1), dt_bias =
+    # softplus^-1(dt); the raw gate projection ~ N(0, 1).
     A_log = torch.rand(HV, generator=generator, dtype=torch.float64).mul(15).add(1).log().to(device)
-    g = kda_gate(rnd(B, T, HV, K), A_log, -2.0 + rnd(HV * K)) * gate_scale
+    u = torch.rand(HV * K, generator=generator, dtype=torch.float64).to(device)
+    dt = torch.exp(u * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3))) + torch.log(torch.tensor(1e-3)))
+    dt_bias = dt + torch.log(-torch.expm1(-dt))
+    g = kda_gate(rnd(B, T, HV, K), A_log, dt_bias) * gate_scale
     beta = torch.rand(B, T, HV, generator=generator, dtype=torch.float64).to(device)
     return dict(
         q=l2norm(rnd(B, T, H, K)).to(dtype),
