@@ -348,7 +348,12 @@ def chunk_kda_torch(
             q, k, v, g, beta, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size, intra=intra,
         )
-    T = q.shape[1]
+    B, T, H, K = q.shape
+    if T == 0:  # nothing to run: the state passes through unchanged
+        HV, V = v.shape[2], v.shape[3]
+        acc = _acc_dtype(q)
+        final = torch.zeros(B, HV, K, V, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+        return v.new_zeros(B, 0, HV, V), (final if output_final_state else None)
     st = chunk_kda_stages(
         q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size, intra=intra
     )
