@@ -337,7 +337,7 @@ def chunk_kda_torch(
         scale: query scale. initial_state: ``[N, HV, K, V]`` or None.
         cu_seqlens: ``[N + 1]`` int boundaries of packed sequences (then ``B == 1``), or None.
         chunk_size: BT.
-        intra: method of stage 2 ("auto", "midpoint", "hierarchical"), see :func:`chunk_kda_intra`.
+        intra: method of stage 2 ("auto" or "hierarchical"), see :func:`chunk_kda_intra`.
 
     Returns:
         ``o: [B, T, HV, V]`` in ``v.dtype``; the final state ``[N, HV, K, V]`` in float32 (float64
@@ -375,32 +375,61 @@ def _chunk_kda_varlen(
     chunk_size: int,
     intra: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Packed sequences: scatter each into its own zero-padded row of a ``[N, L, ...]`` batch.
+    """Packed sequences as a list of chunks: no chunk spans two sequences, no state crosses a boundary.
 
-    Padding is ``k = v = q = beta = 0, g = 0`` (no write, no decay), so each row's final state is
-    its sequence's and nothing crosses a boundary. Cost is ``N * max_len`` tokens; very uneven
-    lengths waste work (acceptable for the CPU path; the kernels index chunks directly).
+    Each sequence is zero-padded to whole chunks (``k = v = q = beta = 0, g = 0``: no write, no
+    decay, so its final state is exact) and all chunks run stages 1-4 and 6 together. Stage 5 runs
+    on an ``[N, max chunks]`` grid, one row per sequence, short rows filled with an all-zero chunk
+    that leaves the state unchanged; work is ``sum(ceil(len / BT))`` chunks plus the grid padding of
+    the sequential stage only.
     """
     cu = cu_seqlens.tolist()  # host sync: this path is for prefill/training, not graph capture
-    N = len(cu) - 1
-    T = q.shape[1]
+    N, BT, dev = len(cu) - 1, chunk_size, q.device
+    HV = v.shape[2]
+    G = HV // q.shape[2]
+    acc = _acc_dtype(q)
     lens = [cu[n + 1] - cu[n] for n in range(N)]
-    BT = chunk_size
-    L = max(1, max(lens) if lens else 1)
-    L = -(-L // BT) * BT
-    dev = q.device
-    # Token t of sequence n goes to flat row n * L + (t - cu[n]).
-    dest = torch.cat([torch.arange(n * L, n * L + lens[n], device=dev) for n in range(N)])
+    n_chunks = [-(-length // BT) for length in lens]
+    first_chunk = [sum(n_chunks[:n]) for n in range(N)]
+    NC = sum(n_chunks)
+    # Token t of sequence n goes to padded position (first_chunk[n] * BT + t - cu[n]).
+    dest = torch.cat([torch.arange(first_chunk[n] * BT, first_chunk[n] * BT + lens[n], device=dev) for n in range(N)])
 
-    def scatter(x: torch.Tensor) -> torch.Tensor:
-        x0 = x[0]  # [T, ...]
-        out = x0.new_zeros((N * L,) + tuple(x0.shape[1:]))
-        out = out.index_copy(0, dest, x0)
-        return out.reshape((N, L) + tuple(x0.shape[1:]))
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        x0 = x[0].to(acc)
+        if x0.dim() == 2:
+            x0 = x0.unsqueeze(-1)
+        out = x0.new_zeros((NC * BT,) + tuple(x0.shape[1:])).index_copy(0, dest, x0)
+        return _to_chunks(out.unsqueeze(0), BT).contiguous()  # [1, HV, NC, BT, D]
 
-    o_pad, final = chunk_kda_torch(
-        scatter(q), scatter(k), scatter(v), scatter(g), scatter(beta), scale=scale,
-        initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size, intra=intra,
-    )
-    o = o_pad.reshape((N * L,) + tuple(o_pad.shape[2:])).index_select(0, dest).reshape((1, T) + tuple(o_pad.shape[2:]))
-    return o, final
+    qc = prep(q.repeat_interleave(G, dim=2) if G > 1 else q) * scale
+    kc = prep(k.repeat_interleave(G, dim=2) if G > 1 else k)
+    vc, gch, bc = prep(v), prep(g), prep(beta).squeeze(-1)
+
+    gc = chunk_kda_cumsum(gch)
+    A_kk, A_qk = chunk_kda_intra(qc, kc, gc, bc, intra)
+    Ai = chunk_kda_solve_tril(A_kk)
+    w, u = chunk_kda_wu(Ai, kc, vc, gc, bc)
+
+    # Stage 5 on the [N, max_chunks] grid; index NC is an appended all-zero chunk.
+    max_nc = max(n_chunks)
+    grid = torch.full((N, max_nc), NC, dtype=torch.long)
+    for n in range(N):
+        grid[n, : n_chunks[n]] = torch.arange(first_chunk[n], first_chunk[n] + n_chunks[n])
+    grid = grid.to(dev)
+
+    def to_grid(x: torch.Tensor) -> torch.Tensor:  # [1, HV, NC, ...] -> [N, HV, max_nc, ...]
+        x = torch.cat([x, torch.zeros_like(x[:, :, :1])], 2)[0]
+        return x.index_select(1, grid.reshape(-1)).unflatten(1, (N, max_nc)).transpose(0, 1)
+
+    h0 = None if initial_state is None else initial_state.to(acc)
+    h, v_new, final = chunk_kda_state(to_grid(w), to_grid(u), to_grid(kc), to_grid(gc), h0)
+    # Back to the chunk list: real chunk c sits at grid position (n, j), flat index n * max_nc + j.
+    pos = torch.cat([torch.arange(n * max_nc, n * max_nc + n_chunks[n]) for n in range(N)]).to(dev)
+
+    def from_grid(x: torch.Tensor) -> torch.Tensor:  # [N, HV, max_nc, ...] -> [1, HV, NC, ...]
+        return x.transpose(0, 1).flatten(1, 2).index_select(1, pos).unsqueeze(0)
+
+    o = chunk_kda_output(qc, gc, from_grid(h), A_qk, from_grid(v_new))
+    o = _from_chunks(o)[0].index_select(0, dest).unsqueeze(0).to(v.dtype)
+    return o, (final if output_final_state else None)
