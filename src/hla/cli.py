@@ -14,6 +14,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    from hla.models.info import model_info, resolve_config
+
+    print(model_info(resolve_config(args.config)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hla", description="Hybrid linear attention (Kimi Linear) tools")
     parser.add_argument("--version", action="version", version=f"hla {__version__}")
@@ -22,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="self-check and a small side-by-side run on this machine")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("info", help="parameter count, layer schedule, weight and cache bytes of a model config")
+    p.add_argument("config", metavar="CONFIG_OR_DIR", help="preset name (tiny, small, 1b, kimi-linear-48b), "
+                   "config.json or checkpoint directory")
+    p.set_defaults(func=_cmd_info)
     return parser
 
 
