@@ -14,6 +14,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from hla.generation.command import run_generate
+
+    return run_generate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hla", description="Hybrid linear attention (Kimi Linear) tools")
     parser.add_argument("--version", action="version", version=f"hla {__version__}")
@@ -22,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="self-check and a small side-by-side run on this machine")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("generate", help="stream a completion from a model directory (or random weights)")
+    from hla.generation.command import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

@@ -103,3 +103,12 @@ class MockModel(nn.Module):
 def mock_model() -> MockModel:
     torch.manual_seed(1)
     return MockModel(MockConfig()).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """The real model, ``tiny`` preset, float64 so greedy ties cannot differ between paths."""
+    from hla.models import KimiLinearConfig, KimiLinearForCausalLM
+
+    torch.manual_seed(2)
+    return KimiLinearForCausalLM(KimiLinearConfig.preset("tiny")).to_dtype(torch.float64).eval()

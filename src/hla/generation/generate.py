@@ -12,6 +12,7 @@ once. Chunking is exact because a multi-token call on a non-empty cache continue
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -61,11 +62,19 @@ def _normalise_prompts(prompts: Prompts, vocab_size: int | None) -> list[list[in
     return rows
 
 
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _forward_last(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
     """Prefill ``ids [B, T]`` into ``cache`` in chunks; return the last position's logits ``[B, vocab]``."""
+    kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     logits = None
     for s in range(0, ids.shape[1], chunk):
-        out = model(ids[:, s : s + chunk], cache=cache)
+        out = model(ids[:, s : s + chunk], cache=cache, **kw)
         logits = (out.logits if hasattr(out, "logits") else out)[:, -1]
     return logits
 
@@ -105,6 +114,7 @@ def _decode_steps(
     seed: int | None,
     use_cuda_graph: bool | None,
     prefill_chunk_size: int,
+    info: dict | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Validate everything now, then return an iterator of ``(tokens [B] long, emitted [B] bool)``
     per step, on the model's device, that never syncs with the host."""
@@ -120,11 +130,14 @@ def _decode_steps(
     if use_cuda_graph and device.type != "cuda":
         raise ValueError(f"use_cuda_graph=True needs a model on a CUDA device, the model is on {device}")
     generator = make_generator(seed, device)
-    return _decode_loop(model, rows, max_new_tokens, params, stops, generator, use_cuda_graph, prefill_chunk_size)
+    info = {} if info is None else info
+    return _decode_loop(
+        model, rows, max_new_tokens, params, stops, generator, use_cuda_graph, prefill_chunk_size, info
+    )
 
 
 @torch.no_grad()
-def _decode_loop(model, rows, max_new_tokens, params, stops, generator, use_cuda_graph, prefill_chunk_size):
+def _decode_loop(model, rows, max_new_tokens, params, stops, generator, use_cuda_graph, prefill_chunk_size, info):
     if max_new_tokens == 0:
         return
     device, _ = _model_device_dtype(model)
@@ -140,6 +153,7 @@ def _decode_loop(model, rows, max_new_tokens, params, stops, generator, use_cuda
     stop = torch.tensor(stops, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     runner = DecodeRunner(model, cache, use_graph=use_cuda_graph)
+    info.update(cache=cache, runner=runner)
     for step in range(max_new_tokens):
         tokens = sample(logits, params, generator=generator, seen=seen)
         emitted = ~finished
@@ -220,26 +234,53 @@ def stream(
     seed: int | None = None,
     use_cuda_graph: bool | None = None,
     prefill_chunk_size: int = 4096,
-) -> Iterator[tuple[int, int]]:
+) -> TokenStream:
     """Like ``generate`` but yields ``(row, token_id)`` as soon as each token exists.
 
     Within a step, rows come in order; a row that stopped yields nothing more. Collecting the
     tokens per row gives exactly ``generate``'s result for the same arguments. Bad arguments
     raise here, before the first token.
     """
-    steps = _decode_steps(
+    ts = TokenStream()
+    ts._steps = _decode_steps(
         model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, stop_token_ids=stop_token_ids, seed=seed,
-        use_cuda_graph=use_cuda_graph, prefill_chunk_size=prefill_chunk_size,
+        use_cuda_graph=use_cuda_graph, prefill_chunk_size=prefill_chunk_size, info=ts.info,
     )
-    return _stream_rows(steps)
+    return ts
 
 
-def _stream_rows(steps: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[int, int]]:
-    for tokens, emitted in steps:
-        toks, live = tokens.tolist(), emitted.tolist()
-        if not any(live):
-            return
-        for row, (t, e) in enumerate(zip(toks, live, strict=True)):
-            if e:
-                yield row, t
+class TokenStream:
+    """Iterator of ``(row, token_id)`` returned by ``stream``.
+
+    After the first token, ``cache`` is the batched cache being decoded into (for ``nbytes()``)
+    and ``runner`` the ``DecodeRunner`` (``runner.captured`` tells whether a CUDA graph runs).
+    """
+
+    def __init__(self) -> None:
+        self.info: dict = {}
+        self._steps: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._rows = self._iter_rows()
+
+    @property
+    def cache(self):
+        return self.info.get("cache")
+
+    @property
+    def runner(self) -> DecodeRunner | None:
+        return self.info.get("runner")
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> tuple[int, int]:
+        return next(self._rows)
+
+    def _iter_rows(self) -> Iterator[tuple[int, int]]:
+        for tokens, emitted in self._steps:
+            toks, live = tokens.tolist(), emitted.tolist()
+            if not any(live):
+                return
+            for row, (t, e) in enumerate(zip(toks, live, strict=True)):
+                if e:
+                    yield row, t

@@ -10,6 +10,11 @@ and autotuning happen there, never inside a capture); they are real decode steps
 are returned, so the warm-up costs no extra work and leaves the cache exactly as a plain loop
 would. The next call captures the step and replays it; capturing does not execute kernels, so
 it does not advance the cache either.
+
+``HybridCache`` keeps a host-side mirror of the longest row's length (to bound MLA's key span
+and check ``max_length`` without a device read). A replay runs no Python, so the runner keeps
+that mirror in step, and pins ``static_key_span`` to ``max_length`` so every replay attends over
+the same number of (masked) latent slots.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class DecodeRunner:
             raise ValueError(f"warmup_steps must be >= 1 before a CUDA graph capture, got {warmup_steps}")
         self.model = model
         self.cache = cache
+        if use_graph and hasattr(cache, "static_key_span"):
+            # Pinned before the warm-up too, so the warm-up compiles the shapes the graph will use.
+            cache.static_key_span = cache.max_length
         self.batch_size = int(cache.lengths.shape[0])
         self.use_graph = bool(use_graph)
         self.warmup_steps = warmup_steps
@@ -75,7 +83,13 @@ class DecodeRunner:
             torch.cuda.current_stream(input_ids.device).wait_stream(side)
             return logits
         if self._graph is None:
+            # Capturing runs the model's Python once, which advances the host mirror for this step.
             self._capture(input_ids)
+        else:
+            if hasattr(self.cache, "check_room"):
+                self.cache.check_room(self.batch_size, 1)
+            if hasattr(self.cache, "_host_max_length"):
+                self.cache._host_max_length += 1
         self._static_ids.copy_(input_ids)
         self._graph.replay()
         return self._static_logits

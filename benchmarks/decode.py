@@ -1,0 +1,276 @@
+"""Decode speed of a ~1B Kimi Linear model: time per step, eager vs CUDA graph, vs the bandwidth floor.
+
+Question: how close does one decode step (``model(ids [B, 1], cache=cache)``) come to the time it
+takes just to read the weights (and the cache) once at the card's copy bandwidth, at batch 1 and
+64, context 4K and 64K? And how does it compare with transformers' own Kimi Linear (with FLA) on
+the same config and card?
+
+The cache is filled with **random** latents, conv windows and fp32 states and its lengths set to
+the context: decode time does not depend on the values, and this skips a 64K-token prefill per
+row. The peer is measured after a real prefill (batch 1, 4K) since its cache cannot be faked
+through a public API. Sampling is not timed (a separate, tiny cost); each step feeds fixed
+random token ids.
+
+    python benchmarks/decode.py --out benchmarks/results/decode.md [--peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import sys
+import time
+
+import torch
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), median of 20."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    t = sorted(times[5:])[len(times[5:]) // 2]
+    del src, dst
+    return 2 * (nbytes // 2) * 2 / t
+
+
+def streamed_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters a decode step reads: all of them but the embedding table (one row per token)."""
+    emb = model.model.embed_tokens.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb)
+
+
+def cache_bytes_read(config, batch: int, context: int, dtype: torch.dtype) -> int:
+    """Bytes a decode step must touch in the cache: every latent once, each KDA state read and written."""
+    from hla.generation.cache import predict_cache_bytes
+
+    p = predict_cache_bytes(config, batch, context, dtype=dtype)
+    return p["mla_latent"] + 2 * p["kda_state"] + 2 * p["kda_conv"]
+
+
+@torch.no_grad()
+def fill_random(cache, context: int) -> None:
+    for t in cache.tensors():
+        t.normal_(0.0, 0.5 if t.dtype == torch.float32 else 1.0)
+    cache.set_lengths(torch.full_like(cache.lengths, context))
+
+
+@torch.no_grad()
+def time_decode(runner, ids: torch.Tensor, steps: int, warmup: int) -> float:
+    """Seconds per decode step (CUDA events around ``steps`` back-to-back calls)."""
+    for _ in range(warmup):
+        runner(ids)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(steps):
+        runner(ids)
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / 1e3 / steps
+
+
+def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, device) -> dict:
+    from hla.generation.cache import HybridCache
+    from hla.generation.graph import DecodeRunner
+
+    config = model.config
+    out = {"batch": batch, "context": context}
+    # Enough slots for eager and graph runs (each with warm-up) after the filled context.
+    max_length = context + 2 * (steps + 8)
+    ids = torch.randint(0, config.vocab_size, (batch, 1), device=device)
+    for mode in ("eager", "graph"):
+        cache = HybridCache.allocate(config, batch, max_length, device=device, dtype=dtype)
+        fill_random(cache, context)
+        out["cache_bytes"] = cache.nbytes()
+        runner = DecodeRunner(model, cache, use_graph=(mode == "graph"))
+        out[mode] = time_decode(runner, ids, steps if mode == "graph" else max(steps // 4, 8), warmup=4)
+        out[f"{mode}_captured"] = runner.captured
+        del runner, cache
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+def _hf_config(config):
+    """transformers' KimiLinearConfig from our (release-named) fields; unknown keys are dropped one by one."""
+    from transformers import KimiLinearConfig as HFConfig
+
+    d = {k: v for k, v in config.to_dict().items() if v is not None}
+    for k in ("kv_a_layernorm_eps", "moe_biased_weights", "kda_lower_bound", "dtype", "architectures"):
+        d.pop(k, None)
+    if not config.num_experts:
+        d["num_experts"] = 1  # unused: first_k_dense_replace covers every layer
+    for _ in range(30):
+        try:
+            return HFConfig(**d)
+        except TypeError as e:
+            bad = str(e).split("'")[1] if "'" in str(e) else None
+            if bad not in d:
+                raise
+            d.pop(bad)
+    raise RuntimeError("could not build transformers' KimiLinearConfig")
+
+
+@torch.no_grad()
+def bench_peer(config, context: int, steps: int, dtype: torch.dtype, device) -> dict:
+    """transformers' native Kimi Linear: prefill ``context`` random tokens, then time decode steps (batch 1)."""
+    import transformers
+    from transformers import KimiLinearForCausalLM as HFModel
+
+    out = {"batch": 1, "context": context, "transformers": transformers.__version__}
+    try:
+        import fla
+
+        out["fla"] = getattr(fla, "__version__", "?")
+    except ImportError:
+        out["fla"] = None
+    hf_config = _hf_config(config)
+    with torch.device(device):
+        model = HFModel(hf_config).to(dtype).eval()
+    ids = torch.randint(0, config.vocab_size, (1, context), device=device)
+    t0 = time.perf_counter()
+    res = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    out["prefill_s"] = time.perf_counter() - t0
+    past = res.past_key_values
+    nxt = res.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(steps + 2):
+        t0 = time.perf_counter()
+        res = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        nxt = res.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    out["step_s"] = sorted(times[2:])[len(times[2:]) // 2]
+    del model, past, res
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def render(meta: dict, rows: list[dict], peer: dict | None) -> str:
+    ms = lambda s: f"{s * 1e3:.3f}"
+    lines = [
+        "## Decode speed (benchmarks/decode.py)",
+        "",
+        f"Card: {meta['card']}; date {meta['date']}; torch {meta['torch']}; config `{meta['preset']}` "
+        f"({meta['params'] / 1e9:.2f} B parameters, {meta['dtype']}), schedule {meta['schedule']}.",
+        f"Command: `{meta['command']}`",
+        "",
+        "The cache is filled with random latents/states (lengths set to the context) instead of a prefill;",
+        "decode time does not depend on the values. Floor = bytes a step must read (weights without the",
+        f"embedding table: {meta['weight_bytes'] / 1e9:.2f} GB, plus the cache) / measured copy bandwidth "
+        f"{meta['copy_bw'] / 1e12:.2f} TB/s.",
+        "",
+        "| batch | context | eager ms/step | graph ms/step | graph tokens/s | cache GB | floor ms "
+        "(weights only) | floor ms (weights+cache) | graph / floor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} | {r['context']} | {ms(r['eager'])} | {ms(r['graph'])} | "
+            f"{r['batch'] / r['graph']:.0f} | {r['cache_bytes'] / 1e9:.2f} | {ms(r['floor_weights'])} | "
+            f"{ms(r['floor'])} | {r['graph'] / r['floor']:.2f}x |"
+        )
+    lines.append("")
+    if peer is None:
+        lines.append("Peer (transformers' Kimi Linear): not run (pass --peer).")
+    elif "error" in peer:
+        lines.append(f"Peer (transformers' Kimi Linear): could not run: {peer['error']}")
+    else:
+        ours = next((r for r in rows if r["batch"] == 1 and r["context"] == peer["context"]), None)
+        vs = f"; ours (graph) is {peer['step_s'] / ours['graph']:.0f}x faster" if ours else ""
+        lines.append(
+            f"Peer: transformers {peer['transformers']} native Kimi Linear (FLA {peer['fla']}), same config, "
+            f"random bf16 weights, batch 1, real prefill of {peer['context']} tokens ({peer['prefill_s']:.2f} s), "
+            f"median decode step {ms(peer['step_s'])} ms{vs}."
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="1b")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 65536])
+    ap.add_argument("--steps", type=int, default=64, help="timed graph replays per point (eager: a quarter)")
+    ap.add_argument("--peer", action="store_true", help="also time transformers' Kimi Linear (needs FLA)")
+    ap.add_argument("--peer-context", type=int, default=4096)
+    ap.add_argument("--out", default=None, help="write the Markdown section here")
+    ap.add_argument("--json", default=None, help="write raw results here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode.py needs a CUDA device", file=sys.stderr)
+        return 2
+
+    from hla.models import KimiLinearConfig, KimiLinearForCausalLM
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    config = KimiLinearConfig.preset(args.preset)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = KimiLinearForCausalLM(config)
+    model = model.to_dtype(dtype).eval()
+    bw = copy_bandwidth(device)
+    wbytes = streamed_weight_bytes(model)
+    meta = {
+        "card": torch.cuda.get_device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "preset": args.preset,
+        "params": model.num_parameters(),
+        "dtype": "bf16",
+        "schedule": config.schedule_string(),
+        "copy_bw": bw,
+        "weight_bytes": wbytes,
+        "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
+    print(f"{meta['card']}: copy {bw / 1e12:.2f} TB/s; streamed weights {wbytes / 1e9:.2f} GB", flush=True)
+    rows = []
+    for context in args.contexts:
+        for batch in args.batches:
+            r = bench_ours(model, batch, context, args.steps, dtype, device)
+            r["floor_weights"] = wbytes / bw
+            r["floor"] = (wbytes + cache_bytes_read(config, batch, context, dtype)) / bw
+            rows.append(r)
+            print(f"B={batch:3d} ctx={context:6d}: eager {r['eager'] * 1e3:8.3f} ms  graph {r['graph'] * 1e3:8.3f} ms"
+                  f"  ({batch / r['graph']:8.0f} tok/s)  floor {r['floor'] * 1e3:.3f} ms"
+                  f"  -> {r['graph'] / r['floor']:.2f}x floor", flush=True)
+    peer = None
+    if args.peer:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        try:
+            peer = bench_peer(config, args.peer_context, 8, dtype, device)
+            print(f"peer: {peer}", flush=True)
+        except Exception as e:  # the peer is optional: report why it did not run
+            peer = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(f"peer failed: {peer['error']}", flush=True)
+    text = render(meta, rows, peer)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows, "peer": peer}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
