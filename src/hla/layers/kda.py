@@ -126,7 +126,8 @@ class KimiDeltaAttention(nn.Module):
             )
         # Older op without the fused keywords: apply the same formulas here.
         g = kda_ops.kda_gate(g_raw, self.A_log.view(H), self.dt_bias, self.lower_bound)
+        beta = torch.sigmoid(beta_raw.to(torch.promote_types(beta_raw.dtype, torch.float32)))
         return kda_ops.kda(
-            kda_ops.l2norm(q), kda_ops.l2norm(k), v, g, torch.sigmoid(beta_raw.float()),
+            kda_ops.l2norm(q), kda_ops.l2norm(k), v, g, beta,
             initial_state=initial_state, output_final_state=output_final_state,
         )

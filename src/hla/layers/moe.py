@@ -6,10 +6,16 @@ Router: fp32 logits, ``scores = sigmoid(logits)``; the top-k experts are chosen 
 the original remote code computes); renormalised to sum 1 (+1e-20) and multiplied by
 ``routed_scaling_factor``. The shared experts' output is added.
 
-Experts are computed grouped by expert: the (token, slot) pairs are sorted by expert and each
-expert runs one matmul over exactly its tokens. For a handful of tokens (decode) the experts'
-weights are instead gathered per (token, slot) and applied with one batched matmul, which needs
-no host sync (the sorted path reads the per-expert counts on the host).
+Experts are computed grouped by expert, in one of three ways by the number of tokens ``N``:
+
+- ``sorted`` (training, prefill): the (token, slot) pairs are sorted by expert and each expert runs
+  one matmul over exactly its tokens. Reads the per-expert counts on the host (one sync).
+- ``gathered`` (``N * k <= GATHER_MAX_PAIRS``, e.g. batch-1 decode): the chosen experts' weights
+  are gathered per pair and applied with batched matmuls; reads only the chosen experts; no sync.
+- ``padded`` (``N <= PADDED_MAX_TOKENS``, batched decode): every expert gets a capacity of ``N``
+  rows, pairs are scattered to their expert's rows and all experts run as one batched matmul.
+  No sync (graph-capturable); reads every expert's weights, which a large decode batch touches
+  anyway, and spends ``E / k`` times the useful FLOPs, cheap next to that read at small ``N``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from hla.layers.mlp import SwiGLUMLP
 
 # At most this many (token, slot) pairs use the gathered-weights path (no host sync).
 GATHER_MAX_PAIRS = 16
+# At most this many tokens use the capacity-padded path (no host sync).
+PADDED_MAX_TOKENS = 64
 
 
 class MoEGate(nn.Module):
@@ -91,6 +99,8 @@ class SparseMoE(nn.Module):
         idx, w = self.gate(xf)
         if idx.numel() <= GATHER_MAX_PAIRS:
             out = self._gathered(xf, idx, w)
+        elif xf.shape[0] <= PADDED_MAX_TOKENS:
+            out = self._padded(xf, idx, w)
         else:
             out = self._sorted(xf, idx, w)
         if self.shared_experts is not None:
@@ -123,4 +133,18 @@ class SparseMoE(nn.Module):
         a = torch.bmm(h, self.experts.w1[flat].transpose(1, 2))
         b = torch.bmm(h, self.experts.w3[flat].transpose(1, 2))
         y = torch.bmm(F.silu(a) * b, self.experts.w2[flat].transpose(1, 2))[:, 0]  # [N*k, d]
+        return (y.view(N, k, -1) * w[..., None].to(x.dtype)).sum(1)
+
+    def _padded(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        N, k = idx.shape
+        E = self.num_experts
+        flat = idx.reshape(-1)  # [P]
+        # Row of each pair inside its expert's block: how many earlier pairs chose the same expert.
+        onehot = F.one_hot(flat, E)  # [P, E]
+        rank = (onehot.cumsum(0) * onehot).sum(-1) - 1  # [P]
+        token = torch.arange(N, device=x.device).repeat_interleave(k)
+        buf = x.new_zeros(E, N, x.shape[-1])
+        buf[flat, rank] = x[token]
+        h = F.silu(torch.bmm(buf, self.experts.w1.transpose(1, 2))) * torch.bmm(buf, self.experts.w3.transpose(1, 2))
+        y = torch.bmm(h, self.experts.w2.transpose(1, 2))[flat, rank]  # [P, d]
         return (y.view(N, k, -1) * w[..., None].to(x.dtype)).sum(1)
