@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import platform
 import sys
@@ -26,33 +25,14 @@ import time
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Copy bandwidth in bytes/s (read + write counted), median of 20 copies of ``nbytes``."""
-    n = nbytes // 2  # bf16 elements
-    src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(25):
-        _sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    t = sorted(times[5:])[len(times[5:]) // 2]
-    del src, dst
-    return 2 * n * 2 / t
-
-
-def streamed_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters a decode step reads: all of them but the embedding table (one row per token)."""
-    emb = model.model.embed_tokens.weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb)
+from hla.generation.bench import (
+    build_random_model,
+    copy_bandwidth,
+    fill_random,
+    free_memory,
+    streamed_weight_bytes,
+    time_decode,
+)
 
 
 def cache_bytes_read(config, batch: int, context: int, dtype: torch.dtype) -> int:
@@ -61,26 +41,6 @@ def cache_bytes_read(config, batch: int, context: int, dtype: torch.dtype) -> in
 
     p = predict_cache_bytes(config, batch, context, dtype=dtype)
     return p["mla_latent"] + 2 * p["kda_state"] + 2 * p["kda_conv"]
-
-
-@torch.no_grad()
-def fill_random(cache, context: int) -> None:
-    for t in cache.tensors():
-        t.normal_(0.0, 0.5 if t.dtype == torch.float32 else 1.0)
-    cache.set_lengths(torch.full_like(cache.lengths, context))
-
-
-@torch.no_grad()
-def time_decode(runner, ids: torch.Tensor, steps: int, warmup: int) -> float:
-    """Seconds per decode step: wall time of ``steps`` back-to-back calls, synchronised at both ends."""
-    for _ in range(warmup):
-        runner(ids)
-    _sync(ids.device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        runner(ids)
-    _sync(ids.device)
-    return (time.perf_counter() - t0) / steps
 
 
 def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, device) -> dict:
@@ -100,9 +60,7 @@ def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, 
         out[mode] = time_decode(runner, ids, steps if mode == "graph" else max(steps // 4, 8), warmup=4)
         out[f"{mode}_captured"] = runner.captured
         del runner, cache
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_memory(device)
     if "graph" not in out:
         out["graph"], out["graph_captured"] = float("nan"), False
     return out
@@ -161,8 +119,7 @@ def bench_peer(config, context: int, steps: int, dtype: torch.dtype, device) -> 
         times.append(time.perf_counter() - t0)
     out["step_s"] = sorted(times[2:])[len(times[2:]) // 2]
     del model, past, res
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory(device)
     return out
 
 
@@ -220,14 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run, no graphs)")
     args = ap.parse_args(argv)
 
-    from hla.models import KimiLinearConfig, KimiLinearForCausalLM
+    from hla.models import KimiLinearConfig
 
     device, dtype = torch.device(args.device), torch.bfloat16
     config = KimiLinearConfig.preset(args.preset)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = KimiLinearForCausalLM(config)
-    model = model.to_dtype(dtype).eval()
+    model = build_random_model(config, device, dtype)
     bw = copy_bandwidth(device)
     wbytes = streamed_weight_bytes(model)
     meta = {
@@ -257,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     peer = None
     if args.peer and device.type == "cuda":
         del model
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory(device)
         try:
             peer = bench_peer(config, args.peer_context, 8, dtype, device)
             print(f"peer: {peer}", flush=True)

@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    from hla.generation.bench import build_random_model
     from hla.generation.tokenizer import load_tokenizer
-    from hla.models import KimiLinearConfig, KimiLinearForCausalLM, load_model
+    from hla.models import KimiLinearConfig, load_model
 
     if args.model:
         return load_model(args.model, device=device, dtype=dtype), load_tokenizer(args.model)
@@ -44,9 +45,7 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     else:
         config = KimiLinearConfig.preset(name)
     torch.manual_seed(0 if args.seed is None else args.seed)
-    with torch.device(device):
-        model = KimiLinearForCausalLM(config)
-    return model.to_dtype(dtype).eval(), load_tokenizer(None)
+    return build_random_model(config, device, dtype), load_tokenizer(None)
 
 
 def _fmt_bytes(n: int) -> str:
