@@ -87,6 +87,8 @@ class KimiLinearForCausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Random init: normal(0, initializer_range) for matrices, ones for norms, FLA's KDA gate init."""
+        if self.lm_head.weight.is_meta:  # nothing to fill; meta init is slow and pointless
+            return
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
