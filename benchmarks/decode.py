@@ -28,6 +28,7 @@ import torch
 from hla.generation.bench import (
     build_random_model,
     copy_bandwidth,
+    decode_breakdown,
     fill_random,
     free_memory,
     streamed_weight_bytes,
@@ -43,7 +44,7 @@ def cache_bytes_read(config, batch: int, context: int, dtype: torch.dtype) -> in
     return p["mla_latent"] + 2 * p["kda_state"] + 2 * p["kda_conv"]
 
 
-def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, device) -> dict:
+def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, device, breakdown: bool) -> dict:
     from hla.generation.cache import HybridCache
     from hla.generation.graph import DecodeRunner
 
@@ -63,6 +64,12 @@ def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, 
         free_memory(device)
     if "graph" not in out:
         out["graph"], out["graph_captured"] = float("nan"), False
+    if breakdown and device.type == "cuda":
+        cache = HybridCache.allocate(config, batch, max_length, device=device, dtype=dtype)
+        fill_random(cache, context)
+        out["breakdown"] = decode_breakdown(model, cache, ids)
+        del cache
+        free_memory(device)
     return out
 
 
@@ -99,6 +106,9 @@ def bench_peer(config, context: int, steps: int, dtype: torch.dtype, device) -> 
         out["fla"] = getattr(fla, "__version__", "?")
     except ImportError:
         out["fla"] = None
+    import importlib.util
+
+    out["causal_conv1d"] = importlib.util.find_spec("causal_conv1d") is not None
     hf_config = _hf_config(config)
     with torch.device(device):
         model = HFModel(hf_config).to(dtype).eval()
@@ -148,6 +158,25 @@ def render(meta: dict, rows: list[dict], peer: dict | None) -> str:
             f"{ms(r['floor'])} | {r['eager'] / r['floor']:.1f}x | {r['graph'] / r['floor']:.2f}x |"
         )
     lines.append("")
+    bd = [r for r in rows if r.get("breakdown")]
+    if bd:
+        lines += [
+            "Where a step's time goes (torch profiler, eager step, GPU kernel time summed per part; the graph",
+            "replays the same kernels, so graph time minus the kernel sum is per-kernel overhead):",
+            "",
+            "| batch | context | kernels/step | kernel sum ms | KDA ms | MLA ms | MLP+MoE ms | rest ms | graph ms |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in bd:
+            b = r["breakdown"]
+            lines.append(
+                f"| {r['batch']} | {r['context']} | {b['kernels']:.0f} | {ms(b['total'])} | {ms(b['kda'])} | "
+                f"{ms(b['mla'])} | {ms(b['mlp'] + b['moe'])} | {ms(b['rest'])} | {ms(r['graph'])} |"
+            )
+        for r in bd:
+            tops = "; ".join(f"`{n}` {t * 1e3:.3f} ({c})" for n, t, c in r["breakdown"]["top"])
+            lines += ["", f"Top kernels, batch {r['batch']}, context {r['context']} (ms/step, calls/step): {tops}"]
+        lines.append("")
     if peer is None:
         lines.append("Peer (transformers' Kimi Linear): not run (pass --peer).")
     elif "error" in peer:
@@ -157,8 +186,10 @@ def render(meta: dict, rows: list[dict], peer: dict | None) -> str:
         vs = f"; ours (graph) is {peer['step_s'] / ours['graph']:.0f}x faster" if ours else ""
         lines.append(
             f"Peer: transformers {peer['transformers']} native Kimi Linear (FLA {peer['fla']}), same config, "
-            f"random bf16 weights, batch 1, real prefill of {peer['context']} tokens ({peer['prefill_s']:.2f} s), "
-            f"median decode step {ms(peer['step_s'])} ms{vs}."
+            f"random bf16 weights, batch 1, real prefill of {peer['context']} tokens ({peer['prefill_s']:.2f} s, first "
+            f"call, includes Triton compilation), median of 8 decode steps {ms(peer['step_s'])} ms{vs}."
+            + ("" if peer.get("causal_conv1d", True) else " (`causal_conv1d` is not installed on the device, so the "
+               "peer's short convolution runs its PyTorch fallback.)")
         )
     lines.append("")
     return "\n".join(lines)
@@ -170,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 65536])
     ap.add_argument("--steps", type=int, default=64, help="timed graph replays per point (eager: a quarter)")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the profiler breakdown of a step")
     ap.add_argument("--peer", action="store_true", help="also time transformers' Kimi Linear (needs FLA)")
     ap.add_argument("--peer-context", type=int, default=4096)
     ap.add_argument("--out", default=None, help="write the Markdown section here")
@@ -202,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for context in args.contexts:
         for batch in args.batches:
-            r = bench_ours(model, batch, context, args.steps, dtype, device)
+            r = bench_ours(model, batch, context, args.steps, dtype, device, not args.no_breakdown)
             r["floor_weights"] = wbytes / bw
             r["floor"] = (wbytes + cache_bytes_read(config, batch, context, dtype)) / bw
             rows.append(r)
