@@ -48,3 +48,16 @@ def test_generate_graph_equals_eager(tiny_model):
     assert generate(model, prompts, 12, use_cuda_graph=True, **kw) == generate(
         model, prompts, 12, use_cuda_graph=False, **kw
     )
+
+
+def test_stream_equals_generate_on_cuda(tiny_model):
+    # stream reads each step from pinned host memory while the next step already runs.
+    from hla.generation import stream
+
+    model = tiny_model.to("cuda").float()
+    prompts = [[5, 9, 200, 17, 3], [42]]
+    kw = dict(temperature=0.9, top_p=0.9, seed=2, stop_token_ids=[7, 11])
+    rows = [[], []]
+    for r, t in stream(model, prompts, 20, **kw):
+        rows[r].append(t)
+    assert rows == generate(model, prompts, 20, **kw)
