@@ -183,6 +183,13 @@ class KimiLinearForCausalLM(nn.Module):
             )
         return CausalLMOutput(logits=logits, loss=loss)
 
+    @classmethod
+    def from_pretrained(cls, path, *, device=None, dtype=None) -> KimiLinearForCausalLM:
+        """Same as ``hla.load_model(path, device=..., dtype=...)``."""
+        from hla.models.checkpoint import load_model
+
+        return load_model(path, device=device, dtype=dtype)
+
     # ---- generation and saving (implemented elsewhere, imported lazily) -------------------------------
     def generate(self, prompts, max_new_tokens: int, **kwargs):
         """See ``hla.generation.generate``."""
