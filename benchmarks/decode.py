@@ -141,7 +141,8 @@ def render(meta: dict, rows: list[dict], peer: dict | None) -> str:
         "## Decode speed (benchmarks/decode.py)",
         "",
         f"Card: {meta['card']}; date {meta['date']}; torch {meta['torch']}; config `{meta['preset']}` "
-        f"({meta['params'] / 1e9:.2f} B parameters, {meta['dtype']}), schedule {meta['schedule']}.",
+        f"({meta['params'] / 1e9:.2f} B parameters, {meta['dtype']}), schedule {meta['schedule']}, "
+        f"KDA kernels: {meta.get('kda_backend', '?')}.",
         f"Command: `{meta['command']}`",
         "",
         "The cache is filled with random latents/states (lengths set to the context) instead of a prefill;",
@@ -242,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         "weight_bytes": wbytes,
         "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    try:
+        import hla.ops.kda.triton  # noqa: F401
+
+        meta["kda_backend"] = "triton" if device.type == "cuda" else "torch"
+    except ImportError as e:
+        meta["kda_backend"] = f"torch (no triton backend: {e})"
     print(f"{meta['card']}: copy {bw / 1e12:.2f} TB/s; streamed weights {wbytes / 1e9:.2f} GB", flush=True)
     rows = []
     for context in args.contexts:
