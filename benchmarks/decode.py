@@ -53,7 +53,7 @@ def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, 
     config = model.config
     out = {"batch": batch, "context": context}
     # Enough slots for eager and graph runs (each with warm-up) after the filled context.
-    max_length = context + 2 * (steps + 8)
+    max_length = -(-(context + 2 * (steps + 8)) // 64) * 64  # aligned, as generate() allocates
     ids = torch.randint(0, config.vocab_size, (batch, 1), device=device)
     for mode in modes if device.type == "cuda" else ("eager",):
         cache = HybridCache.allocate(config, batch, max_length, device=device, dtype=dtype)

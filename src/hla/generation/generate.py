@@ -21,6 +21,7 @@ from hla.generation.graph import DecodeRunner
 from hla.generation.sampling import SamplingParams, make_generator, sample
 
 Prompts = Sequence[Sequence[int]] | torch.Tensor
+SLOT_ALIGN = 64
 
 
 def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -148,9 +149,10 @@ def _decode_loop(model, rows, max_new_tokens, params, stops, generator, use_cuda
     if max_new_tokens == 0:
         return
     device, _ = _model_device_dtype(model)
-    cache, logits = prefill(
-        model, rows, max(len(r) for r in rows) + max_new_tokens, prefill_chunk_size=prefill_chunk_size
-    )
+    # Capacity rounded up to 64 slots: the CUDA graph attends over all of them (masked), and an
+    # odd key count makes cuBLAS fall back to unaligned kernels several times slower.
+    need = max(len(r) for r in rows) + max_new_tokens
+    cache, logits = prefill(model, rows, -(-need // SLOT_ALIGN) * SLOT_ALIGN, prefill_chunk_size=prefill_chunk_size)
     B, vocab = logits.shape
     seen = None
     if params.repetition_penalty != 1.0:
