@@ -5,9 +5,13 @@ stacked into one batched cache (``HybridCache.stack``); from there every decode 
 ``[B, 1]`` call, graph-captured on the GPU (``DecodeRunner``). Rows that hit a stop token keep
 riding along (fixed shapes keep the graph valid) but emit nothing more.
 
-Long prompts are prefilled in chunks of ``prefill_chunk_size`` tokens: the model returns logits
-for every position, and a 64K-token prompt times a 160K vocabulary would not fit in memory at
-once. Chunking is exact because a multi-token call on a non-empty cache continues its state.
+Long prompts are prefilled in chunks of ``prefill_chunk_size`` tokens, which bounds the
+activations (and the logits, for a model that cannot keep only the last position's: a 64K-token
+prompt times a 160K vocabulary would not fit). Chunking is exact because a multi-token call on a
+non-empty cache continues its state.
+
+On CUDA the next decode step is launched before the current one's tokens are handed out, and
+the tokens travel through pinned memory, so a streaming consumer's host work overlaps the GPU.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ def _forward_last(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
 def prefill(
     model: torch.nn.Module, rows: list[list[int]], max_length: int, *, prefill_chunk_size: int = 4096
 ):
-    """Run every prompt through the model into one batched cache of ``max_length`` positions.
+    """Run every prompt (``rows``: token-id lists) through the model into one batched cache of
+    ``max_length`` positions; equal-length prompts go through together, others one by one.
 
     Returns ``(cache, logits [B, vocab])`` with the logits of each prompt's last token.
     """
