@@ -50,8 +50,7 @@ def _decode_point(model, batch: int, context: int, steps: int, use_graph: bool |
     from hla.generation.graph import DecodeRunner
 
     device = model.device
-    max_length = -(-(context + steps + 8) // 64) * 64  # aligned, as generate() allocates
-    cache = HybridCache.allocate(model.config, batch, max_length, device=device, dtype=model.dtype)
+    cache = HybridCache.allocate(model.config, batch, context + steps + 8, device=device, dtype=model.dtype)
     try:
         fill_random(cache, context)
         ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
