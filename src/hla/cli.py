@@ -14,6 +14,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from hla.generation.command import run_generate
+
+    return run_generate(args)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from hla.generation.claims import run_bench
+
+    return run_bench(args)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from hla.models.info import model_info, resolve_config
 
@@ -29,6 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="self-check and a small side-by-side run on this machine")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("generate", help="stream a completion from a model directory (or random weights)")
+    from hla.generation.command import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("bench", help="efficiency claims vs the all-MLA twin: cache, TPOT, throughput, prefill")
+    from hla.generation.claims import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("info", help="parameter count, layer schedule, weight and cache bytes of a model config")
     p.add_argument("config", metavar="CONFIG_OR_DIR", help="preset name (tiny, small, 1b, kimi-linear-48b), "
