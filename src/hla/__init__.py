@@ -5,6 +5,7 @@ The public surface is small on purpose; everything else is internal and may chan
 
 __version__ = "0.1.0"
 
+from hla.models import KimiLinearConfig, KimiLinearForCausalLM, load_model  # noqa: E402
 from hla.ops.kda import kda  # noqa: E402
 
-__all__ = ["__version__", "kda"]
+__all__ = ["KimiLinearConfig", "KimiLinearForCausalLM", "__version__", "kda", "load_model"]
