@@ -14,6 +14,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from hla.training.run import run_train
+
+    return run_train(args)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from hla.training.run import run_eval
+
+    return run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hla", description="Hybrid linear attention (Kimi Linear) tools")
     parser.add_argument("--version", action="version", version=f"hla {__version__}")
@@ -22,6 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="self-check and a small side-by-side run on this machine")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_demo)
+
+    from hla.training.run import add_eval_arguments, add_train_arguments
+
+    p = sub.add_parser("train", help="train a model on a synthetic task or Shakespeare (torchrun for DDP)")
+    add_train_arguments(p)
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("eval", help="accuracy by length / held-out perplexity of a trained run")
+    add_eval_arguments(p)
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

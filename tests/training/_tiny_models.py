@@ -1,36 +1,16 @@
-"""Tiny models for the training tests (importable by the torchrun worker too)."""
+"""Tiny Kimi Linear models for the training tests (importable by the torchrun worker too)."""
 
 import torch
-from torch import nn
+
+from hla.models import KimiLinearConfig, KimiLinearForCausalLM
 
 
-class _Out:
-    def __init__(self, logits):
-        self.logits = logits
-        self.loss = None
+def tiny_config(vocab_size: int) -> KimiLinearConfig:
+    # the "tiny" preset (KKKM, 64 wide, MoE) with the task's vocabulary and no MoE, to keep CPU steps fast
+    return KimiLinearConfig.preset("tiny").replace(vocab_size=vocab_size, bos_token_id=None, eos_token_id=None,
+                                                   pad_token_id=None, first_k_dense_replace=4)
 
 
-class StandInLM(nn.Module):
-    """One causal attention block with the model's forward contract; used until hla.models lands."""
-
-    def __init__(self, vocab_size: int, d: int = 32):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, d)
-        self.pos = nn.Embedding(4096, d)
-        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
-        self.norm = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-        self.head = nn.Linear(d, vocab_size)
-
-    def forward(self, input_ids, labels=None):
-        T = input_ids.shape[1]
-        h = self.embed(input_ids) + self.pos(torch.arange(T, device=input_ids.device))
-        mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=h.device), 1)
-        h = h + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        h = h + self.mlp(self.norm(h))
-        return _Out(self.head(h))
-
-
-def build_tiny_model(vocab_size: int, seed: int = 0) -> nn.Module:
+def build_tiny_model(vocab_size: int, seed: int = 0) -> KimiLinearForCausalLM:
     torch.manual_seed(seed)
-    return StandInLM(vocab_size)
+    return KimiLinearForCausalLM(tiny_config(vocab_size))

@@ -63,14 +63,15 @@ def test_weight_decay_groups(make_model):
     assert decay["weight_decay"] > 0 and plain["weight_decay"] == 0
     names = {p: n for n, p in model.named_parameters()}
     assert all(p.ndim >= 2 for p in decay["params"])
-    assert {names[p] for p in plain["params"]} == {n for n, p in model.named_parameters() if p.ndim < 2}
-    assert no_decay("layers.0.self_attn.A_log", torch.nn.Parameter(torch.zeros(1, 1, 2, 1)))
-    assert no_decay("layers.0.input_layernorm.weight", torch.nn.Parameter(torch.zeros(4, 4)))
+    assert any(names[p].endswith("A_log") for p in plain["params"])  # [1, 1, H, 1]: excluded by name
+    assert any(names[p].endswith("dt_bias") for p in plain["params"])
+    assert not any("norm" in names[p] for p in decay["params"])
+    assert no_decay("model.layers.0.input_layernorm.weight", torch.nn.Parameter(torch.zeros(4, 4)))
 
 
 def test_weights_loading_names_missing_and_misshaped_tensors(tmp_path, make_model):
     save_weights(make_model(16), tmp_path / "m.safetensors")
-    with pytest.raises(ValueError, match="misshaped=.*embed"):
+    with pytest.raises(ValueError, match="misshaped=.*embed_tokens"):
         load_weights(make_model(20), tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="no pickle"):
         load_weights(make_model(16), tmp_path / "m.pt")
