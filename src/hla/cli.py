@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="self-check and a small side-by-side run on this machine")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: sized for the device)")
+    p.add_argument("--out", default="runs/demo", help="where demo.png and demo.json go")
+    p.add_argument("--budget-s", type=float, default=None, help="CPU: seconds of training for both models")
     p.set_defaults(func=_cmd_demo)
 
     from hla.training.run import add_eval_arguments, add_train_arguments

@@ -54,6 +54,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end (when out_dir is set)
     out_dir: str | None = None
     progress: bool = True
+    progress_desc: str = "train"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len"):
@@ -130,6 +131,11 @@ class Trainer:
             raise ValueError(f"per-rank batch ({self.rank_batch}) must be divisible by micro_batch_size ({self.micro})")
         self.accum = self.rank_batch // self.micro
 
+        if self.device.type == "cpu":
+            # exp() of large negative log-decays in KDA's chunked form yields subnormal floats, and x86 CPUs
+            # handle those in microcode: a 5-10x slowdown measured on MQAR batches. Flushing them to zero
+            # changes nothing that matters for training (they are < 1e-38).
+            torch.set_flush_denormal(True)
         model = model.to(self.device)
         self.optimizer, self.param_names = build_optimizer(model, cfg, self.device)
         if self.dist.enabled:
@@ -196,7 +202,7 @@ class Trainer:
         if cfg.progress and self.dist.is_main:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=until, initial=self.step, desc="train", dynamic_ncols=True, leave=True)
+            bar = tqdm(total=until, initial=self.step, desc=cfg.progress_desc, dynamic_ncols=True, leave=True)
         t_last, tok_last = time.perf_counter(), self.tokens_seen
         t_start = t_last
         while self.step < until:
