@@ -45,12 +45,15 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-examples", type=int, default=128)
     ap.add_argument("--budget-s", type=float, default=200.0, help="skip runs that would start after this")
+    ap.add_argument("--mqar-vocab", type=int, default=8192)
+    ap.add_argument("--mqar-kv", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = {"mqar": MQAR(vocab_size=8192, num_kv_pairs=32), "palindrome": Palindrome(vocab_size=64)}
+    tasks = {"mqar": MQAR(vocab_size=args.mqar_vocab, num_kv_pairs=args.mqar_kv),
+             "palindrome": Palindrome(vocab_size=64)}
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     t_all = time.perf_counter()
     results = []
@@ -80,7 +83,8 @@ def main() -> None:
                 print(f"{tname} {mixer} lr={lr:g}: acc {rec['final_acc']:.3f} loss {rec['final_loss']:.3f} "
                       f"({dt:.0f}s)", flush=True)
     meta = {"card": card, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "batch_size": args.batch_size, "seq_len": args.seq_len, "steps": args.steps,
+            "batch_size": args.batch_size, "mqar": tasks["mqar"].__dict__,
+            "palindrome": tasks["palindrome"].__dict__, "seq_len": args.seq_len, "steps": args.steps,
             "kda_backend": "auto (triton if importable on CUDA, else the torch chunked path)"}
     (out / "synthetic.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
 

@@ -274,6 +274,10 @@ class Trainer:
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> None:
     """Loss (and any ``eval_*`` accuracy) against step from a metrics JSONL file, as a PNG."""
+    import warnings
+
+    # numpy warns about subnormals being zero when first queried after set_flush_denormal(True): expected here
+    warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
     import matplotlib
 
     matplotlib.use("Agg")
