@@ -26,6 +26,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    from hla.models.info import model_info, resolve_config
+
+    print(model_info(resolve_config(args.config)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hla", description="Hybrid linear attention (Kimi Linear) tools")
     parser.add_argument("--version", action="version", version=f"hla {__version__}")
@@ -46,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy by length / held-out perplexity of a trained run")
     add_eval_arguments(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("info", help="parameter count, layer schedule, weight and cache bytes of a model config")
+    p.add_argument("config", metavar="CONFIG_OR_DIR", help="preset name (tiny, small, 1b, kimi-linear-48b), "
+                   "config.json or checkpoint directory")
+    p.set_defaults(func=_cmd_info)
     return parser
 
 

@@ -79,14 +79,20 @@ class KimiLinearForCausalLM(nn.Module):
         self.config = config
         self.model = KimiLinearModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config ties them (redo after ``to_empty``)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # ---- weights --------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_weights(self) -> None:
         """Random init: normal(0, initializer_range) for matrices, ones for norms, FLA's KDA gate init."""
+        if self.lm_head.weight.is_meta:  # nothing to fill; meta init is slow and pointless
+            return
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -113,12 +119,21 @@ class KimiLinearForCausalLM(nn.Module):
 
     def to_dtype(self, dtype: torch.dtype) -> KimiLinearForCausalLM:
         """Cast to ``dtype`` keeping ``A_log``, ``dt_bias``, router weight and correction bias in fp32
-        (float64 models keep everything in float64). Use this rather than ``.to(dtype)``."""
+        (float64 models keep everything in float64). ``.to(dtype)`` does the same."""
         keep = self.fp32_param_names() if dtype != torch.float64 else set()
         for name, p in self.named_parameters():
             target = torch.float32 if name in keep else dtype
             if p.dtype != target:
                 p.data = p.data.to(target)
+        return self
+
+    def to(self, *args, **kwargs) -> KimiLinearForCausalLM:
+        """``nn.Module.to`` that keeps the fp32 tensors fp32 when given a dtype (see ``to_dtype``)."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None:
+            super().to(device=device, non_blocking=non_blocking)
+        if dtype is not None:
+            self.to_dtype(dtype)
         return self
 
     @property
@@ -176,10 +191,17 @@ class KimiLinearForCausalLM(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
+                labels[:, 1:].reshape(-1).long(),
                 ignore_index=-100,
             )
         return CausalLMOutput(logits=logits, loss=loss)
+
+    @classmethod
+    def from_pretrained(cls, path, *, device=None, dtype=None) -> KimiLinearForCausalLM:
+        """Same as ``hla.load_model(path, device=..., dtype=...)``."""
+        from hla.models.checkpoint import load_model
+
+        return load_model(path, device=device, dtype=dtype)
 
     # ---- generation and saving (implemented elsewhere, imported lazily) -------------------------------
     def generate(self, prompts, max_new_tokens: int, **kwargs):
