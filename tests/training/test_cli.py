@@ -1,5 +1,7 @@
 import json
 
+import torch
+
 from hla.cli import main
 
 
@@ -24,7 +26,7 @@ def test_train_then_resume_then_eval(tmp_path, capsys):
 def test_demo_pieces():
     from hla.demo import CPU_PLAN, kda_self_check, model_pair
 
-    assert kda_self_check() < 1e-4
+    assert all(r.ok for r in kda_self_check(torch.device("cpu")))
     hybrid, twin = model_pair(CPU_PLAN)
     assert hybrid.schedule_string() == "KKKM" and twin.schedule_string() == "MMMM"
     a, b = hybrid.parameter_counts()["total"], twin.parameter_counts()["total"]
