@@ -272,8 +272,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print(table)
     h, t = rows[names[0]], rows[names[1]]
     print(f"  hybrid cache at 128K is {h['cache_128k_bytes'] / t['cache_128k_bytes']:.0%} of the twin's; parameter "
-          f"counts differ by {abs(h['params'] - t['params']) / t['params']:.1%}. At this size and budget the accuracy "
-          f"gap is noisy (one seed); decode speed of models this small measures per-op overhead, not bandwidth.")
+          f"counts differ by {abs(h['params'] - t['params']) / t['params']:.1%}.")
+    print("  Caveats: one seed, small models, same steps (not same wall time). Kimi Linear's MLA is NoPE: the all-MLA\n"
+          "  twin has no positional signal or short convolution and must infer token order from the causal mask,\n"
+          "  which makes MQAR's copy-the-next-token step slow to learn at this size; rerun with --steps N for longer\n"
+          "  training. Decode speed of models this small measures per-op overhead, not memory bandwidth.")
 
     write_png(out / "demo.png", rows, plan, curves)
     summary = {n: {k: v for k, v in r.items() if k != "config"} | {"layers": r["config"].schedule_string()}
