@@ -26,6 +26,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from hla.training.run import run_train
+
+    return run_train(args)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from hla.training.run import run_eval
+
+    return run_eval(args)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from hla.models.info import model_info, resolve_config
 
@@ -40,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="self-check and a small side-by-side run on this machine")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default: sized for the device)")
+    p.add_argument("--out", default="runs/demo", help="where demo.png and demo.json go")
+    p.add_argument("--budget-s", type=float, default=None, help="CPU: seconds of training for both models")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("generate", help="stream a completion from a model directory (or random weights)")
@@ -53,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    from hla.training.run import add_eval_arguments, add_train_arguments
+
+    p = sub.add_parser("train", help="train a model on a synthetic task or Shakespeare (torchrun for DDP)")
+    add_train_arguments(p)
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("eval", help="accuracy by length / held-out perplexity of a trained run")
+    add_eval_arguments(p)
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("info", help="parameter count, layer schedule, weight and cache bytes of a model config")
     p.add_argument("config", metavar="CONFIG_OR_DIR", help="preset name (tiny, small, 1b, kimi-linear-48b), "
