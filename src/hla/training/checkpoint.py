@@ -112,20 +112,30 @@ def set_rng_state(tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> 
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    names: dict[torch.nn.Parameter, str], state: dict[str, Any], *, rank: int = 0) -> None:
+                    names: dict[torch.nn.Parameter, str], state: dict[str, Any], *, rank: int = 0,
+                    model_tensors: dict[str, torch.Tensor] | None = None,
+                    optim_tensors: dict[str, torch.Tensor] | None = None,
+                    model_metadata: dict[str, str] | None = None) -> None:
     """Write a checkpoint directory. ``state`` is JSON-serialisable loop state (step, configs...).
-    With several processes every rank writes its own RNG file; rank 0 writes the rest."""
+    With several processes every rank writes its own RNG file; rank 0 writes the rest.
+
+    ``model_tensors`` / ``optim_tensors`` (rank 0): full tensors gathered from a sharded (FSDP) model, written
+    instead of ``model`` / ``optimizer``'s own local tensors, in the same format."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rng_tensors, rng_scalars = rng_state()
     save_file(rng_tensors, str(path / (RNG_FILE if rank == 0 else f"rng_rank{rank}.safetensors")))
     if rank != 0:
         return
-    save_weights(model, path / MODEL_FILE)
+    if model_tensors is None:
+        save_weights(model, path / MODEL_FILE)
+    else:
+        save_file(model_tensors, str(path / MODEL_FILE), metadata=model_metadata)
     cfg = getattr(model, "config", None)
     if cfg is not None and hasattr(cfg, "to_json"):
         (path / "config.json").write_text(cfg.to_json() if callable(cfg.to_json) else str(cfg.to_json))
-    save_file(_optimizer_tensors(optimizer, names), str(path / OPTIM_FILE))
+    save_file(_optimizer_tensors(optimizer, names) if optim_tensors is None else optim_tensors,
+              str(path / OPTIM_FILE))
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[p] for p in g["params"]]}
               for g in optimizer.param_groups]
     payload = dict(state, optimizer_param_groups=groups, rng=rng_scalars)

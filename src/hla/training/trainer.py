@@ -1,5 +1,5 @@
 """The training loop: AdamW, warmup + cosine/WSD, clipping, bf16 autocast on GPU, gradient accumulation,
-DDP through torchrun, exact checkpoint resume, JSONL metrics, a progress bar and a loss-curve PNG.
+DDP or FSDP2 through torchrun, exact checkpoint resume, JSONL metrics, a progress bar and a loss-curve PNG.
 
 The loop reads top to bottom in :meth:`Trainer.train_step`. Two choices make results independent of how a
 step is split over processes and micro-batches:
@@ -8,6 +8,9 @@ step is split over processes and micro-batches:
 * the loss is the *sum* of token losses divided by the number of scored tokens in the whole global batch
   (every rank can count them, so no communication), so gradient accumulation and DDP give the gradient of
   one big batch, not an average of per-micro-batch means.
+
+With ``parallel="fsdp"`` the model is sharded with FSDP2 (see :mod:`hla.training.fsdp`); the loop is the same,
+FSDP's reduce-scatter averaging over ranks like DDP's all-reduce.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from hla.data.tasks import IGNORE_INDEX, batch_at
 from hla.training import checkpoint as ckpt
@@ -55,6 +59,7 @@ class TrainConfig:
     out_dir: str | None = None
     progress: bool = True
     progress_desc: str = "train"
+    parallel: str = "ddp"  # with several processes: "ddp" (replicated) or "fsdp" (FSDP2, sharded)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len"):
@@ -62,6 +67,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise ValueError(f"micro_batch_size must be > 0, got {self.micro_batch_size}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.warmup_steps > self.steps:
             self.warmup_steps = self.steps
 
@@ -113,7 +120,8 @@ class Trainer:
     """Trains ``model`` (forward(input_ids) -> object with ``.logits [B, T, V]``) on ``data``.
 
     ``dist_info`` comes from :func:`hla.training.distributed.init_distributed` under torchrun; the model is
-    moved to its device and wrapped in DDP when there are several processes.
+    moved to its device and, when there are several processes, wrapped in DDP or (``cfg.parallel == "fsdp"``)
+    sharded in place with FSDP2. A single process ignores ``cfg.parallel``.
     """
 
     def __init__(self, model: torch.nn.Module, data: Any, cfg: TrainConfig, *, dist_info: DistInfo | None = None,
@@ -137,8 +145,14 @@ class Trainer:
             # changes nothing that matters for training (they are < 1e-38).
             torch.set_flush_denormal(True)
         model = model.to(self.device)
+        self.fsdp = self.dist.enabled and cfg.parallel == "fsdp"
+        if self.fsdp:
+            from hla.training import fsdp
+
+            # before the optimizer: fully_shard swaps in sharded parameters (same names)
+            model = fsdp.shard_model(model, self.device)
         self.optimizer, self.param_names = build_optimizer(model, cfg, self.device)
-        if self.dist.enabled:
+        if self.dist.enabled and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.model = model
@@ -168,13 +182,18 @@ class Trainer:
         lo = self.dist.rank * self.rank_batch
         input_ids, labels = input_ids[lo:lo + self.rank_batch], labels[lo:lo + self.rank_batch]
 
-        # DDP averages gradients over ranks; scaling by world_size turns that average back into the sum
+        # DDP and FSDP average gradients over ranks; scaling by world_size turns that average back into the sum
         scale = self.dist.world_size / max(n_scored, 1)
         loss_sum = torch.zeros((), device=self.device)
         for j in range(self.accum):
             x = input_ids[j * self.micro:(j + 1) * self.micro].to(self.device, non_blocking=True)
             y = labels[j * self.micro:(j + 1) * self.micro].to(self.device, non_blocking=True)
-            sync = contextlib.nullcontext() if (j == self.accum - 1 or not self.dist.enabled) else self.model.no_sync()
+            last = j == self.accum - 1
+            if self.fsdp:  # FSDP's counterpart of no_sync: keep unsharded grads until the last micro-batch
+                self.model.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            else:
+                sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
             with sync:
                 with self.autocast():
                     logits = self.model(x).logits
@@ -182,9 +201,11 @@ class Trainer:
                 (part * scale).backward()
             loss_sum += part.detach()
         if self.dist.enabled:
-            dist.all_reduce(loss_sum)  # a scalar for the log; the gradients were reduced by DDP
+            dist.all_reduce(loss_sum)  # a scalar for the log; the gradients were reduced by DDP/FSDP
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if isinstance(grad_norm, DTensor):  # FSDP: the norm over all shards
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -250,14 +271,25 @@ class Trainer:
     def save(self, path: str | Path) -> None:
         if self.dist.enabled:
             dist.barrier()
-        ckpt.save_checkpoint(path, _unwrap(self.model), self.optimizer, self.param_names, self.state(),
-                             rank=self.dist.rank)
+        if self.fsdp:
+            from hla.training.fsdp import save_checkpoint_fsdp
+
+            save_checkpoint_fsdp(path, self.model, self.optimizer, self.param_names, self.state(), rank=self.dist.rank)
+        else:
+            ckpt.save_checkpoint(path, _unwrap(self.model), self.optimizer, self.param_names, self.state(),
+                                 rank=self.dist.rank)
         if self.dist.enabled:
             dist.barrier()
 
     def resume(self, path: str | Path) -> dict[str, Any]:
         """Restore everything from a checkpoint directory; the next step continues the interrupted run exactly."""
-        state = ckpt.load_checkpoint(path, _unwrap(self.model), self.optimizer, self.param_names, rank=self.dist.rank)
+        if self.fsdp:
+            from hla.training.fsdp import load_checkpoint_fsdp
+
+            state = load_checkpoint_fsdp(path, self.model, self.optimizer, self.param_names, rank=self.dist.rank)
+        else:
+            state = ckpt.load_checkpoint(path, _unwrap(self.model), self.optimizer, self.param_names,
+                                         rank=self.dist.rank)
         saved = state["train_config"]
         for key in ("batch_size", "seq_len", "seed"):
             if saved[key] != getattr(self.cfg, key):
