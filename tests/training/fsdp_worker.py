@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_models import build_tiny_model  # noqa: E402
@@ -20,7 +21,7 @@ CFG = dict(steps=4, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=1, log_every
 
 def trainer(info, out_dir=None, micro=None) -> Trainer:
     cfg = TrainConfig(**CFG, micro_batch_size=micro, out_dir=out_dir, parallel="fsdp")
-    return Trainer(build_tiny_model(64), Stack(vocab_size=64, num_stacks=8), cfg, dist_info=info)
+    return Trainer(build_tiny_model(64, moe_tied=True), Stack(vocab_size=64, num_stacks=8), cfg, dist_info=info)
 
 
 def main(out: str, work: str, single_ck2: str) -> None:
@@ -39,7 +40,8 @@ def main(out: str, work: str, single_ck2: str) -> None:
         resumed[name] = [r["loss"] for r in tr.train()]
     if info.is_main:
         Path(out).write_text(json.dumps({"losses": losses, "resumed": resumed, "world": info.world_size,
-                                         "fsdp": type(tr.model).__name__}))
+                                         "fsdp_groups": [n for n, m in tr.model.named_modules()
+                                                         if isinstance(m, FSDPModule)]}))
     shutdown_distributed()
 
 

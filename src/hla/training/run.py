@@ -50,6 +50,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=0, help="evaluate at --seq-len every N steps (0: at the end)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun: DDP (replicated model) or FSDP2 (sharded per decoder block)")
     p.add_argument("--no-progress", action="store_true")
     _add_task_arguments(p)
     p.add_argument("--eval-lengths", default=None, help="comma-separated (default 256,512,1024,2048)")
@@ -130,13 +132,14 @@ def run_train(args: argparse.Namespace) -> int:
                        warmup_steps=args.warmup if args.warmup is not None else max(1, args.steps // 20),
                        weight_decay=args.weight_decay, grad_clip=args.grad_clip, seed=args.seed,
                        log_every=args.log_every, save_every=args.save_every, out_dir=str(out),
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, parallel=args.parallel)
     trainer = Trainer(model, data, tcfg, dist_info=info, extra_state={"run": run})
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         n = sum(p.numel() for p in model.parameters())
         print(f"model: {n / 1e6:.2f}M parameters, layers {cfg.schedule_string()}, vocab {cfg.vocab_size}; "
-              f"task {args.task}; {info.world_size} process(es) on {info.device}")
+              f"task {args.task}; {info.world_size} process(es) on {info.device}"
+              + (f" ({args.parallel})" if info.enabled else ""))
         if args.task == "text":
             shutil.copy(tok_path, out / "tokenizer.json")
         (out / "run.json").write_text(json.dumps(run, indent=1))
@@ -158,7 +161,10 @@ def run_train(args: argparse.Namespace) -> int:
     trainer.train(eval_fn=eval_fn, eval_every=args.eval_every)
     if info.is_main:
         print(f"trained {trainer.step} steps in {time.perf_counter() - t0:.1f}s; run directory {out}")
-        model = trainer.model.module if info.enabled else trainer.model
+        if trainer.fsdp:  # rank 0 alone cannot run the sharded model: evaluate the gathered final checkpoint
+            model = load_run_model(out, info.device)
+        else:
+            model = trainer.model.module if info.enabled else trainer.model
         result = _evaluate(model, args.task, data, _lengths(args.eval_lengths), args.eval_examples,
                            min(16, args.batch_size), args.seq_len)
         (out / "eval.json").write_text(json.dumps(result, indent=1))
