@@ -1,0 +1,176 @@
+"""Chunked KDA in Triton: host side, launch order and the autograd wiring.
+
+Forward, three launches: gate + in-chunk cumsum (gate_cumsum.py), the intra-chunk stage
+(intra.py: A_qk, w, u) and the recurrence that also writes the output (recurrence.py).
+Saved for the backward: only the inputs. The backward recomputes stages 1-2 and re-runs the
+recurrence storing each chunk's entry state and v_new, walks the chunks in reverse in Triton, and
+differentiates the intra-chunk stage with autograd through intra_torch.py, slice by slice.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hla.ops.kda.triton.gate_cumsum import kda_gate_cumsum_fwd
+from hla.ops.kda.triton.intra import kda_intra_fwd
+from hla.ops.kda.triton.intra_torch import intra_torch
+from hla.ops.kda.triton.recurrence import kda_recurrence_bwd, kda_recurrence_fwd
+
+# Chunk-heads per slice when autograd runs through the intra stage (bounds its temporaries).
+_BWD_SLICE_CHUNK_HEADS = 2048
+
+
+class _ChunkMeta:
+    """Chunk boundaries of a (possibly packed) batch, in flattened token indices."""
+
+    def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, device: torch.device):
+        if cu_seqlens is None:
+            cu = [b * T for b in range(B + 1)]
+        else:
+            cu = [int(x) for x in cu_seqlens.tolist()]
+        bounds, offsets = [], [0]
+        for n in range(len(cu) - 1):
+            for s in range(cu[n], cu[n + 1], BT):
+                bounds.append((s, min(s + BT, cu[n + 1])))
+            offsets.append(len(bounds))
+        self.N = len(cu) - 1
+        self.NC = len(bounds)
+        self.TT = B * T
+        self.BT = BT
+        self.bounds_list = bounds
+        self.chunk_bounds = torch.tensor(bounds or [(0, 0)], dtype=torch.int32, device=device).reshape(-1, 2)
+        self.chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
+
+    def gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[NC, BT] token index of each chunk row (padding rows -> TT, a zero row), and validity."""
+        dev = self.chunk_bounds.device
+        s = self.chunk_bounds[: self.NC, 0:1].long()
+        e = self.chunk_bounds[: self.NC, 1:2].long()
+        idx = s + torch.arange(self.BT, device=dev)[None, :]
+        valid = idx < e
+        return torch.where(valid, idx, torch.full_like(idx, self.TT)), valid
+
+
+def _forward_stages(q, k, v, g, beta, meta, *, scale, A_log, dt_bias, lower_bound, use_qk_l2norm,
+                    use_beta_sigmoid, initial_state, output_final_state, store_h):
+    gcum, beta_f = kda_gate_cumsum_fwd(
+        g, beta, meta.chunk_bounds, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
+        use_beta_sigmoid=use_beta_sigmoid, chunk_size=meta.BT,
+    )
+    Aqk, w, u = kda_intra_fwd(q, k, v, gcum, beta_f, meta.chunk_bounds, scale=scale,
+                              use_qk_l2norm=use_qk_l2norm, chunk_size=meta.BT)
+    o, ht, h, vnew = kda_recurrence_fwd(
+        q, k, w, u, gcum, Aqk, meta.chunk_offsets, meta.chunk_bounds, scale=scale,
+        initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
+        chunk_size=meta.BT, store_h=store_h,
+    )
+    return dict(gcum=gcum, Aqk=Aqk, w=w, o=o, ht=ht, h=h, vnew=vnew)
+
+
+class KDAChunkTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
+        B, T, H, K = q.shape
+        HV, V = v.shape[-2], v.shape[-1]
+        meta = _ChunkMeta(B, T, opts["cu_seqlens"], opts["chunk_size"], q.device)
+        flat = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta)]
+        h0 = initial_state.contiguous() if initial_state is not None else None
+        out = _forward_stages(*flat, meta, scale=opts["scale"], A_log=A_log, dt_bias=dt_bias,
+                              lower_bound=opts["lower_bound"], use_qk_l2norm=opts["use_qk_l2norm"],
+                              use_beta_sigmoid=opts["use_beta_sigmoid"], initial_state=h0,
+                              output_final_state=opts["output_final_state"], store_h=False)
+        ctx.save_for_backward(*flat, A_log, dt_bias, h0)
+        ctx.meta, ctx.opts, ctx.shape = meta, opts, (B, T, H, K, HV, V)
+        return out["o"].view(B, T, HV, V), out["ht"]
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, A_log, dt_bias, h0 = ctx.saved_tensors
+        meta, opts = ctx.meta, ctx.opts
+        B, T, H, K, HV, V = ctx.shape
+        TT, BT = meta.TT, meta.BT
+        kw = dict(scale=opts["scale"], use_qk_l2norm=opts["use_qk_l2norm"])
+        st = _forward_stages(q, k, v, g, beta, meta, A_log=A_log, dt_bias=dt_bias,
+                             lower_bound=opts["lower_bound"], use_beta_sigmoid=opts["use_beta_sigmoid"],
+                             initial_state=h0, output_final_state=False, store_h=True, **kw)
+        gr = kda_recurrence_bwd(
+            q, k, st["w"], st["gcum"], st["Aqk"], st["h"], st["vnew"], do.reshape(TT, HV, V), dht,
+            meta.chunk_offsets, meta.chunk_bounds, chunk_size=BT, need_dh0=h0 is not None, **kw,
+        )
+        del st
+
+        def pad(x):
+            return torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+
+        leaves = [pad(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
+        extra = [x.detach().requires_grad_() if x is not None else None for x in (A_log, dt_bias)]
+        g_tok = {n: pad(gr[n]) for n in ("du", "dqg", "dw", "dkd", "dA")}
+        idx_all, valid_all = meta.gather_index()
+        step = max(1, _BWD_SLICE_CHUNK_HEADS // HV)
+        with torch.enable_grad():
+            for c0 in range(0, meta.NC, step):
+                idx, valid = idx_all[c0 : c0 + step], valid_all[c0 : c0 + step]
+                res = intra_torch(*leaves, idx, valid, A_log=extra[0], dt_bias=extra[1],
+                                  lower_bound=opts["lower_bound"], use_beta_sigmoid=opts["use_beta_sigmoid"], **kw)
+                outs, grads = [], []
+                for name, gname in (("u", "du"), ("qg", "dqg"), ("w", "dw"), ("kd", "dkd"), ("Aqk", "dA")):
+                    outs.append(res[name])
+                    grads.append(g_tok[gname][idx].transpose(1, 2))
+                outs.append(res["dl"])
+                grads.append(gr["ddl"][c0 : c0 + step])
+                torch.autograd.backward(outs, grads)
+
+        def grad_of(x, like):
+            if x.grad is None:
+                return torch.zeros_like(like)
+            return x.grad[:TT].reshape(like.shape).to(like.dtype)
+
+        shapes = [(B, T, H, K), (B, T, H, K), (B, T, HV, V), (B, T, HV, K), (B, T, HV)]
+        dq, dk, dv, dg, dbeta = (grad_of(x, torch.empty(s, dtype=y.dtype, device=y.device))
+                                 for x, s, y in zip(leaves, shapes, (q, k, v, g, beta), strict=True))
+        dA_log = extra[0].grad if extra[0] is not None else None
+        ddt = extra[1].grad if extra[1] is not None else None
+        return dq, dk, dv, dg, dbeta, dA_log, ddt, gr["dh0"], None
+
+
+def kda_chunk_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    lower_bound: float | None = None,
+    use_qk_l2norm: bool = False,
+    use_beta_sigmoid: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked KDA forward (differentiable) on CUDA tensors (or the Triton interpreter).
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]``; g: ``[B, T, HV, K]`` log-decay, or the raw gate
+            when ``A_log`` is given; beta: ``[B, T, HV]`` (logits if ``use_beta_sigmoid``).
+        initial_state: ``[N, HV, K, V]`` float32; N = B, or the number of packed sequences.
+        cu_seqlens: ``[N + 1]`` packed-sequence boundaries (then B == 1).
+        chunk_size: 16, 32 or 64.
+
+    Returns:
+        ``o: [B, T, HV, V]`` in v.dtype and the final state ``[N, HV, K, V]`` float32 (or None).
+    """
+    if chunk_size not in (16, 32, 64):
+        raise ValueError(f"chunk_size: expected 16, 32 or 64 for the triton backend, got {chunk_size}")
+    if initial_state is not None and initial_state.dtype != torch.float32:
+        initial_state = initial_state.float()
+    opts = dict(scale=float(scale), output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                lower_bound=lower_bound, use_qk_l2norm=use_qk_l2norm, use_beta_sigmoid=use_beta_sigmoid,
+                chunk_size=chunk_size)
+    A_log_f = A_log.reshape(-1).float() if A_log is not None else None
+    dt_f = dt_bias.reshape(-1).float() if dt_bias is not None else None
+    o, ht = KDAChunkTriton.apply(q, k, v, g, beta, A_log_f, dt_f, initial_state, opts)
+    return o, ht

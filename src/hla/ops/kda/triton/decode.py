@@ -1,0 +1,144 @@
+"""Fused KDA decode step: gate, l2norm, beta and the state update in one kernel.
+
+Each program owns one value head's state slice ``S[:, v-block]`` of one sequence: it reads the fp32
+state once from its pool slot, runs the T (1..a few) tokens of that sequence through it in
+registers, writes the outputs and writes the state back in place. Bytes moved are the floor for
+this op: the state read and written once, plus the token's q/k/v/g (small). No host sync, no
+allocation besides the output, so the step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hla.ops.kda.triton.common import kda_gate_f32, next_pow2
+
+
+@triton.jit
+def kda_decode_kernel(
+    q, k, v, g, beta, state, state_indices, o, A_log, dt_bias,
+    scale, lower_bound,
+    T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
+    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_hv = i_bh // HV, i_bh % HV
+    i_h = i_hv // (HV // H)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_s = m_k[:, None] & m_v[None, :]
+
+    slot = tl.load(state_indices + i_b).to(tl.int64)
+    # A negative slot marks a padded batch row (serving engines pad graph batches): it touches no
+    # state and gets zeros.
+    valid = slot >= 0
+    slot = tl.maximum(slot, 0)
+    p_s = state + ((slot * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :]
+    b_s = tl.load(p_s, mask=m_s & valid, other=0.0).to(tl.float32)  # [BK, BV]
+
+    if HAS_GATE:
+        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+        if HAS_BIAS:
+            b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        else:
+            b_bias = tl.zeros([BK], dtype=tl.float32)
+
+    for t in range(T):
+        tok = (i_b * T + t).to(tl.int64)
+        b_q = tl.load(q + (tok * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (tok * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(v + (tok * HV + i_hv) * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_g = tl.load(g + (tok * HV + i_hv) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_beta = tl.load(beta + tok * HV + i_hv).to(tl.float32)
+        if USE_L2:
+            b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
+            b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
+        if HAS_GATE:
+            b_g = kda_gate_f32(b_g, b_a, b_bias, lower_bound, HAS_BIAS, HAS_LB)
+        if USE_SIGMOID:
+            b_beta = tl.sigmoid(b_beta)
+        b_q = b_q * scale
+        b_s = b_s * tl.exp(b_g)[:, None]
+        b_kv = tl.sum(b_s * b_k[:, None], axis=0)  # [BV]
+        b_d = (b_v - b_kv) * b_beta
+        b_s = b_s + b_k[:, None] * b_d[None, :]
+        b_o = tl.sum(b_s * b_q[:, None], axis=0)
+        b_o = tl.where(valid, b_o, 0.0)
+        tl.store(o + (tok * HV + i_hv) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+
+    tl.store(p_s, b_s.to(state.dtype.element_ty), mask=m_s & valid)
+
+
+def _pick_bv(n_heads: int, V: int, K: int) -> int:
+    """Value-block width: enough programs to cover the SMs at small batch, wide rows at large batch."""
+    if n_heads >= 1024:
+        bv = 64 if K <= 128 else 32
+    elif n_heads >= 128:
+        bv = 32
+    else:
+        bv = 16
+    return min(bv, next_pow2(V))
+
+
+def kda_decode_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    scale: float,
+    state_indices: torch.Tensor | None = None,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    lower_bound: float | None = None,
+    use_qk_l2norm: bool = False,
+    use_beta_sigmoid: bool = False,
+    block_v: int | None = None,
+) -> torch.Tensor:
+    """One (or a few) KDA decode steps, updating ``state`` in place.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]``; g: ``[B, T, HV, K]`` log-decay, or the raw
+            gate when ``A_log`` is given; beta: ``[B, T, HV]`` (logits if ``use_beta_sigmoid``).
+        state: ``[P, HV, K, V]`` float32 pool, updated in place.
+        state_indices: ``[B]`` int slot of each row (default ``arange(B)``); a negative slot
+            leaves the pool untouched and gives zero outputs.
+        block_v: value-block width override (benchmarks only).
+
+    Returns:
+        ``o: [B, T, HV, V]`` in ``v.dtype``.
+    """
+    B, T, H, K = q.shape
+    HV, V = v.shape[-2], v.shape[-1]
+    if state.dtype != torch.float32:
+        raise ValueError(f"state: expected float32, got {state.dtype}")
+    if not state.is_contiguous():
+        raise ValueError("state: expected a contiguous tensor (it is updated in place)")
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    if state_indices is None:
+        state_indices = torch.arange(B, device=q.device, dtype=torch.int32)
+    o = torch.empty_like(v)
+    BK = next_pow2(K)
+    BV = block_v or _pick_bv(B * HV, V, K)
+    grid = (triton.cdiv(V, BV), B * HV)
+    has_gate = A_log is not None
+    kda_decode_kernel[grid](
+        q, k, v, g, beta, state, state_indices, o,
+        A_log if has_gate else q, dt_bias if dt_bias is not None else q,
+        float(scale), float(lower_bound) if lower_bound is not None else 0.0,
+        T,
+        H=H, HV=HV, K=K, V=V, BK=BK, BV=BV,
+        HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None,
+        HAS_LB=has_gate and lower_bound is not None,
+        USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid,
+        num_warps=4 if BV * BK >= 4096 else 2,
+    )
+    return o
