@@ -20,6 +20,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return run_generate(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from hla.bench.claims import run_bench
+
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hla", description="Hybrid linear attention (Kimi Linear) tools")
     parser.add_argument("--version", action="version", version=f"hla {__version__}")
@@ -34,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("bench", help="cache, decode and prefill of a config vs its all-MLA twin (the paper's claims)")
+    from hla.bench.options import add_arguments as add_bench_arguments
+
+    add_bench_arguments(p)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
