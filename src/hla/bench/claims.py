@@ -403,6 +403,24 @@ def scaling_exponent(points: Sequence[tuple[int, float]]) -> float | None:
 
 # ---- the run ----------------------------------------------------------------------------------------
 
+class _NoBar:
+    def __init__(self, *args, disable: bool = False, **kwargs) -> None:
+        self.disable = disable
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def write(self, msg: str, file=None) -> None:
+        if not self.disable:
+            print(msg, file=file or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
 class Deadline:
     """Wall-clock budget of a run; ``None`` = unlimited."""
 
@@ -509,7 +527,10 @@ def _extrapolate(rows: list, targets: Sequence[int]) -> dict:
 
 def run_claims(s: BenchSettings) -> dict:
     """Run the selected stages; returns (and keeps saving to ``s.json_path``) the results dict."""
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a convenience; the per-point log lines carry the same news
+        tqdm = _NoBar
 
     device, dtype = s.device, s.dtype
     configs = {"hybrid": s.config, "all_mla": s.config.with_schedule(s.twin_schedule)}
@@ -549,7 +570,10 @@ def run_claims(s: BenchSettings) -> dict:
                dynamic_ncols=True, mininterval=1.0)
 
     def log(msg: str) -> None:
-        bar.write(msg, file=sys.stderr) if s.progress else None
+        if s.progress:
+            bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
 
     def skip(what: str, why: str) -> None:
         meta["skipped"].append(f"{what}: {why}")
