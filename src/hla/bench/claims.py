@@ -738,7 +738,7 @@ def run_claims(s: BenchSettings) -> dict:
                     continue
                 model = pool.get(m)
                 try:
-                    if m not in warmed and device.type == "cuda":  # Triton compiles, cuBLAS/SDPA heuristics
+                    if m not in warmed:  # Triton compiles, cuBLAS/SDPA heuristics, lazy CPU init
                         measure_prefill(model, min(s.prefill_lengths), repeats=1, device=device)
                         warmed.add(m)
                     repeats = 3 if est < 2 else (2 if est < 8 and deadline.left() > 6 * est + 30 else 1)
