@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import platform
 import sys
@@ -26,28 +25,15 @@ import time
 
 import torch
 
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted), median of 20."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(25):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    t = sorted(times[5:])[len(times[5:]) // 2]
-    del src, dst
-    return 2 * (nbytes // 2) * 2 / t
-
-
-def streamed_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of parameters a decode step reads: all of them but the embedding table (one row per token)."""
-    emb = model.model.embed_tokens.weight
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb)
+from hla.generation.bench import (
+    build_random_model,
+    copy_bandwidth,
+    decode_breakdown,
+    fill_random,
+    free_memory,
+    streamed_weight_bytes,
+    time_decode,
+)
 
 
 def cache_bytes_read(config, batch: int, context: int, dtype: torch.dtype) -> int:
@@ -58,29 +44,7 @@ def cache_bytes_read(config, batch: int, context: int, dtype: torch.dtype) -> in
     return p["mla_latent"] + 2 * p["kda_state"] + 2 * p["kda_conv"]
 
 
-@torch.no_grad()
-def fill_random(cache, context: int) -> None:
-    for t in cache.tensors():
-        t.normal_(0.0, 0.5 if t.dtype == torch.float32 else 1.0)
-    cache.set_lengths(torch.full_like(cache.lengths, context))
-
-
-@torch.no_grad()
-def time_decode(runner, ids: torch.Tensor, steps: int, warmup: int) -> float:
-    """Seconds per decode step (CUDA events around ``steps`` back-to-back calls)."""
-    for _ in range(warmup):
-        runner(ids)
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(steps):
-        runner(ids)
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / 1e3 / steps
-
-
-def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, device) -> dict:
+def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, device, breakdown: bool) -> dict:
     from hla.generation.cache import HybridCache
     from hla.generation.graph import DecodeRunner
 
@@ -89,7 +53,7 @@ def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, 
     # Enough slots for eager and graph runs (each with warm-up) after the filled context.
     max_length = context + 2 * (steps + 8)
     ids = torch.randint(0, config.vocab_size, (batch, 1), device=device)
-    for mode in ("eager", "graph"):
+    for mode in ("eager", "graph") if device.type == "cuda" else ("eager",):
         cache = HybridCache.allocate(config, batch, max_length, device=device, dtype=dtype)
         fill_random(cache, context)
         out["cache_bytes"] = cache.nbytes()
@@ -97,8 +61,15 @@ def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, 
         out[mode] = time_decode(runner, ids, steps if mode == "graph" else max(steps // 4, 8), warmup=4)
         out[f"{mode}_captured"] = runner.captured
         del runner, cache
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory(device)
+    if "graph" not in out:
+        out["graph"], out["graph_captured"] = float("nan"), False
+    if breakdown and device.type == "cuda":
+        cache = HybridCache.allocate(config, batch, max_length, device=device, dtype=dtype)
+        fill_random(cache, context)
+        out["breakdown"] = decode_breakdown(model, cache, ids)
+        del cache
+        free_memory(device)
     return out
 
 
@@ -135,6 +106,9 @@ def bench_peer(config, context: int, steps: int, dtype: torch.dtype, device) -> 
         out["fla"] = getattr(fla, "__version__", "?")
     except ImportError:
         out["fla"] = None
+    import importlib.util
+
+    out["causal_conv1d"] = importlib.util.find_spec("causal_conv1d") is not None
     hf_config = _hf_config(config)
     with torch.device(device):
         model = HFModel(hf_config).to(dtype).eval()
@@ -155,8 +129,7 @@ def bench_peer(config, context: int, steps: int, dtype: torch.dtype, device) -> 
         times.append(time.perf_counter() - t0)
     out["step_s"] = sorted(times[2:])[len(times[2:]) // 2]
     del model, past, res
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory(device)
     return out
 
 
@@ -175,16 +148,35 @@ def render(meta: dict, rows: list[dict], peer: dict | None) -> str:
         f"{meta['copy_bw'] / 1e12:.2f} TB/s.",
         "",
         "| batch | context | eager ms/step | graph ms/step | graph tokens/s | cache GB | floor ms "
-        "(weights only) | floor ms (weights+cache) | graph / floor |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "(weights only) | floor ms (weights+cache) | eager / floor | graph / floor |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['batch']} | {r['context']} | {ms(r['eager'])} | {ms(r['graph'])} | "
             f"{r['batch'] / r['graph']:.0f} | {r['cache_bytes'] / 1e9:.2f} | {ms(r['floor_weights'])} | "
-            f"{ms(r['floor'])} | {r['graph'] / r['floor']:.2f}x |"
+            f"{ms(r['floor'])} | {r['eager'] / r['floor']:.1f}x | {r['graph'] / r['floor']:.2f}x |"
         )
     lines.append("")
+    bd = [r for r in rows if r.get("breakdown")]
+    if bd:
+        lines += [
+            "Where a step's time goes (torch profiler, eager step, GPU kernel time summed per part; the graph",
+            "replays the same kernels, so graph time minus the kernel sum is per-kernel overhead):",
+            "",
+            "| batch | context | kernels/step | kernel sum ms | KDA ms | MLA ms | MLP+MoE ms | rest ms | graph ms |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in bd:
+            b = r["breakdown"]
+            lines.append(
+                f"| {r['batch']} | {r['context']} | {b['kernels']:.0f} | {ms(b['total'])} | {ms(b['kda'])} | "
+                f"{ms(b['mla'])} | {ms(b['mlp'] + b['moe'])} | {ms(b['rest'])} | {ms(r['graph'])} |"
+            )
+        for r in bd:
+            tops = "; ".join(f"`{n}` {t * 1e3:.3f} ({c})" for n, t, c in r["breakdown"]["top"])
+            lines += ["", f"Top kernels, batch {r['batch']}, context {r['context']} (ms/step, calls/step): {tops}"]
+        lines.append("")
     if peer is None:
         lines.append("Peer (transformers' Kimi Linear): not run (pass --peer).")
     elif "error" in peer:
@@ -194,8 +186,10 @@ def render(meta: dict, rows: list[dict], peer: dict | None) -> str:
         vs = f"; ours (graph) is {peer['step_s'] / ours['graph']:.0f}x faster" if ours else ""
         lines.append(
             f"Peer: transformers {peer['transformers']} native Kimi Linear (FLA {peer['fla']}), same config, "
-            f"random bf16 weights, batch 1, real prefill of {peer['context']} tokens ({peer['prefill_s']:.2f} s), "
-            f"median decode step {ms(peer['step_s'])} ms{vs}."
+            f"random bf16 weights, batch 1, real prefill of {peer['context']} tokens ({peer['prefill_s']:.2f} s, first "
+            f"call, includes Triton compilation), median of 8 decode steps {ms(peer['step_s'])} ms{vs}."
+            + ("" if peer.get("causal_conv1d", True) else " (`causal_conv1d` is not installed on the device, so the "
+               "peer's short convolution runs its PyTorch fallback.)")
         )
     lines.append("")
     return "\n".join(lines)
@@ -207,27 +201,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 65536])
     ap.add_argument("--steps", type=int, default=64, help="timed graph replays per point (eager: a quarter)")
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the profiler breakdown of a step")
     ap.add_argument("--peer", action="store_true", help="also time transformers' Kimi Linear (needs FLA)")
     ap.add_argument("--peer-context", type=int, default=4096)
     ap.add_argument("--out", default=None, help="write the Markdown section here")
     ap.add_argument("--json", default=None, help="write raw results here")
+    ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run, no graphs)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("decode.py needs a CUDA device", file=sys.stderr)
-        return 2
 
-    from hla.models import KimiLinearConfig, KimiLinearForCausalLM
+    from hla.models import KimiLinearConfig
 
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    device, dtype = torch.device(args.device), torch.bfloat16
     config = KimiLinearConfig.preset(args.preset)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = KimiLinearForCausalLM(config)
-    model = model.to_dtype(dtype).eval()
+    model = build_random_model(config, device, dtype)
     bw = copy_bandwidth(device)
     wbytes = streamed_weight_bytes(model)
     meta = {
-        "card": torch.cuda.get_device_name(device),
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -243,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for context in args.contexts:
         for batch in args.batches:
-            r = bench_ours(model, batch, context, args.steps, dtype, device)
+            r = bench_ours(model, batch, context, args.steps, dtype, device, not args.no_breakdown)
             r["floor_weights"] = wbytes / bw
             r["floor"] = (wbytes + cache_bytes_read(config, batch, context, dtype)) / bw
             rows.append(r)
@@ -251,10 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"  ({batch / r['graph']:8.0f} tok/s)  floor {r['floor'] * 1e3:.3f} ms"
                   f"  -> {r['graph'] / r['floor']:.2f}x floor", flush=True)
     peer = None
-    if args.peer:
+    if args.peer and device.type == "cuda":
         del model
-        gc.collect()
-        torch.cuda.empty_cache()
+        free_memory(device)
         try:
             peer = bench_peer(config, args.peer_context, 8, dtype, device)
             print(f"peer: {peer}", flush=True)

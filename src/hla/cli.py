@@ -26,6 +26,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _cmd_info(args: argparse.Namespace) -> int:
+    from hla.models.info import model_info, resolve_config
+
+    print(model_info(resolve_config(args.config)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hla", description="Hybrid linear attention (Kimi Linear) tools")
     parser.add_argument("--version", action="version", version=f"hla {__version__}")
@@ -41,11 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("bench", help="cache, decode and prefill of a config vs its all-MLA twin (the paper's claims)")
+    p = sub.add_parser("bench", help="efficiency claims vs the all-MLA twin: cache, TPOT, throughput, prefill")
     from hla.bench.options import add_arguments as add_bench_arguments
 
     add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("info", help="parameter count, layer schedule, weight and cache bytes of a model config")
+    p.add_argument("config", metavar="CONFIG_OR_DIR", help="preset name (tiny, small, 1b, kimi-linear-48b), "
+                   "config.json or checkpoint directory")
+    p.set_defaults(func=_cmd_info)
     return parser
 
 

@@ -27,7 +27,7 @@ SECTIONS = {"meta", "cache", "tpot", "breakdown", "throughput", "max_batch_predi
 def test_hla_bench_tiny_cpu_end_to_end(tmp_path):
     argv = ["bench", "--config", "tiny", "--device", "cpu", "--contexts", "32", "64", "--prefill-lengths", "16", "32",
             "--steps", "2", "--warmup", "1", "--max-batch", "2", "--memory-gb", "0.05", "--out-dir", str(tmp_path),
-            "--no-progress"]
+            "--name", "claims-tiny", "--no-progress"]
     args = build_parser().parse_args(argv)
     assert args.func(args) == 0
 
@@ -60,7 +60,7 @@ def test_hla_bench_tiny_cpu_end_to_end(tmp_path):
     md = (tmp_path / "claims-tiny.md").read_text()
     assert "Card:" in md and "Command:" in md and "random latents" in md
     for name in ("tpot", "throughput", "cache"):
-        png = tmp_path / f"claims-tiny-{name}.png"
+        png = tmp_path / f"claims-tiny-{name}_vs_context.png"
         assert png.stat().st_size < 200_000
 
     # --replot re-renders from the JSON alone.

@@ -444,7 +444,7 @@ class BenchSettings:
     stages: Sequence[str] = STAGES
     steps: int = 32
     warmup: int = 4
-    max_batch: int = 1024
+    max_batch: int = 1024  # searching beyond this says little more about the claims, and costs minutes
     memory_bytes: int | None = None
     time_budget: float | None = None
     use_graph: bool = True
@@ -542,7 +542,7 @@ def run_claims(s: BenchSettings) -> dict:
     margin = memory_margin(device, total)
     wbytes = {m: weight_nbytes(c, dtype) for m, c in configs.items()}
     counts = {m: c.parameter_counts() for m, c in configs.items()}
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results: dict = {
         "meta": {
             "card": card, "device": str(device), "date": datetime.datetime.now(datetime.timezone.utc).strftime(
@@ -786,13 +786,14 @@ def run_bench(args: argparse.Namespace) -> int:
         bad = [x for x in stages if x not in STAGES]
         if bad:
             raise ValueError(f"--stages: unknown {bad}; expected a subset of {list(STAGES)}")
-        stem = args.name or f"claims-{cname}"
+        stem = args.name or "claims"
         os.makedirs(args.out_dir, exist_ok=True)
         settings = BenchSettings(
             config=config, config_name=cname, device=device, dtype=dtype, twin_schedule=args.twin,
             contexts=args.contexts, throughput_contexts=args.throughput_contexts,
             prefill_lengths=args.prefill_lengths, stages=stages, steps=args.steps, warmup=args.warmup,
-            max_batch=args.max_batch, memory_bytes=None if args.memory_gb is None else int(args.memory_gb * 2**30),
+            max_batch=args.max_batch or (1024 if device.type == "cuda" else 4),
+            memory_bytes=None if args.memory_gb is None else int(args.memory_gb * 2**30),
             time_budget=args.time_budget, use_graph=not args.no_graph,
             json_path=os.path.join(args.out_dir, f"{stem}.json"), progress=not args.no_progress, seed=args.seed,
             command="hla bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),

@@ -37,13 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per point (median)")
     p.add_argument("--warmup", type=int, default=4)
-    p.add_argument("--max-batch", type=int, default=1024, help="cap on the searched batch")
+    p.add_argument("--max-batch", type=int, default=None, help="cap on the searched batch (default 1024; 4 on the CPU)")
     p.add_argument("--memory-gb", type=float, default=None,
                    help="memory to plan batches with (default: the device's free memory)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; later points are skipped, not cut")
     p.add_argument("--no-graph", action="store_true", help="decode eagerly even on CUDA")
     p.add_argument("--out-dir", default="benchmarks/results")
-    p.add_argument("--name", default=None, help="file stem of the outputs (default claims-<config>)")
+    p.add_argument("--name", default=None,
+                   help="file stem of the JSON and Markdown (default claims); plots get it as a prefix")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--replot", metavar="JSON", default=None,

@@ -236,7 +236,8 @@ def save_plots(results: dict, out_dir: str, stem: str) -> list[str]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(out_dir, f"{stem}-{name}.png")
+        prefix = "" if stem == "claims" else f"{stem}-"
+        path = os.path.join(out_dir, f"{prefix}{name}_vs_context.png")
         fig.savefig(path)
         plt.close(fig)
         paths.append(path)

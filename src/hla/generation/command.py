@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    from hla.generation.bench import build_random_model
     from hla.generation.tokenizer import load_tokenizer
-    from hla.models import KimiLinearConfig, KimiLinearForCausalLM, load_model
+    from hla.models import KimiLinearConfig, load_model
 
     if args.model:
         return load_model(args.model, device=device, dtype=dtype), load_tokenizer(args.model)
@@ -44,9 +45,7 @@ def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     else:
         config = KimiLinearConfig.preset(name)
     torch.manual_seed(0 if args.seed is None else args.seed)
-    with torch.device(device):
-        model = KimiLinearForCausalLM(config)
-    return model.to_dtype(dtype).eval(), load_tokenizer(None)
+    return build_random_model(config, device, dtype), load_tokenizer(None)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -87,27 +86,32 @@ def run_generate(args: argparse.Namespace) -> int:
     ts = stream(model, [ids], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop_token_ids=stops,
                 seed=args.seed, use_cuda_graph=False if args.no_cuda_graph else None)
-    n, t_first = 0, None
+    stamps: list[float] = []
     for _, token in ts:
-        n += 1
-        if t_first is None:
-            t_first = time.perf_counter()
+        stamps.append(time.perf_counter())
         sys.stdout.write(text.push(token))
         sys.stdout.flush()
     t_end = time.perf_counter()
     sys.stdout.write(text.flush() + "\n")
     sys.stdout.flush()
 
+    n = len(stamps)
     print("-" * 60, file=sys.stderr)
     print(f"model: {model.num_parameters() / 1e6:.1f}M parameters, {dtype}, {device}"
           f"{' (random weights)' if args.random_init else ''}", file=sys.stderr)
     if n:
-        print(f"prompt {len(ids)} tokens -> first token in {(t_first - t0) * 1e3:.1f} ms", file=sys.stderr)
+        print(f"prompt {len(ids)} tokens -> first token in {(stamps[0] - t0) * 1e3:.1f} ms", file=sys.stderr)
     if n > 1:
-        dt = t_end - t_first
+        dt = t_end - stamps[0]
         graph = ts.runner is not None and ts.runner.captured
-        print(f"decode {n - 1} tokens in {dt * 1e3:.1f} ms: {(n - 1) / dt:.1f} tokens/s, "
-              f"{dt / (n - 1) * 1e3:.2f} ms/token ({'CUDA graph' if graph else 'eager'})", file=sys.stderr)
+        line = (f"decode {n - 1} tokens in {dt * 1e3:.1f} ms: {(n - 1) / dt:.1f} tokens/s "
+                f"({'CUDA graph' if graph else 'eager'})")
+        # The first steps warm up and capture the graph; the rest is the steady rate.
+        skip = 8
+        if n > 2 * skip:
+            steady = (t_end - stamps[skip]) / (n - 1 - skip)
+            line += f"; after {skip} tokens: {1 / steady:.1f} tokens/s, {steady * 1e3:.2f} ms/token"
+        print(line, file=sys.stderr)
     if ts.cache is not None:
         from hla.generation.cache import predict_cache_bytes
 

@@ -115,9 +115,9 @@ def _decode_steps(
     use_cuda_graph: bool | None,
     prefill_chunk_size: int,
     info: dict | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Validate everything now, then return an iterator of ``(tokens [B] long, emitted [B] bool)``
-    per step, on the model's device, that never syncs with the host."""
+) -> Iterator[_Step]:
+    """Validate everything now, then return an iterator of ``_Step`` (tokens and emitted flags of
+    one step) that never syncs with the host itself."""
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -154,17 +154,45 @@ def _decode_loop(model, rows, max_new_tokens, params, stops, generator, use_cuda
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     runner = DecodeRunner(model, cache, use_graph=use_cuda_graph)
     info.update(cache=cache, runner=runner)
+    # On CUDA each step's tokens go to pinned host memory asynchronously and the next step is
+    # launched before this one is handed out: a streaming consumer that waits for its tokens
+    # overlaps its own work (detokenising, printing) with the GPU computing the next step.
+    host = torch.empty(2, B, dtype=torch.long, pin_memory=True) if device.type == "cuda" else None
     for step in range(max_new_tokens):
         tokens = sample(logits, params, generator=generator, seen=seen)
         emitted = ~finished
-        yield tokens, emitted
-        if step + 1 == max_new_tokens:
+        ready = None
+        if host is not None:
+            host.copy_(torch.stack([tokens, emitted.long()]), non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        last = step + 1 == max_new_tokens
+        if not last:
+            if seen is not None:
+                seen.scatter_(1, tokens[:, None], True)
+            if stops:
+                finished = finished | torch.isin(tokens, stop)
+            logits = runner(tokens[:, None])
+        yield _Step(tokens, emitted, host, ready)
+        if last:
             break
-        if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
-        if stops:
-            finished = finished | torch.isin(tokens, stop)
-        logits = runner(tokens[:, None])
+
+
+class _Step:
+    """One decode step: ``tokens [B]`` long and ``emitted [B]`` bool on the device, and on CUDA a
+    pinned host copy ``host [2, B]`` that is valid once ``ready`` has completed (until the next step)."""
+
+    __slots__ = ("tokens", "emitted", "host", "ready")
+
+    def __init__(self, tokens, emitted, host, ready):
+        self.tokens, self.emitted, self.host, self.ready = tokens, emitted, host, ready
+
+    def to_lists(self) -> tuple[list[int], list[bool]]:
+        if self.ready is None:
+            return self.tokens.tolist(), self.emitted.tolist()
+        self.ready.synchronize()
+        toks, live = self.host.tolist()
+        return toks, [bool(e) for e in live]
 
 
 def generate(
@@ -201,17 +229,17 @@ def generate(
     """
     out_tokens: list[torch.Tensor] = []
     out_emitted: list[torch.Tensor] = []
-    for i, (tokens, emitted) in enumerate(
+    for i, st in enumerate(
         _decode_steps(
             model, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, stop_token_ids=stop_token_ids, seed=seed,
             use_cuda_graph=use_cuda_graph, prefill_chunk_size=prefill_chunk_size,
         )
     ):
-        out_tokens.append(tokens.clone())
-        out_emitted.append(emitted)
+        out_tokens.append(st.tokens)
+        out_emitted.append(st.emitted)
         # The early exit reads the device, so only every few steps: the GPU runs ahead meanwhile.
-        if stop_token_ids and (i + 1) % check_every == 0 and not bool(emitted.any()):
+        if stop_token_ids and (i + 1) % check_every == 0 and not bool(st.emitted.any()):
             break
     if not out_tokens:
         n = len(_normalise_prompts(prompts, None))
@@ -259,7 +287,7 @@ class TokenStream:
 
     def __init__(self) -> None:
         self.info: dict = {}
-        self._steps: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._steps: Iterator[_Step] | None = None
         self._rows = self._iter_rows()
 
     @property
@@ -277,8 +305,8 @@ class TokenStream:
         return next(self._rows)
 
     def _iter_rows(self) -> Iterator[tuple[int, int]]:
-        for tokens, emitted in self._steps:
-            toks, live = tokens.tolist(), emitted.tolist()
+        for st in self._steps:
+            toks, live = st.to_lists()
             if not any(live):
                 return
             for row, (t, e) in enumerate(zip(toks, live, strict=True)):

@@ -5,10 +5,10 @@ time, not the GPU, sets the pace. A CUDA graph replays the whole step with one l
 static buffers: the cache already is one (preallocated, updated in place, ``lengths`` on the
 device), so only the input ids and the output logits get a fixed home here.
 
-The first ``warmup_steps`` calls run eagerly on a side stream (cuBLAS handles, Triton compiles
-and autotuning happen there, never inside a capture); they are real decode steps whose results
-are returned, so the warm-up costs no extra work and leaves the cache exactly as a plain loop
-would. The next call captures the step and replays it; capturing does not execute kernels, so
+The first ``warmup_steps`` calls run eagerly (cuBLAS handles, Triton compiles and autotuning
+happen there, never inside a capture); they are real decode steps whose results are returned,
+so the warm-up costs no extra work and leaves the cache exactly as a plain loop would. The next
+call captures the step and replays it; capturing does not execute kernels, so
 it does not advance the cache either.
 
 ``HybridCache`` keeps a host-side mirror of the longest row's length (to bound MLA's key span
@@ -76,12 +76,7 @@ class DecodeRunner:
         if not self.use_graph:
             return _last_logits(self.model, input_ids, self.cache)
         if self._graph is None and self._calls <= self.warmup_steps:
-            side = torch.cuda.Stream(device=input_ids.device)
-            side.wait_stream(torch.cuda.current_stream(input_ids.device))
-            with torch.cuda.stream(side):
-                logits = _last_logits(self.model, input_ids, self.cache)
-            torch.cuda.current_stream(input_ids.device).wait_stream(side)
-            return logits
+            return _last_logits(self.model, input_ids, self.cache)
         if self._graph is None:
             # Capturing runs the model's Python once, which advances the host mirror for this step.
             self._capture(input_ids)

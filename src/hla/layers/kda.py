@@ -12,7 +12,6 @@ on CUDA instead of this layer materialising them in fp32.
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -21,10 +20,6 @@ from torch import nn
 from hla.layers.norm import RMSNorm, rms_norm
 from hla.layers.short_conv import ShortConvolution
 from hla.ops import kda as kda_ops
-
-
-def _op_fuses_gate() -> bool:
-    return "A_log" in inspect.signature(kda_ops.kda).parameters
 
 
 class KimiDeltaAttention(nn.Module):
@@ -46,6 +41,8 @@ class KimiDeltaAttention(nn.Module):
         self.num_heads = H = config.kda_num_heads
         self.head_dim = K = config.kda_head_dim
         self.lower_bound = config.kda_lower_bound
+        # hla.ops.kda backend: "auto" (Triton on CUDA when available, else torch); benchmarks set others.
+        self.kda_backend = "auto"
         self.eps = config.rms_norm_eps
         D = H * K
         W = config.kda_conv_size
@@ -102,11 +99,12 @@ class KimiDeltaAttention(nn.Module):
             lc.conv_q.copy_(wq)
             lc.conv_k.copy_(wk)
             lc.conv_v.copy_(wv)
-            decode = getattr(kda_ops, "kda_decode", None)
-            if T == 1 and decode is not None and _op_fuses_gate():
+            if T == 1:
                 # In-place fp32 state update, no host sync (CUDA-graph capturable on GPU).
-                o = decode(q, k, v, g_raw, beta_raw, lc.state, A_log=self.A_log.view(H), dt_bias=self.dt_bias,
-                           lower_bound=self.lower_bound, use_qk_l2norm=True, use_beta_sigmoid=True)
+                o = kda_ops.kda_decode(
+                    q, k, v, g_raw, beta_raw, lc.state, A_log=self.A_log.view(H), dt_bias=self.dt_bias,
+                    lower_bound=self.lower_bound, use_qk_l2norm=True, use_beta_sigmoid=True, backend=self.kda_backend,
+                )
             else:
                 o, final = self._kda(q, k, v, g_raw, beta_raw, lc.state, True)
                 lc.state.copy_(final)
@@ -117,17 +115,8 @@ class KimiDeltaAttention(nn.Module):
         return self.o_proj(o.to(x.dtype).reshape(B, T, H * K))
 
     def _kda(self, q, k, v, g_raw, beta_raw, initial_state, output_final_state):
-        H = self.num_heads
-        if _op_fuses_gate():
-            return kda_ops.kda(
-                q, k, v, g_raw, beta_raw, initial_state=initial_state, output_final_state=output_final_state,
-                A_log=self.A_log.view(H), dt_bias=self.dt_bias, lower_bound=self.lower_bound,
-                use_qk_l2norm=True, use_beta_sigmoid=True,
-            )
-        # Older op without the fused keywords: apply the same formulas here.
-        g = kda_ops.kda_gate(g_raw, self.A_log.view(H), self.dt_bias, self.lower_bound)
-        beta = torch.sigmoid(beta_raw.to(torch.promote_types(beta_raw.dtype, torch.float32)))
         return kda_ops.kda(
-            kda_ops.l2norm(q), kda_ops.l2norm(k), v, g, beta,
-            initial_state=initial_state, output_final_state=output_final_state,
+            q, k, v, g_raw, beta_raw, initial_state=initial_state, output_final_state=output_final_state,
+            A_log=self.A_log.view(self.num_heads), dt_bias=self.dt_bias, lower_bound=self.lower_bound,
+            use_qk_l2norm=True, use_beta_sigmoid=True, backend=self.kda_backend,
         )

@@ -24,6 +24,8 @@ class ShortConvolution(nn.Module):
 
     def reset_parameters(self) -> None:
         # nn.Conv1d's default for a depthwise conv (fan_in = kernel_size), as FLA's ShortConvolution.
+        if self.weight.is_meta:
+            return
         bound = self.kernel_size**-0.5
         nn.init.uniform_(self.weight, -bound, bound)
 

@@ -87,6 +87,8 @@ class KimiLinearForCausalLM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Random init: normal(0, initializer_range) for matrices, ones for norms, FLA's KDA gate init."""
+        if self.lm_head.weight.is_meta:  # nothing to fill; meta init is slow and pointless
+            return
         std = self.config.initializer_range
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -180,6 +182,13 @@ class KimiLinearForCausalLM(nn.Module):
                 ignore_index=-100,
             )
         return CausalLMOutput(logits=logits, loss=loss)
+
+    @classmethod
+    def from_pretrained(cls, path, *, device=None, dtype=None) -> KimiLinearForCausalLM:
+        """Same as ``hla.load_model(path, device=..., dtype=...)``."""
+        from hla.models.checkpoint import load_model
+
+        return load_model(path, device=device, dtype=dtype)
 
     # ---- generation and saving (implemented elsewhere, imported lazily) -------------------------------
     def generate(self, prompts, max_new_tokens: int, **kwargs):

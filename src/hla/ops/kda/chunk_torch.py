@@ -17,16 +17,17 @@ heads first (value head ``j`` reads q/k head ``j // (HV // H)``).
 
 Overflow. ``exp(gc_i - gc_j)`` with ``j <= i`` is at most 1, but the usual factorisation
 ``(q_i exp(gc_i)) . (k_j exp(-gc_j))`` overflows fp32 once a channel decays by more than ~88
-within a chunk, which the unbounded Kimi gate allows. ``intra`` therefore never forms
-``exp(-gc)``: the chunk is split into sub-blocks of ``BS`` tokens; for row block ``a`` (first
-token ``r``) and columns ``j < r`` the product is factored around the anchor ``r`` as
-``exp(gc_i - gc_r) * exp(gc_r - gc_j)``, both factors ``<= 1``; the ``BS x BS`` diagonal blocks
-are formed elementwise with the exponent difference inside. Every exponent that is used is
-``<= 0``; the unused (future) ones are masked to ``-inf`` before ``exp``, so no inf ever meets a
-zero (no NaN in forward or backward) and future tokens contribute exact zeros (causality).
+within a chunk, which the unbounded Kimi gate allows. ``intra`` never forms ``exp(-gc)``: it
+splits the chunk hierarchically (64 -> 16 -> 4 -> 1) and factors each cross-block entry as
+row factor x block-pair factor x column factor, every exponent ``<= 0`` (see
+:func:`chunk_kda_intra`). Unused (future) block pairs are masked to ``-inf`` before ``exp``, so
+no inf ever meets a zero (no NaN in forward or backward) and future tokens contribute exact
+zeros (causality, FLA #1240).
 """
 
 from __future__ import annotations
+
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -54,67 +55,70 @@ def chunk_kda_cumsum(g: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_kda_intra(
-    q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor, beta: torch.Tensor, block: int = 16
+    q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor, beta: torch.Tensor, blocks: tuple[int, ...] = (16, 4, 1)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 2: the intra-chunk matrices, overflow-free for any ``gc`` that is non-increasing.
+    """Stage 2: the intra-chunk matrices, overflow-free for any non-increasing ``gc``.
+
+    Hierarchical anchoring: the chunk (parent) is split into child blocks of ``blocks[0]`` tokens,
+    each child again into ``blocks[1]``, ... down to 1. At each level, for a row ``i`` in child
+    ``a`` (first token ``r_a``) and a column ``j`` in an earlier child ``b`` (last token ``e_b``)::
+
+        exp(gc_i - gc_j) = exp(gc_i - gc_ra) * exp(gc_ra - gc_eb) * exp(gc_eb - gc_j)
+
+    with every exponent ``<= 0``: a row factor, a small ``[F, F, K]`` child-pair factor and a
+    column factor, combined by one batched matmul. Pairs in the same size-1 block are the diagonal.
+    Elementwise work stays at about ``(sum of split factors) * BT * K`` per chunk.
 
     Args:
         q: ``[B, HV, NT, BT, K]`` already multiplied by the scale.
         k: ``[B, HV, NT, BT, K]``.
         gc: ``[B, HV, NT, BT, K]`` from :func:`chunk_kda_cumsum`.
         beta: ``[B, HV, NT, BT]``.
-        block: sub-block size ``BS`` (divides BT) for the anchored factorisation.
+        blocks: decreasing block sizes ending in 1, each dividing the one before (and BT).
 
     Returns:
-        ``A_kk: [B, HV, NT, BT, BT]`` strictly lower (rows scaled by beta) and
+        ``A_kk: [B, HV, NT, BT, BT]`` strictly lower (row i scaled by beta_i) and
         ``A_qk: [B, HV, NT, BT, BT]`` lower including the diagonal.
     """
     *lead, BT, K = k.shape
-    BS = min(block, BT)
-    if BT % BS:
-        raise ValueError(f"block: expected a divisor of the chunk size {BT}, got {block}")
-    NS = BT // BS
+    sizes = [BT] + [b for b in blocks if b < BT]
+    if sizes[-1] != 1:
+        sizes.append(1)
+    for parent, child in pairwise(sizes):
+        if parent % child:
+            raise ValueError(f"blocks: expected each block size to divide the previous one, got {sizes}")
     dev = k.device
     neg_inf = torch.tensor(float("-inf"), dtype=gc.dtype, device=dev)
-    pos = torch.arange(BT, device=dev)
+    A_qk = (q * k).sum(-1).diag_embed()  # i == j: exp(0) = 1
+    A_kk = torch.zeros_like(A_qk)
 
-    # Off-diagonal blocks: row block a is anchored at its first token r_a = a * BS.
-    g_anchor = gc[..., ::BS, :]  # [.., NS, K]
-    gq = gc.reshape(*lead, NS, BS, K) - g_anchor.unsqueeze(-2)  # gc_i - gc_r <= 0
-    decay_rows = gq.exp()
-    q_rows = q.reshape(*lead, NS, BS, K) * decay_rows  # [.., NS, BS, K]
-    k_rows = k.reshape(*lead, NS, BS, K) * decay_rows
-    earlier = pos[None, :] < (pos[::BS])[:, None]  # [NS, BT]: column j lies before anchor r_a
-    gk = torch.where(earlier[:, :, None], g_anchor.unsqueeze(-2) - gc.unsqueeze(-3), neg_inf)
-    k_cols = k.unsqueeze(-3) * gk.exp()  # [.., NS, BT, K], zero for j >= r_a
-    k_cols_t = k_cols.transpose(-1, -2)
-    A_qk = (q_rows @ k_cols_t).reshape(*lead, BT, BT)
-    A_kk = (k_rows @ k_cols_t).reshape(*lead, BT, BT)
-
-    # Diagonal BS x BS blocks, exponent difference inside, masked before exp.
-    ii = torch.arange(BS, device=dev)
-    causal = ii[:, None] >= ii[None, :]  # [BS, BS]
-    gb = gc.reshape(*lead, NS, BS, K)
-    diff = torch.where(causal[:, :, None], gb.unsqueeze(-2) - gb.unsqueeze(-3), neg_inf)
-    kd = k.reshape(*lead, NS, 1, BS, K) * diff.exp()  # [.., NS, BS(i), BS(j), K]
-    qb = q.reshape(*lead, NS, BS, 1, K)
-    kb = k.reshape(*lead, NS, BS, 1, K)
-    # (x_i . kd_ij) as a batched matvec over K: [.., NS, BS, 1, K] @ [.., NS, BS, K, BS]
-    Dq = (qb @ kd.transpose(-1, -2)).squeeze(-2)  # [.., NS, BS, BS]
-    Dk = (kb @ kd.transpose(-1, -2)).squeeze(-2)
-    strict = ~torch.eye(BS, dtype=torch.bool, device=dev)
-    Dk = Dk * strict
-
-    eye_blocks = torch.eye(NS, dtype=gc.dtype, device=dev)
-    A_qk = A_qk + _block_diag(Dq, eye_blocks)
-    A_kk = (A_kk + _block_diag(Dk, eye_blocks)) * beta.unsqueeze(-1)
-    return A_kk, A_qk
+    for P, C in pairwise(sizes):
+        NP, F = BT // P, P // C
+        gq = gc.reshape(*lead, NP, F, C, K)
+        qq, kk = q.reshape(*lead, NP, F, C, K), k.reshape(*lead, NP, F, C, K)
+        g_first, g_last = gq[..., :1, :], gq[..., -1:, :]  # [.., NP, F, 1, K]
+        if C > 1:
+            row = (gq - g_first).exp()
+            qq, kk, k_hat = qq * row, kk * row, kk * (g_last - gq).exp()
+        else:
+            k_hat = kk
+        f = torch.arange(F, device=dev)
+        pair_mask = (f[:, None] > f[None, :])[:, :, None]  # [F(a), F(b), 1]: child b before child a
+        M = torch.where(pair_mask, g_first.squeeze(-2).unsqueeze(-2) - g_last.squeeze(-2).unsqueeze(-3), neg_inf)
+        # [.., NP, F(a), F(b), C, K] -> columns of the parent, per row child a
+        Y = (k_hat.unsqueeze(-4) * M.exp().unsqueeze(-2)).reshape(*lead, NP, F, P, K).transpose(-1, -2)
+        A_qk = A_qk + _block_diag((qq @ Y).reshape(*lead, NP, P, P))
+        A_kk = A_kk + _block_diag((kk @ Y).reshape(*lead, NP, P, P))
+    return A_kk * beta.unsqueeze(-1), A_qk
 
 
-def _block_diag(blocks: torch.Tensor, eye_blocks: torch.Tensor) -> torch.Tensor:
+def _block_diag(blocks: torch.Tensor) -> torch.Tensor:
     """``[.., NS, BS, BS]`` diagonal blocks -> ``[.., NS*BS, NS*BS]`` block-diagonal matrix."""
     *lead, NS, BS, _ = blocks.shape
-    full = blocks.unsqueeze(-2) * eye_blocks[:, None, :, None]  # [.., NS, BS, NS, BS, BS]
+    if NS == 1:
+        return blocks.reshape(*lead, BS, BS)
+    eye = torch.eye(NS, dtype=blocks.dtype, device=blocks.device)
+    full = blocks.unsqueeze(-2) * eye[:, None, :, None]  # [.., NS, BS, NS, BS]
     return full.reshape(*lead, NS * BS, NS * BS)
 
 
@@ -212,7 +216,7 @@ def chunk_kda_stages(
         if pad:
             # Zero k, v, q, beta and g = 0 on the padding: no write, no decay, so the state is exact.
             x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        return _to_chunks(x, BT)
+        return _to_chunks(x, BT).contiguous()
 
     qc = prep(q.repeat_interleave(G, dim=2) if G > 1 else q) * scale
     kc = prep(k.repeat_interleave(G, dim=2) if G > 1 else k)
