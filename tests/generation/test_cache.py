@@ -122,3 +122,15 @@ def test_predict_cache_bytes_48b_at_1m():
     assert 8.0e9 < hybrid["total"] < 8.6e9  # ~8 GB
     assert 31.0e9 < all_mla["total"] < 33.0e9  # ~31-32 GB (30.4 GiB)
     assert 0.72 < 1 - hybrid["total"] / all_mla["total"] < 0.76  # the paper's "74% smaller"
+
+
+@torch.no_grad()
+def test_forward_cache_bf16_close_to_full():
+    model = KimiLinearForCausalLM(KimiLinearConfig.preset("tiny")).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 512, (2, 10))
+    cache = HybridCache.allocate(model.config, 2, 10, dtype=torch.bfloat16)
+    got = torch.cat([model(ids[:, :6], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits
+                                                                 for t in range(6, 10)], 1)
+    full = model(ids).logits
+    assert got.dtype == torch.bfloat16 and cache.kda[0].state.dtype == torch.float32
+    assert _rel(got.double(), full.double()) < 2e-2

@@ -45,6 +45,14 @@ def test_save_load_round_trip_bit_exact(tmp_path, dtype, shard):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+def test_tied_embeddings_round_trip(tmp_path):
+    model = _model(tie_word_embeddings=True)
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    _assert_same_weights(model, loaded)
+
+
 def test_load_into_other_dtype_keeps_fp32_tensors(tmp_path):
     _model(torch.float32).save_pretrained(tmp_path)
     loaded = load_model(tmp_path, dtype=torch.bfloat16)

@@ -43,8 +43,9 @@ def test_bad_inputs_raise():
         model(torch.zeros(2, 3, dtype=torch.long), labels=torch.zeros(2, 4, dtype=torch.long))
 
 
-def test_to_dtype_keeps_gate_and_router_fp32():
-    model = _tiny().to_dtype(torch.bfloat16)
+@pytest.mark.parametrize("how", ["to_dtype", "to"])
+def test_to_dtype_keeps_gate_and_router_fp32(how):
+    model = getattr(_tiny(), how)(torch.bfloat16)
     fp32 = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
     assert fp32 == model.fp32_param_names()
     assert any(n.endswith("A_log") for n in fp32) and any(n.endswith("dt_bias") for n in fp32)

@@ -160,6 +160,7 @@ def load_model(path, *, device=None, dtype=None, strict: bool = True) -> KimiLin
         model = KimiLinearForCausalLM(config)
     model.to_dtype(dtype)
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives each module its own new Parameter, undoing the tie
     load_state_into(model, files, strict=strict)
     return model.eval()
 

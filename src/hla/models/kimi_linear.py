@@ -79,9 +79,13 @@ class KimiLinearForCausalLM(nn.Module):
         self.config = config
         self.model = KimiLinearModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config ties them (redo after ``to_empty``)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # ---- weights --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -115,12 +119,21 @@ class KimiLinearForCausalLM(nn.Module):
 
     def to_dtype(self, dtype: torch.dtype) -> KimiLinearForCausalLM:
         """Cast to ``dtype`` keeping ``A_log``, ``dt_bias``, router weight and correction bias in fp32
-        (float64 models keep everything in float64). Use this rather than ``.to(dtype)``."""
+        (float64 models keep everything in float64). ``.to(dtype)`` does the same."""
         keep = self.fp32_param_names() if dtype != torch.float64 else set()
         for name, p in self.named_parameters():
             target = torch.float32 if name in keep else dtype
             if p.dtype != target:
                 p.data = p.data.to(target)
+        return self
+
+    def to(self, *args, **kwargs) -> KimiLinearForCausalLM:
+        """``nn.Module.to`` that keeps the fp32 tensors fp32 when given a dtype (see ``to_dtype``)."""
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None:
+            super().to(device=device, non_blocking=non_blocking)
+        if dtype is not None:
+            self.to_dtype(dtype)
         return self
 
     @property
