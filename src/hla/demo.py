@@ -1,22 +1,36 @@
-"""``hla demo``: the project's main job on this machine (grows with the project)."""
+"""``hla demo``: the project's main job on this machine (grows with the project).
+
+This first version is a self-check of the KDA paths against each other (reference loop, chunked
+torch path, varlen, decode; float64 and float32) and a small CPU speed table.
+"""
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
-from hla.ops.kda import kda_gate, kda_reference, l2norm
+from hla.ops.kda.selfcheck import run_selfcheck, time_paths
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    torch.manual_seed(0)
-    B, T, H, K = 1, 64, 2, 32
-    q = l2norm(torch.randn(B, T, H, K, dtype=torch.float64))
-    k = l2norm(torch.randn(B, T, H, K, dtype=torch.float64))
-    v = torch.randn(B, T, H, K, dtype=torch.float64)
-    g = kda_gate(torch.randn(B, T, H, K, dtype=torch.float64), torch.zeros(H, dtype=torch.float64))
-    beta = torch.rand(B, T, H, dtype=torch.float64)
-    o, s = kda_reference(q, k, v, g, beta, output_final_state=True)
-    print(f"KDA reference: o {tuple(o.shape)} state {tuple(s.shape)} |o| = {o.norm():.4f}")
-    return 0
+    t0 = time.perf_counter()
+    device = getattr(args, "device", None) or "cpu"
+    print(f"KDA self-check on {device}: every path vs the float64 reference loop (||out-ref|| / ||ref||)")
+    rows = run_selfcheck(device=device)
+    width = max(len(r.name) for r in rows)
+    for r in rows:
+        status = "pass" if r.ok else "FAIL"
+        print(f"  {r.name:<{width}}  {r.dtype:<7}  {r.rel_error:9.2e}  (tol {r.tol:.0e})  {status}")
+    failed = [r for r in rows if not r.ok]
+
+    T, H, D = 512, 4, 64
+    print(f"\nCPU forward time, B1 T{T} H{H} K=V={D} fp32 ({torch.get_num_threads()} threads):")
+    for backend, seconds, speedup in time_paths(T=T, H=H, K=D):
+        name = "reference loop" if backend == "reference" else "chunked (torch)"
+        print(f"  {name:<16} {seconds * 1e3:8.1f} ms   {speedup:5.1f}x")
+
+    verdict = "all checks passed" if not failed else f"{len(failed)} check(s) FAILED"
+    print(f"\n{verdict} in {time.perf_counter() - t0:.1f} s")
+    return 0 if not failed else 1

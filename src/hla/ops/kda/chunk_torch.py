@@ -164,11 +164,12 @@ def chunk_kda_state(
     else:
         S = initial_state
     hs, vns = [], []
-    for n in range(NT):
+    # unbind, not u[:, :, n]: each indexing op's backward would allocate a full-size zero gradient.
+    for u_n, w_n, d_n, k_n in zip(u.unbind(2), w.unbind(2), decay_last.unbind(2), k_last_t.unbind(2), strict=True):
         hs.append(S)
-        vn = u[:, :, n] - w[:, :, n] @ S
+        vn = u_n - w_n @ S
         vns.append(vn)
-        S = decay_last[:, :, n] * S + k_last_t[:, :, n] @ vn
+        S = d_n * S + k_n @ vn
     return torch.stack(hs, 2), torch.stack(vns, 2), S
 
 
