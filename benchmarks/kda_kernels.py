@@ -161,26 +161,18 @@ def profile_stages(B=1, T=8192, H=32, D=128) -> list[str]:
     x = prefill_inputs(B, T, H, D, "kimi")
     meta = C._ChunkMeta(B, T, None, 64, DEV)
     f = [x[n].reshape(B * T, *x[n].shape[2:]) for n in ("q", "k", "v", "g", "beta")]
-    sc = D**-0.5
-    gc = lambda: C.kda_gate_cumsum_fwd(f[3], f[4], meta.chunk_bounds, A_log=x["A_log"], dt_bias=x["dt_bias"],
-                                       lower_bound=None, use_beta_sigmoid=True, chunk_size=64)
-    gcum, beta_f = gc()
-    intra = lambda: C.kda_intra_fwd(f[0], f[1], f[2], gcum, beta_f, meta.chunk_bounds, scale=sc,
-                                    use_qk_l2norm=True, chunk_size=64)
-    Aqk, w, u = intra()
-    out = [f"stage gate_cumsum {ms(gc):.3f} ms", f"stage intra {ms(intra):.3f} ms"]
+    intra = lambda: C.kda_intra_fwd(*f, meta.chunk_bounds, scale=D**-0.5, A_log=x["A_log"], dt_bias=x["dt_bias"],
+                                    lower_bound=None, use_qk_l2norm=True, use_beta_sigmoid=True)
+    st = intra()
+    out = [f"stage intra {ms(intra):.3f} ms"]
     for bv in (16, 32, 64):
-        rec = lambda bv=bv: R.kda_recurrence_fwd(f[0], f[1], w, u, gcum, Aqk, meta.chunk_offsets, meta.chunk_bounds,
-                                                 scale=sc, initial_state=None, output_final_state=False,
-                                                 use_qk_l2norm=True, chunk_size=64, block_v=bv)
+        rec = lambda bv=bv: R.kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=None,
+                                                 output_final_state=False, out_dtype=torch.bfloat16, block_v=bv)
         out.append(f"stage recurrence BV={bv} {ms(rec):.3f} ms")
-    st = C._forward_stages(*f, meta, scale=sc, A_log=x["A_log"], dt_bias=x["dt_bias"], lower_bound=None,
-                           use_qk_l2norm=True, use_beta_sigmoid=True, initial_state=None,
-                           output_final_state=False, store_h=True)
+    _, _, h, vnew = R.kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=None,
+                                         output_final_state=False, out_dtype=torch.bfloat16, store_h=True)
     do = torch.randn_like(f[2])
-    rb = lambda: R.kda_recurrence_bwd(f[0], f[1], st["w"], st["gcum"], st["Aqk"], st["h"], st["vnew"], do, None,
-                                      meta.chunk_offsets, meta.chunk_bounds, scale=sc, use_qk_l2norm=True,
-                                      chunk_size=64, need_dh0=False)
+    rb = lambda: R.kda_recurrence_bwd(st, h, vnew, do, None, meta.cu, meta.chunk_offsets, need_dh0=False)
     out.append(f"stage recurrence_bwd {ms(rb):.3f} ms")
     for line in out:
         print(line, flush=True)
@@ -230,19 +222,19 @@ def main() -> int:
               f"FLA {d['fla_us']:.1f} us ({d['fla_gbs']:.0f} GB/s, {d['fla_gbs'] / bw:.0%})", flush=True)
     sweep = []
     if True:
-        for B in (1, 64, 256):
-            for bv in (16, 32, 64, 128):
+        for B, bv, nw in [(1, 16, 1), (1, 16, 2), (1, 32, 2), (64, 32, 2), (64, 32, 4), (64, 64, 4),
+                          (64, 64, 8), (64, 128, 8), (256, 64, 4), (256, 64, 8), (256, 32, 4)]:
                 sets = max(4, min(16, math.ceil(256 / B)))
                 steps, pool, A_log, dt_bias = decode_inputs(B, 32, 128, sets)
 
-                def call(st, pool=pool, A_log=A_log, dt_bias=dt_bias, bv=bv):
+                def call(st, pool=pool, A_log=A_log, dt_bias=dt_bias, bv=bv, nw=nw):
                     kda_decode_triton(st["q"], st["k"], st["v"], st["g"], st["beta"], pool, scale=128**-0.5,
                                       state_indices=st["idx"], A_log=A_log, dt_bias=dt_bias, use_qk_l2norm=True,
-                                      use_beta_sigmoid=True, block_v=bv)
+                                      use_beta_sigmoid=True, block_v=bv, num_warps=nw)
 
                 t = time_graph(call, steps)
-                sweep.append(dict(B=B, BV=bv, us=t * 1e3))
-                print(f"  decode sweep B{B} BV{bv}: {t * 1e3:.1f} us", flush=True)
+                sweep.append(dict(B=B, BV=bv, nw=nw, us=t * 1e3))
+                print(f"  decode sweep B{B} BV{bv} warps{nw}: {t * 1e3:.1f} us", flush=True)
 
     lines = [head, "", f"Copy ceiling {bw:.0f} GB/s (read+write of a 1 GiB fp32 buffer); bf16 GEMM 8192^3 "
              f"{tf:.0f} TFLOP/s.", "",
@@ -262,7 +254,7 @@ def main() -> int:
     if prof:
         lines += ["", "Stage profile (B1 T8192 H32 D128, Kimi gate):", ""] + [f"- {p}" for p in prof]
     if sweep:
-        lines += ["", "Decode value-block sweep (us): " + ", ".join(f"B{d['B']}/BV{d['BV']}={d['us']:.1f}"
+        lines += ["", "Decode value-block sweep (us): " + ", ".join(f"B{d['B']}/BV{d['BV']}/w{d['nw']}={d['us']:.1f}"
                                                                for d in sweep)]
     text = "\n".join(lines)
     print("\n" + text, flush=True)

@@ -1,8 +1,9 @@
 """Chunked KDA in Triton: host side, launch order and the autograd wiring.
 
-Forward, three launches: gate + in-chunk cumsum (gate_cumsum.py), the intra-chunk stage
-(intra.py: A_qk, w, u) and the recurrence that also writes the output (recurrence.py).
-Saved for the backward: only the inputs. The backward recomputes stages 1-2 and re-runs the
+Forward, two launches: the intra-chunk stage with the gate, l2norm and beta fused (intra.py:
+A_qk, w, u, qg, kd, exp(Gamma_last)), then the recurrence that also writes the output
+(recurrence.py).
+Saved for the backward: only the inputs. The backward recomputes stage 1 and re-runs the
 recurrence storing each chunk's entry state and v_new, walks the chunks in reverse in Triton, and
 differentiates the intra-chunk stage with autograd through intra_torch.py, slice by slice.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from hla.ops.kda.triton.gate_cumsum import kda_gate_cumsum_fwd
 from hla.ops.kda.triton.intra import kda_intra_fwd
 from hla.ops.kda.triton.intra_torch import intra_torch
 from hla.ops.kda.triton.recurrence import kda_recurrence_bwd, kda_recurrence_fwd
@@ -40,6 +40,7 @@ class _ChunkMeta:
         self.bounds_list = bounds
         self.chunk_bounds = torch.tensor(bounds or [(0, 0)], dtype=torch.int32, device=device).reshape(-1, 2)
         self.chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
+        self.cu = torch.tensor(cu, dtype=torch.int32, device=device)
 
     def gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[NC, BT] token index of each chunk row (padding rows -> TT, a zero row), and validity."""
@@ -53,18 +54,12 @@ class _ChunkMeta:
 
 def _forward_stages(q, k, v, g, beta, meta, *, scale, A_log, dt_bias, lower_bound, use_qk_l2norm,
                     use_beta_sigmoid, initial_state, output_final_state, store_h):
-    gcum, beta_f = kda_gate_cumsum_fwd(
-        g, beta, meta.chunk_bounds, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
-        use_beta_sigmoid=use_beta_sigmoid, chunk_size=meta.BT,
-    )
-    Aqk, w, u = kda_intra_fwd(q, k, v, gcum, beta_f, meta.chunk_bounds, scale=scale,
-                              use_qk_l2norm=use_qk_l2norm, chunk_size=meta.BT)
-    o, ht, h, vnew = kda_recurrence_fwd(
-        q, k, w, u, gcum, Aqk, meta.chunk_offsets, meta.chunk_bounds, scale=scale,
-        initial_state=initial_state, output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
-        chunk_size=meta.BT, store_h=store_h,
-    )
-    return dict(gcum=gcum, Aqk=Aqk, w=w, o=o, ht=ht, h=h, vnew=vnew)
+    st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, scale=scale, A_log=A_log, dt_bias=dt_bias,
+                       lower_bound=lower_bound, use_qk_l2norm=use_qk_l2norm, use_beta_sigmoid=use_beta_sigmoid,
+                       chunk_size=meta.BT)
+    o, ht, h, vnew = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=initial_state,
+                                        output_final_state=output_final_state, out_dtype=v.dtype, store_h=store_h)
+    return dict(st=st, o=o, ht=ht, h=h, vnew=vnew)
 
 
 class KDAChunkTriton(torch.autograd.Function):
@@ -88,15 +83,13 @@ class KDAChunkTriton(torch.autograd.Function):
         q, k, v, g, beta, A_log, dt_bias, h0 = ctx.saved_tensors
         meta, opts = ctx.meta, ctx.opts
         B, T, H, K, HV, V = ctx.shape
-        TT, BT = meta.TT, meta.BT
+        TT = meta.TT
         kw = dict(scale=opts["scale"], use_qk_l2norm=opts["use_qk_l2norm"])
         st = _forward_stages(q, k, v, g, beta, meta, A_log=A_log, dt_bias=dt_bias,
                              lower_bound=opts["lower_bound"], use_beta_sigmoid=opts["use_beta_sigmoid"],
                              initial_state=h0, output_final_state=False, store_h=True, **kw)
-        gr = kda_recurrence_bwd(
-            q, k, st["w"], st["gcum"], st["Aqk"], st["h"], st["vnew"], do.reshape(TT, HV, V), dht,
-            meta.chunk_offsets, meta.chunk_bounds, chunk_size=BT, need_dh0=h0 is not None, **kw,
-        )
+        gr = kda_recurrence_bwd(st["st"], st["h"], st["vnew"], do.reshape(TT, HV, V), dht, meta.cu,
+                                meta.chunk_offsets, need_dh0=h0 is not None)
         del st
 
         def pad(x):
@@ -158,13 +151,13 @@ def kda_chunk_triton(
             when ``A_log`` is given; beta: ``[B, T, HV]`` (logits if ``use_beta_sigmoid``).
         initial_state: ``[N, HV, K, V]`` float32; N = B, or the number of packed sequences.
         cu_seqlens: ``[N + 1]`` packed-sequence boundaries (then B == 1).
-        chunk_size: 16, 32 or 64.
+        chunk_size: 64 (the kernels are laid out for four 16-row blocks).
 
     Returns:
         ``o: [B, T, HV, V]`` in v.dtype and the final state ``[N, HV, K, V]`` float32 (or None).
     """
-    if chunk_size not in (16, 32, 64):
-        raise ValueError(f"chunk_size: expected 16, 32 or 64 for the triton backend, got {chunk_size}")
+    if chunk_size != 64:
+        raise ValueError(f"chunk_size: the triton backend supports 64, got {chunk_size}")
     if initial_state is not None and initial_state.dtype != torch.float32:
         initial_state = initial_state.float()
     opts = dict(scale=float(scale), output_final_state=output_final_state, cu_seqlens=cu_seqlens,

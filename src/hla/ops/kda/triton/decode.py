@@ -102,6 +102,7 @@ def kda_decode_triton(
     use_qk_l2norm: bool = False,
     use_beta_sigmoid: bool = False,
     block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """One (or a few) KDA decode steps, updating ``state`` in place.
 
@@ -111,7 +112,7 @@ def kda_decode_triton(
         state: ``[P, HV, K, V]`` float32 pool, updated in place.
         state_indices: ``[B]`` int slot of each row (default ``arange(B)``); a negative slot
             leaves the pool untouched and gives zero outputs.
-        block_v: value-block width override (benchmarks only).
+        block_v, num_warps: launch overrides (benchmarks only).
 
     Returns:
         ``o: [B, T, HV, V]`` in ``v.dtype``.
@@ -139,6 +140,6 @@ def kda_decode_triton(
         HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None,
         HAS_LB=has_gate and lower_bound is not None,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid,
-        num_warps=4 if BV * BK >= 4096 else 2,
+        num_warps=num_warps or (4 if BV * BK >= 4096 else 2),
     )
     return o
