@@ -109,3 +109,27 @@ def test_weight_nbytes_formula_matches_a_built_model(dtype):
     cfg = KimiLinearConfig.preset("tiny")
     model = build_model(cfg, torch.device("cpu"), dtype)
     assert weight_nbytes(cfg, dtype) == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_summary_speedups_pair_the_longest_common_context():
+    from hla.bench.claims import _summary
+
+    def tp(model, ctx, ms, batch=1):
+        return {"model": model, "context": ctx, "ms": ms, "batch": batch, "tokens_per_s": batch / (ms / 1e3)}
+
+    res = {
+        "cache": [],
+        "tpot": [tp("hybrid", 4096, 2.0), tp("all_mla", 4096, 3.0), tp("hybrid", 1 << 20, 5.0),
+                 tp("all_mla", 1 << 20, 12.5), tp("hybrid", 1 << 21, 9.0)],  # 2M: no twin point, not paired
+        "throughput": [tp("hybrid", 1 << 20, 20.0, batch=9), tp("all_mla", 1 << 20, 25.0, batch=2)],
+        "prefill": {"hybrid": [{"length": 4096, "s": 1.0}, {"length": 8192, "s": 2.0}],
+                    "all_mla": [{"length": 4096, "s": 1.5}, {"length": 8192, "s": 4.0}],
+                    "extrapolated": [{"length": 1 << 20, "hybrid_s": 256.0, "all_mla_s": 1024.0}]},
+    }
+    s = _summary(res)
+    assert s["tpot_speedup"]["context"] == 1 << 20 and s["tpot_speedup"]["ours"] == pytest.approx(2.5)
+    assert s["tpot_speedup"]["paper"] == 2.2
+    # 9 rows / 20 ms vs 2 rows / 25 ms
+    assert s["throughput_speedup"]["ours"] == pytest.approx((9 / 0.020) / (2 / 0.025))
+    assert s["prefill_speedup"] == {"length": 8192, "ours": 2.0, "paper": None}
+    assert s["prefill_speedup_1m_extrapolated"]["ours"] == pytest.approx(4.0)
