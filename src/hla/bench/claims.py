@@ -98,6 +98,8 @@ def build_model(config: KimiLinearConfig, device: torch.device, dtype: torch.dty
         model = KimiLinearForCausalLM(config)
     model.to_dtype(dtype)
     model.to_empty(device=device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # to_empty gives a tied head its own storage
     with torch.no_grad():
         model.init_weights()
     return model.eval()
