@@ -27,6 +27,7 @@ import torch
 
 from hla.generation.bench import (
     build_random_model,
+    compile_small_modules,
     copy_bandwidth,
     decode_breakdown,
     fill_random,
@@ -44,7 +45,8 @@ def cache_bytes_read(config, batch: int, context: int, dtype: torch.dtype) -> in
     return p["mla_latent"] + 2 * p["kda_state"] + 2 * p["kda_conv"]
 
 
-def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, device, breakdown: bool) -> dict:
+def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, device, breakdown: bool,
+               modes=("eager", "graph")) -> dict:
     from hla.generation.cache import HybridCache
     from hla.generation.graph import DecodeRunner
 
@@ -53,7 +55,7 @@ def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, 
     # Enough slots for eager and graph runs (each with warm-up) after the filled context.
     max_length = context + 2 * (steps + 8)
     ids = torch.randint(0, config.vocab_size, (batch, 1), device=device)
-    for mode in ("eager", "graph") if device.type == "cuda" else ("eager",):
+    for mode in modes if device.type == "cuda" else ("eager",):
         cache = HybridCache.allocate(config, batch, max_length, device=device, dtype=dtype)
         fill_random(cache, context)
         out["cache_bytes"] = cache.nbytes()
@@ -62,7 +64,7 @@ def bench_ours(model, batch: int, context: int, steps: int, dtype: torch.dtype, 
         out[f"{mode}_captured"] = runner.captured
         del runner, cache
         free_memory(device)
-    if "graph" not in out:
+    if "graph" not in out and "graph" in modes:
         out["graph"], out["graph_captured"] = float("nan"), False
     if breakdown and device.type == "cuda":
         cache = HybridCache.allocate(config, batch, max_length, device=device, dtype=dtype)
@@ -139,7 +141,8 @@ def render(meta: dict, rows: list[dict], peer: dict | None) -> str:
         "## Decode speed (benchmarks/decode.py)",
         "",
         f"Card: {meta['card']}; date {meta['date']}; torch {meta['torch']}; config `{meta['preset']}` "
-        f"({meta['params'] / 1e9:.2f} B parameters, {meta['dtype']}), schedule {meta['schedule']}.",
+        f"({meta['params'] / 1e9:.2f} B parameters, {meta['dtype']}), schedule {meta['schedule']}, "
+        f"KDA kernels: {meta.get('kda_backend', '?')}.",
         f"Command: `{meta['command']}`",
         "",
         "The cache is filled with random latents/states (lengths set to the context) instead of a prefill;",
@@ -158,6 +161,14 @@ def render(meta: dict, rows: list[dict], peer: dict | None) -> str:
             f"{ms(r['floor'])} | {r['eager'] / r['floor']:.1f}x | {r['graph'] / r['floor']:.2f}x |"
         )
     lines.append("")
+    cr = [r for r in rows if r.get("graph_compiled")]
+    if cr:
+        lines += ["With `torch.compile` on the norms, short convolutions and MLPs (`--compile`; mixers eager), "
+                  "graph ms/step: " + "; ".join(
+                      f"batch {r['batch']} ctx {r['context']}: {ms(r['graph_compiled'])} "
+                      f"({r['graph_compiled'] / r['floor']:.2f}x floor)" for r in cr), ""]
+    elif meta.get("compile_error"):
+        lines += [f"`--compile` failed: {meta['compile_error']}", ""]
     bd = [r for r in rows if r.get("breakdown")]
     if bd:
         lines += [
@@ -202,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 65536])
     ap.add_argument("--steps", type=int, default=64, help="timed graph replays per point (eager: a quarter)")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the profiler breakdown of a step")
+    ap.add_argument("--compile", action="store_true",
+                    help="then torch.compile norms, short convs and MLPs and time the graph again")
     ap.add_argument("--peer", action="store_true", help="also time transformers' Kimi Linear (needs FLA)")
     ap.add_argument("--peer-context", type=int, default=4096)
     ap.add_argument("--out", default=None, help="write the Markdown section here")
@@ -230,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         "weight_bytes": wbytes,
         "command": "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
+    try:
+        import hla.ops.kda.triton  # noqa: F401
+
+        meta["kda_backend"] = "triton" if device.type == "cuda" else "torch"
+    except ImportError as e:
+        meta["kda_backend"] = f"torch (no triton backend: {e})"
     print(f"{meta['card']}: copy {bw / 1e12:.2f} TB/s; streamed weights {wbytes / 1e9:.2f} GB", flush=True)
     rows = []
     for context in args.contexts:
@@ -241,6 +260,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"B={batch:3d} ctx={context:6d}: eager {r['eager'] * 1e3:8.3f} ms  graph {r['graph'] * 1e3:8.3f} ms"
                   f"  ({batch / r['graph']:8.0f} tok/s)  floor {r['floor'] * 1e3:.3f} ms"
                   f"  -> {r['graph'] / r['floor']:.2f}x floor", flush=True)
+    if args.compile and device.type == "cuda":
+        try:
+            n = compile_small_modules(model)
+            for r in rows:
+                c = bench_ours(model, r["batch"], r["context"], args.steps, dtype, device, False, modes=("graph",))
+                r["graph_compiled"] = c["graph"]
+                print(f"B={r['batch']:3d} ctx={r['context']:6d}: graph with {n} compiled modules "
+                      f"{c['graph'] * 1e3:8.3f} ms -> {c['graph'] / r['floor']:.2f}x floor", flush=True)
+        except Exception as e:  # an experiment: report, do not lose the other numbers
+            meta["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"compile failed: {meta['compile_error']}", flush=True)
     peer = None
     if args.peer and device.type == "cuda":
         del model

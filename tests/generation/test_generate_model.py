@@ -1,5 +1,6 @@
 """generate/stream on the real Kimi Linear model (``tiny`` preset, float64, CPU)."""
 
+import pytest
 import torch
 
 from hla.generation import generate, stream
@@ -42,3 +43,9 @@ def test_generate_model_stop_tokens_and_stream(tiny_model):
     assert greedy[2] == free[2][:2]
     assert isinstance(ts.cache, HybridCache) and ts.cache.batch_size == len(PROMPTS)
     assert ts.cache.max_length == max(map(len, PROMPTS)) + 6
+
+
+def test_generate_model_rejects_more_than_model_max_length(tiny_model):
+    limit = tiny_model.config.model_max_length
+    with pytest.raises(ValueError, match="model_max_length"):
+        generate(tiny_model, [[1, 2, 3]], limit - 2)

@@ -198,3 +198,24 @@ def largest_batch(config, context: int, free_bytes: int, dtype: torch.dtype, *, 
 
     per_row = predict_cache_bytes(config, 1, context, dtype=dtype)["total"] + per_row_extra
     return max(0, min(cap, int(free_bytes * (1 - reserve)) // per_row))
+
+
+def compile_small_modules(model: torch.nn.Module) -> int:
+    """``torch.compile`` the cache-free elementwise-heavy modules (RMSNorm, short convolution,
+    SwiGLU MLP) in place; returns how many were wrapped.
+
+    An experiment, not a default: a batch-1 decode step is hundreds of tiny kernels, and this
+    measures how much fusing the norms' and convolutions' elementwise chains buys inside the
+    CUDA graph. The cache-touching mixers stay eager (their host-side bookkeeping would make
+    dynamo recompile every step).
+    """
+    from hla.layers.mlp import SwiGLUMLP
+    from hla.layers.norm import RMSNorm
+    from hla.layers.short_conv import ShortConvolution
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (RMSNorm, ShortConvolution, SwiGLUMLP)):
+            m.compile(dynamic=False)
+            n += 1
+    return n

@@ -125,6 +125,13 @@ def _decode_steps(
         raise ValueError(f"prefill_chunk_size must be an int >= 1, got {prefill_chunk_size!r}")
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     rows = _normalise_prompts(prompts, vocab_size)
+    limit = getattr(getattr(model, "config", None), "model_max_length", None)
+    longest = max(len(r) for r in rows)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"model_max_length {limit}"
+        )
     stops = [] if stop_token_ids is None else [int(t) for t in stop_token_ids]
     device, _ = _model_device_dtype(model)
     if use_cuda_graph and device.type != "cuda":

@@ -13,7 +13,10 @@ peak host memory stays near one copy of the weights plus one tensor. Pickle-base
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
+import warnings
 from collections import OrderedDict
 
 import torch
@@ -25,6 +28,11 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _EXPERT_PARAMS = ("w1", "w2", "w3")
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def checkpoint_name_table(model: KimiLinearForCausalLM) -> OrderedDict:
@@ -83,6 +91,67 @@ def _checkpoint_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
+def read_safetensors_header(path: str) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (``name -> {dtype, shape, data_offsets}``) and where data starts."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100 * 2**20:
+            raise ValueError(f"{path}: not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+class _MappedShard:
+    """Zero-copy tensor views into a memory-mapped safetensors file.
+
+    Copying from these views into the model's own storage needs no intermediate tensor, and the
+    file pages each copy touched are released right after (``MADV_DONTNEED``), so loading holds
+    one copy of the weights plus at most one tensor's worth of mapped pages.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.header, self.base = read_safetensors_header(path)
+        self._file = open(path, "rb")
+        size = os.fstat(self._file.fileno()).st_size
+        self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
+
+    def copy_into(self, key: str, dst: torch.Tensor) -> None:
+        info = self.header[key]
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{self.path}: tensor {key} has unsupported dtype {info['dtype']}")
+        start, end = (self.base + o for o in info["data_offsets"])
+        dtype = _ST_DTYPES[info["dtype"]]
+        numel = 1
+        for d in info["shape"]:
+            numel *= d
+        if end - start != numel * torch.empty(0, dtype=dtype).element_size():
+            raise ValueError(f"{self.path}: tensor {key} has {end - start} bytes for shape {info['shape']}")
+        if numel == 0:
+            return
+        with warnings.catch_warnings():  # the view is read-only; we only read from it
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=start)
+        dst.copy_(view.view(info["shape"]))
+        del view
+        if hasattr(mmap, "MADV_DONTNEED"):
+            page = mmap.PAGESIZE
+            lo = start - start % page
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a view is still referenced somewhere; the GC will unmap it
+                pass
+        self._file.close()
+
+
 def _expected_shape(model_params: dict, param_name: str, expert: int | None) -> tuple:
     shape = tuple(model_params[param_name].shape)
     return shape[1:] if expert is not None else shape
@@ -94,15 +163,12 @@ def load_state_into(model: KimiLinearForCausalLM, files: list[str], *, strict: b
     Raises ValueError listing every missing, unexpected or mis-shaped tensor (with the expected and
     found shapes) before any data is read.
     """
-    from safetensors import safe_open
-
     table = checkpoint_name_table(model)
     params = dict(model.named_parameters())
     found: dict[str, tuple[str, tuple]] = {}
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                found[key] = (file, tuple(f.get_slice(key).get_shape()))
+        for key, info in read_safetensors_header(file)[0].items():
+            found[key] = (file, tuple(info["shape"]))
     unexpected = sorted(k for k in found if k not in table)
     missing = sorted(k for k in table if k not in found)
     misshaped = []
@@ -130,11 +196,13 @@ def load_state_into(model: KimiLinearForCausalLM, files: list[str], *, strict: b
             by_file.setdefault(file, []).append(key)
     with torch.no_grad():
         for file, keys in by_file.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
+            shard = _MappedShard(file)
+            try:
                 for key in keys:
                     name, expert = table[key]
-                    dst = params[name] if expert is None else params[name][expert]
-                    dst.copy_(f.get_tensor(key))
+                    shard.copy_into(key, params[name] if expert is None else params[name][expert])
+            finally:
+                shard.close()
 
 
 def load_model(path, *, device=None, dtype=None, strict: bool = True) -> KimiLinearForCausalLM:
