@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--out", default=None)
     ap.add_argument("--preset", default="1b", help="model preset (tiny for a CPU smoke run)")
+    ap.add_argument("--round-weights", action="store_true",
+                    help="round the fp32 reference's weights to bf16 first, so only compute precision differs")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "preset": args.preset,
@@ -110,6 +112,12 @@ def main() -> None:
     res["params"] = n_params
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=dev)
 
+    if args.round_weights:
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if name not in ref.fp32_param_names():
+                    p.copy_(p.to(torch.bfloat16).float())
+    res["reference_weights"] = "bf16-rounded" if args.round_weights else "fp32"
     set_backend(ref, "torch")
     t0 = time.time()
     out = fwd_bwd(ref, ids)
