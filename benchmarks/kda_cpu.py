@@ -6,8 +6,8 @@ least 20x over the reference for forward+backward at B1 T1024 H16 K=V=128 fp32.
     PYTHONPATH=src python benchmarks/kda_cpu.py [--T 1024 --H 16 --D 128 --threads N --write]
 
 The reference's forward+backward is slow (minutes-scale at full size), so it runs once; the
-chunked path reports the best of ``--repeats`` runs after a warm-up. ``--write`` stores the table
-in benchmarks/results/kda_cpu.md.
+chunked path reports the best of ``--repeats`` runs after a warm-up. ``--write`` appends the table
+to benchmarks/results/kda_cpu.md.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main() -> int:
     p.add_argument("--D", type=int, default=128, help="K = V")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=3, help="runs of the chunked path (best is kept)")
-    p.add_argument("--write", action="store_true", help="write benchmarks/results/kda_cpu.md")
+    p.add_argument("--write", action="store_true", help="append the table to benchmarks/results/kda_cpu.md")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,7 +101,7 @@ def main() -> int:
         cmd = "PYTHONPATH=src python benchmarks/kda_cpu.py " + " ".join(sys.argv[1:])
         now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         text = "\n".join([
-            "## KDA on the CPU: reference loop vs chunked torch path",
+            f"### {shape}, {threads} torch thread(s)",
             "",
             f"- date: {now}",
             f"- machine: {cpu_name()}, {os.cpu_count()} cores (shared with other jobs), torch "
@@ -116,8 +116,11 @@ def main() -> int:
         ])
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kda_cpu.md")
         os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            f.write(text)
+        new_file = not os.path.exists(out)
+        with open(out, "a") as f:
+            if new_file:
+                f.write("## KDA on the CPU: reference loop vs chunked torch path\n\n")
+            f.write(text + "\n")
         print(f"wrote {out}")
     return 0
 

@@ -144,3 +144,13 @@ def test_kda_decode_state_errors():
         kda_decode(**x, state=torch.zeros(3, 4, 8, 4), state_indices=torch.tensor([0]))
     with pytest.raises(ValueError, match="state_indices: expected dtype int32 or int64"):
         kda_decode(**x, state=torch.zeros(3, 4, 8, 4), state_indices=torch.tensor([0.0, 1.0]))
+
+
+def test_empty_sequence_passes_state_through():
+    x = {n: t[:, :0] for n, t in _x().items()}
+    h0 = torch.randn(1, 4, 8, 4, dtype=torch.float64)
+    for backend in ("reference", "torch"):
+        o, s = kda(**x, initial_state=h0, output_final_state=True, backend=backend)
+        assert o.shape == (1, 0, 4, 4) and torch.equal(s, h0)
+    pool = h0.clone()
+    assert kda_decode(**x, state=pool).shape == (1, 0, 4, 4) and torch.equal(pool, h0)

@@ -67,18 +67,22 @@ def test_kda_torch_extreme_gates(per_token, dtype, tol):
     # chunked path must stay finite and exact. Near-zero decay: a pure delta rule, no forgetting.
     x = random_kda_inputs(1, 150, 1, 2, 16, 8)
     x["g"] = per_token * (0.5 + torch.rand_like(x["g"]))
+    x["g"][:, :, 0, :8] *= 0.01  # half the channels of one head decay slowly: mixed magnitudes
     h0 = torch.randn(1, 2, 16, 8, dtype=torch.float64)
+    names = ("q", "k", "v", "g", "beta")
+    for n in names:
+        x[n].requires_grad_(True)
     ref_o, ref_s = kda_reference(**x, initial_state=h0, output_final_state=True)
-    xd = {n: t.to(dtype) for n, t in x.items()}
-    for n in ("q", "k", "v", "g", "beta"):
-        xd[n].requires_grad_(True)
+    (ref_o.square().sum() + ref_s.sum()).backward()
+    xd = {n: t.detach().to(dtype).requires_grad_(True) for n, t in x.items()}
     o, s = kda(**xd, initial_state=h0.to(dtype), output_final_state=True, backend="torch")
     assert torch.isfinite(o).all() and torch.isfinite(s).all()
     assert_rel("o", o, ref_o, tol)
     assert_rel("final_state", s, ref_s, tol)
     (o.square().sum() + s.sum()).backward()
-    for n in ("q", "k", "v", "g", "beta"):
+    for n in names:
         assert torch.isfinite(xd[n].grad).all(), f"grad of {n} is not finite"
+        assert_rel(f"grad {n}", xd[n].grad, x[n].grad, 10 * tol)
 
 
 def _grads(fn, tensors):
@@ -190,3 +194,44 @@ def test_chunk_kda_stages_state_entering_each_chunk():
         torch.testing.assert_close(st["h"][:, :, n], s, rtol=1e-12, atol=1e-12)
     eye = torch.eye(32, dtype=torch.float64)
     torch.testing.assert_close(st["Ai"] @ (eye + st["A_kk"]), eye.expand_as(st["Ai"]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["hierarchical", "auto"])
+def test_chunk_kda_intra_methods_match_reference_with_gradients(method):
+    from hla.ops.kda.chunk_torch import chunk_kda_torch
+
+    x = random_kda_inputs(1, 70, 1, 2, 8, 4)
+    h0 = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    leaves = [t.requires_grad_(True) for t in (*x.values(), h0)]
+    kw = dict(scale=0.3, initial_state=h0, output_final_state=True)
+    ref = _grads(lambda: kda_reference(**x, **kw), leaves)
+    got = _grads(lambda: chunk_kda_torch(**x, **kw, chunk_size=32, intra=method), leaves)
+    o, s = chunk_kda_torch(**x, **kw, chunk_size=32, intra=method)
+    ref_o, ref_s = kda_reference(**x, **kw)
+    assert_rel("o", o, ref_o, 1e-10)
+    assert_rel("final_state", s, ref_s, 1e-10)
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "initial_state"], got, ref, strict=True):
+        assert_rel(f"grad {name}", a, b, 1e-10)
+
+
+def test_chunk_kda_intra_auto_mixes_methods_per_row_float32():
+    # Head 0 decays gently (block-start factorisation), head 1 by ~20 per token (hierarchical rows).
+    from hla.ops.kda.chunk_torch import chunk_kda_intra, chunk_kda_stages
+
+    x = random_kda_inputs(1, 128, 1, 2, 16, 8)
+    x["g"][:, :, 0] = -0.3 * torch.rand_like(x["g"][:, :, 0])
+    x["g"][:, :, 1] = -20.0 * (0.5 + torch.rand_like(x["g"][:, :, 1]))
+    ref_o, ref_s = kda_reference(**x, output_final_state=True)
+    x32 = {n: t.float() for n, t in x.items()}
+    o, s = kda(**x32, output_final_state=True, backend="torch")
+    assert_rel("o", o, ref_o, 1e-5)
+    assert_rel("final_state", s, ref_s, 1e-5)
+    st = chunk_kda_stages(**x32, scale=0.25)
+    A_kk, A_qk = chunk_kda_intra(st["q"], st["k"], st["gc"], st["beta"], "auto")
+    H_kk, H_qk = chunk_kda_intra(st["q"], st["k"], st["gc"], st["beta"], "hierarchical")
+    gb = st["gc"].reshape(*st["gc"].shape[:3], 4, 16, 16)
+    past = ((gb[..., :1, :] - gb).amax(-1) > 80).reshape(*st["gc"].shape[:3], 64)  # rows past the limit
+    assert past[:, 1].any() and not past[:, 0].any()
+    assert torch.equal(A_kk[past], H_kk[past]) and torch.equal(A_qk[past], H_qk[past])
+    torch.testing.assert_close(A_qk, H_qk, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(A_kk, H_kk, rtol=1e-5, atol=1e-6)

@@ -17,12 +17,13 @@ heads first (value head ``j`` reads q/k head ``j // (HV // H)``).
 
 Overflow. ``exp(gc_i - gc_j)`` with ``j <= i`` is at most 1, but the usual factorisation
 ``(q_i exp(gc_i)) . (k_j exp(-gc_j))`` overflows fp32 once a channel decays by more than ~88
-within a chunk, which the unbounded Kimi gate allows. ``intra`` never forms ``exp(-gc)``: it
-splits the chunk hierarchically (64 -> 16 -> 4 -> 1) and factors each cross-block entry as
-row factor x block-pair factor x column factor, every exponent ``<= 0`` (see
-:func:`chunk_kda_intra`). Unused (future) block pairs are masked to ``-inf`` before ``exp``, so
-no inf ever meets a zero (no NaN in forward or backward) and future tokens contribute exact
-zeros (causality, FLA #1240).
+within a chunk, which the unbounded Kimi gate allows. ``intra`` anchors every factor at a block
+start at or before the row (see :func:`chunk_kda_intra`): cross-block entries use three factors
+with exponents ``<= 0``, 16-token diagonal blocks a block-start factorisation while it is in
+range, else a full hierarchy down to single tokens. Unused (future) entries are removed with
+``where`` (never a 0/1 product that could meet an inf), so no NaN appears in forward or backward
+and future tokens contribute exact zeros; anchors never look ahead of the row, so outputs are
+bit-exactly causal (the failure mode of FLA #1240).
 """
 
 from __future__ import annotations
@@ -54,10 +55,102 @@ def chunk_kda_cumsum(g: torch.Tensor) -> torch.Tensor:
     return g.cumsum(-2)
 
 
+# Largest exponent the block-start factorisation may meet, per compute dtype: a column factor of at
+# most exp(80) ~ 6e34 keeps every used product finite in fp32 (|k| up to ~1e3), and a row factor of
+# at least exp(-80) ~ 2e-35 stays above fp32's subnormals (1.2e-38) for |q| >= 1e-3, so every used
+# product keeps its relative precision. float64: exp(600) ~ 4e260.
+_BLOCKSTART_LIMIT = {torch.float32: 80.0, torch.float64: 600.0}
+
+
 def chunk_kda_intra(
+    q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor, beta: torch.Tensor, method: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 2: ``A_kk`` (strictly lower, rows scaled by beta) and ``A_qk`` (lower), ``[.., BT, BT]``.
+
+    Entries between different 16-token blocks use the exact three-factor anchoring of
+    :func:`chunk_kda_intra_hierarchical` (its first level). Inside each 16-token diagonal block,
+    "auto" factors around the block's first token ``r``: ``exp(gc_i - gc_r) * exp(gc_r - gc_j)``,
+    one matmul, exact for row ``i`` while ``max_d (gc_r - gc_i) <= _BLOCKSTART_LIMIT``; rows past
+    that (a channel decaying by > 80 within 16 tokens in fp32) are taken from the fully hierarchical result,
+    computed only for the (batch, head, chunk) items that have such a row (one host read).
+    The choice is made per row from tokens ``<= i`` only, so outputs stay bit-exactly causal.
+    "hierarchical" uses :func:`chunk_kda_intra_hierarchical` everywhere.
+
+    Args: q (scaled), k, gc: ``[B, HV, NT, BT, K]``; beta: ``[B, HV, NT, BT]``.
+    """
+    if method == "hierarchical":
+        return chunk_kda_intra_hierarchical(q, k, gc, beta)
+    if method != "auto":
+        raise ValueError(f"method: expected 'auto' or 'hierarchical', got {method!r}")
+    *lead, BT, K = k.shape
+    BS = min(16, BT)
+    NS = BT // BS
+    limit = _BLOCKSTART_LIMIT.get(gc.dtype, 60.0)
+    if NS > 1:
+        A_qk, A_kk = _intra_cross_blocks(q, k, gc, BT, BS)
+    else:
+        A_qk = A_kk = torch.zeros(*lead, BT, BT, dtype=q.dtype, device=q.device)
+
+    gb = gc.reshape(*lead, NS, BS, K)
+    depth = gb[..., :1, :] - gb  # gc_r - gc_i >= 0
+    row = (-depth).exp()
+    # Clamped so rows past the limit stay finite (they are replaced below, their gradient is zero).
+    k_col_t = (k.reshape(*lead, NS, BS, K) * depth.clamp_max(limit).exp()).transpose(-1, -2)
+    ii = torch.arange(BS, device=gc.device)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    # where, not a product with a 0/1 mask: the unused upper half may be huge.
+    Dq = torch.where(ii[:, None] >= ii[None, :], (q.reshape(*lead, NS, BS, K) * row) @ k_col_t, zero)
+    Dk = torch.where(ii[:, None] > ii[None, :], (k.reshape(*lead, NS, BS, K) * row) @ k_col_t, zero)
+    A_qk = A_qk + _block_diag(Dq)
+    A_kk = (A_kk + _block_diag(Dk)) * beta.unsqueeze(-1)
+
+    row_ok = (depth.amax(-1) <= limit).reshape(-1, BT)  # [B * HV * NT, BT]
+    bad = (~row_ok).any(-1).nonzero().squeeze(1)
+    if bad.numel() == 0:
+        return A_kk, A_qk
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, *x.shape[len(lead):])
+
+    hk, hq = chunk_kda_intra_hierarchical(
+        flat(q)[bad].unsqueeze(0), flat(k)[bad].unsqueeze(0), flat(gc)[bad].unsqueeze(0),
+        flat(beta)[bad].unsqueeze(0),
+    )
+    keep = row_ok[bad].unsqueeze(-1)  # [n_bad, BT, 1]
+    fk, fq = flat(A_kk), flat(A_qk)
+    A_kk = fk.index_copy(0, bad, torch.where(keep, fk[bad], hk[0])).reshape(A_kk.shape)
+    A_qk = fq.index_copy(0, bad, torch.where(keep, fq[bad], hq[0])).reshape(A_qk.shape)
+    return A_kk, A_qk
+
+
+def _intra_cross_blocks(
+    q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor, P: int, C: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level of the hierarchy: within each parent of ``P`` tokens, the entries whose column
+    lies in an earlier child block of ``C`` tokens. Returns ``A_qk, A_kk`` parts ``[.., BT, BT]``."""
+    *lead, BT, K = k.shape
+    NP, F = BT // P, P // C
+    gq = gc.reshape(*lead, NP, F, C, K)
+    qq, kk = q.reshape(*lead, NP, F, C, K), k.reshape(*lead, NP, F, C, K)
+    g_first, g_last = gq[..., :1, :], gq[..., -1:, :]  # [.., NP, F, 1, K]
+    if C > 1:
+        row = (gq - g_first).exp()
+        qq, kk, k_hat = qq * row, kk * row, kk * (g_last - gq).exp()
+    else:
+        k_hat = kk
+    f = torch.arange(F, device=gc.device)
+    pair_mask = (f[:, None] > f[None, :])[:, :, None]  # [F(a), F(b), 1]: child b before child a
+    neg_inf = torch.tensor(float("-inf"), dtype=gc.dtype, device=gc.device)
+    M = torch.where(pair_mask, g_first.squeeze(-2).unsqueeze(-2) - g_last.squeeze(-2).unsqueeze(-3), neg_inf)
+    # [.., NP, F(a), F(b), C, K] -> columns of the parent, per row child a
+    Y = (k_hat.unsqueeze(-4) * M.exp().unsqueeze(-2)).reshape(*lead, NP, F, P, K).transpose(-1, -2)
+    return _block_diag((qq @ Y).reshape(*lead, NP, P, P)), _block_diag((kk @ Y).reshape(*lead, NP, P, P))
+
+
+def chunk_kda_intra_hierarchical(
     q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor, beta: torch.Tensor, blocks: tuple[int, ...] = (16, 4, 1)
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage 2: the intra-chunk matrices, overflow-free for any non-increasing ``gc``.
+    """Stage 2, exact for any non-increasing ``gc`` (no exponent ever positive).
 
     Hierarchical anchoring: the chunk (parent) is split into child blocks of ``blocks[0]`` tokens,
     each child again into ``blocks[1]``, ... down to 1. At each level, for a row ``i`` in child
@@ -67,7 +160,7 @@ def chunk_kda_intra(
 
     with every exponent ``<= 0``: a row factor, a small ``[F, F, K]`` child-pair factor and a
     column factor, combined by one batched matmul. Pairs in the same size-1 block are the diagonal.
-    Elementwise work stays at about ``(sum of split factors) * BT * K`` per chunk.
+    Every factor depends on tokens ``<= i`` only.
 
     Args:
         q: ``[B, HV, NT, BT, K]`` already multiplied by the scale.
@@ -80,35 +173,18 @@ def chunk_kda_intra(
         ``A_kk: [B, HV, NT, BT, BT]`` strictly lower (row i scaled by beta_i) and
         ``A_qk: [B, HV, NT, BT, BT]`` lower including the diagonal.
     """
-    *lead, BT, K = k.shape
+    BT = k.shape[-2]
     sizes = [BT] + [b for b in blocks if b < BT]
     if sizes[-1] != 1:
         sizes.append(1)
     for parent, child in pairwise(sizes):
         if parent % child:
             raise ValueError(f"blocks: expected each block size to divide the previous one, got {sizes}")
-    dev = k.device
-    neg_inf = torch.tensor(float("-inf"), dtype=gc.dtype, device=dev)
     A_qk = (q * k).sum(-1).diag_embed()  # i == j: exp(0) = 1
     A_kk = torch.zeros_like(A_qk)
-
     for P, C in pairwise(sizes):
-        NP, F = BT // P, P // C
-        gq = gc.reshape(*lead, NP, F, C, K)
-        qq, kk = q.reshape(*lead, NP, F, C, K), k.reshape(*lead, NP, F, C, K)
-        g_first, g_last = gq[..., :1, :], gq[..., -1:, :]  # [.., NP, F, 1, K]
-        if C > 1:
-            row = (gq - g_first).exp()
-            qq, kk, k_hat = qq * row, kk * row, kk * (g_last - gq).exp()
-        else:
-            k_hat = kk
-        f = torch.arange(F, device=dev)
-        pair_mask = (f[:, None] > f[None, :])[:, :, None]  # [F(a), F(b), 1]: child b before child a
-        M = torch.where(pair_mask, g_first.squeeze(-2).unsqueeze(-2) - g_last.squeeze(-2).unsqueeze(-3), neg_inf)
-        # [.., NP, F(a), F(b), C, K] -> columns of the parent, per row child a
-        Y = (k_hat.unsqueeze(-4) * M.exp().unsqueeze(-2)).reshape(*lead, NP, F, P, K).transpose(-1, -2)
-        A_qk = A_qk + _block_diag((qq @ Y).reshape(*lead, NP, P, P))
-        A_kk = A_kk + _block_diag((kk @ Y).reshape(*lead, NP, P, P))
+        dq, dk = _intra_cross_blocks(q, k, gc, P, C)
+        A_qk, A_kk = A_qk + dq, A_kk + dk
     return A_kk * beta.unsqueeze(-1), A_qk
 
 
@@ -190,6 +266,7 @@ def chunk_kda_stages(
     scale: float,
     initial_state: torch.Tensor | None = None,
     chunk_size: int = 64,
+    intra: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Run every stage on one batch and return all intermediates (for bisecting a kernel).
 
@@ -197,6 +274,7 @@ def chunk_kda_stages(
         q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]``; g: ``[B, T, HV, K]`` log-decay; beta: ``[B, T, HV]``.
         scale: query scale (a float). initial_state: ``[B, HV, K, V]`` or None.
         chunk_size: BT, 64 or 32 (any multiple of 16 works). T is zero-padded to a multiple of BT.
+        intra: method of stage 2, see :func:`chunk_kda_intra`.
 
     Returns:
         dict with ``q, k, v, g, beta`` (chunked, padded, q scaled, in the compute dtype), ``gc``,
@@ -225,7 +303,7 @@ def chunk_kda_stages(
     h0 = None if initial_state is None else initial_state.to(acc)
 
     gc = chunk_kda_cumsum(gch)
-    A_kk, A_qk = chunk_kda_intra(qc, kc, gc, bc)
+    A_kk, A_qk = chunk_kda_intra(qc, kc, gc, bc, intra)
     Ai = chunk_kda_solve_tril(A_kk)
     w, u = chunk_kda_wu(Ai, kc, vc, gc, bc)
     h, v_new, final = chunk_kda_state(w, u, kc, gc, h0)
@@ -248,6 +326,7 @@ def chunk_kda_torch(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     chunk_size: int = 64,
+    intra: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked KDA forward; differentiable by autograd (no per-token Python loop).
 
@@ -258,6 +337,7 @@ def chunk_kda_torch(
         scale: query scale. initial_state: ``[N, HV, K, V]`` or None.
         cu_seqlens: ``[N + 1]`` int boundaries of packed sequences (then ``B == 1``), or None.
         chunk_size: BT.
+        intra: method of stage 2 ("auto" or "hierarchical"), see :func:`chunk_kda_intra`.
 
     Returns:
         ``o: [B, T, HV, V]`` in ``v.dtype``; the final state ``[N, HV, K, V]`` in float32 (float64
@@ -266,10 +346,17 @@ def chunk_kda_torch(
     if cu_seqlens is not None:
         return _chunk_kda_varlen(
             q, k, v, g, beta, scale=scale, initial_state=initial_state,
-            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size, intra=intra,
         )
-    T = q.shape[1]
-    st = chunk_kda_stages(q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
+    B, T, H, K = q.shape
+    if T == 0:  # nothing to run: the state passes through unchanged
+        HV, V = v.shape[2], v.shape[3]
+        acc = _acc_dtype(q)
+        final = torch.zeros(B, HV, K, V, dtype=acc, device=q.device) if initial_state is None else initial_state.to(acc)
+        return v.new_zeros(B, 0, HV, V), (final if output_final_state else None)
+    st = chunk_kda_stages(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size, intra=intra
+    )
     o = _from_chunks(st["o"])[:, :T].to(v.dtype)
     return o, (st["final_state"] if output_final_state else None)
 
@@ -286,33 +373,63 @@ def _chunk_kda_varlen(
     output_final_state: bool,
     cu_seqlens: torch.Tensor,
     chunk_size: int,
+    intra: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Packed sequences: scatter each into its own zero-padded row of a ``[N, L, ...]`` batch.
+    """Packed sequences as a list of chunks: no chunk spans two sequences, no state crosses a boundary.
 
-    Padding is ``k = v = q = beta = 0, g = 0`` (no write, no decay), so each row's final state is
-    its sequence's and nothing crosses a boundary. Cost is ``N * max_len`` tokens; very uneven
-    lengths waste work (acceptable for the CPU path; the kernels index chunks directly).
+    Each sequence is zero-padded to whole chunks (``k = v = q = beta = 0, g = 0``: no write, no
+    decay, so its final state is exact) and all chunks run stages 1-4 and 6 together. Stage 5 runs
+    on an ``[N, max chunks]`` grid, one row per sequence, short rows filled with an all-zero chunk
+    that leaves the state unchanged; work is ``sum(ceil(len / BT))`` chunks plus the grid padding of
+    the sequential stage only.
     """
     cu = cu_seqlens.tolist()  # host sync: this path is for prefill/training, not graph capture
-    N = len(cu) - 1
-    T = q.shape[1]
+    N, BT, dev = len(cu) - 1, chunk_size, q.device
+    HV = v.shape[2]
+    G = HV // q.shape[2]
+    acc = _acc_dtype(q)
     lens = [cu[n + 1] - cu[n] for n in range(N)]
-    BT = chunk_size
-    L = max(1, max(lens) if lens else 1)
-    L = -(-L // BT) * BT
-    dev = q.device
-    # Token t of sequence n goes to flat row n * L + (t - cu[n]).
-    dest = torch.cat([torch.arange(n * L, n * L + lens[n], device=dev) for n in range(N)])
+    n_chunks = [-(-length // BT) for length in lens]
+    first_chunk = [sum(n_chunks[:n]) for n in range(N)]
+    NC = sum(n_chunks)
+    # Token t of sequence n goes to padded position (first_chunk[n] * BT + t - cu[n]).
+    dest = torch.cat([torch.arange(first_chunk[n] * BT, first_chunk[n] * BT + lens[n], device=dev) for n in range(N)])
 
-    def scatter(x: torch.Tensor) -> torch.Tensor:
-        x0 = x[0]  # [T, ...]
-        out = x0.new_zeros((N * L,) + tuple(x0.shape[1:]))
-        out = out.index_copy(0, dest, x0)
-        return out.reshape((N, L) + tuple(x0.shape[1:]))
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        x0 = x[0].to(acc)
+        if x0.dim() == 2:
+            x0 = x0.unsqueeze(-1)
+        out = x0.new_zeros((NC * BT,) + tuple(x0.shape[1:])).index_copy(0, dest, x0)
+        return _to_chunks(out.unsqueeze(0), BT).contiguous()  # [1, HV, NC, BT, D]
 
-    o_pad, final = chunk_kda_torch(
-        scatter(q), scatter(k), scatter(v), scatter(g), scatter(beta), scale=scale,
-        initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size,
-    )
-    o = o_pad.reshape((N * L,) + tuple(o_pad.shape[2:])).index_select(0, dest).reshape((1, T) + tuple(o_pad.shape[2:]))
-    return o, final
+    qc = prep(q.repeat_interleave(G, dim=2) if G > 1 else q) * scale
+    kc = prep(k.repeat_interleave(G, dim=2) if G > 1 else k)
+    vc, gch, bc = prep(v), prep(g), prep(beta).squeeze(-1)
+
+    gc = chunk_kda_cumsum(gch)
+    A_kk, A_qk = chunk_kda_intra(qc, kc, gc, bc, intra)
+    Ai = chunk_kda_solve_tril(A_kk)
+    w, u = chunk_kda_wu(Ai, kc, vc, gc, bc)
+
+    # Stage 5 on the [N, max_chunks] grid; index NC is an appended all-zero chunk.
+    max_nc = max(n_chunks)
+    grid = torch.full((N, max_nc), NC, dtype=torch.long)
+    for n in range(N):
+        grid[n, : n_chunks[n]] = torch.arange(first_chunk[n], first_chunk[n] + n_chunks[n])
+    grid = grid.to(dev)
+
+    def to_grid(x: torch.Tensor) -> torch.Tensor:  # [1, HV, NC, ...] -> [N, HV, max_nc, ...]
+        x = torch.cat([x, torch.zeros_like(x[:, :, :1])], 2)[0]
+        return x.index_select(1, grid.reshape(-1)).unflatten(1, (N, max_nc)).transpose(0, 1)
+
+    h0 = None if initial_state is None else initial_state.to(acc)
+    h, v_new, final = chunk_kda_state(to_grid(w), to_grid(u), to_grid(kc), to_grid(gc), h0)
+    # Back to the chunk list: real chunk c sits at grid position (n, j), flat index n * max_nc + j.
+    pos = torch.cat([torch.arange(n * max_nc, n * max_nc + n_chunks[n]) for n in range(N)]).to(dev)
+
+    def from_grid(x: torch.Tensor) -> torch.Tensor:  # [N, HV, max_nc, ...] -> [1, HV, NC, ...]
+        return x.transpose(0, 1).flatten(1, 2).index_select(1, pos).unsqueeze(0)
+
+    o = chunk_kda_output(qc, gc, from_grid(h), A_qk, from_grid(v_new))
+    o = _from_chunks(o)[0].index_select(0, dest).unsqueeze(0).to(v.dtype)
+    return o, (final if output_final_state else None)

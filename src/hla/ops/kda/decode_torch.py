@@ -33,6 +33,8 @@ def kda_decode_torch(
     """
     B, T, H, K = q.shape
     HV = v.shape[2]
+    if T == 0:
+        return v.new_zeros(B, 0, HV, v.shape[3])
     G = HV // H
     acc = state.dtype
     if state_indices is None:
