@@ -131,9 +131,11 @@ def main() -> int:
     cu = torch.tensor([0, 1000, 1037, 4100, 4101, 8192], device=dev)
     case_forward("varlen kimi", 1, 8192, 16, 16, 128, "kimi", dev, cu=cu)
     case_forward("GVA HV=2H K=64", 2, 1000, 4, 8, 64, "kimi", dev)
-    for gate in ("kimi", "veryneg", "safe"):
-        case_backward(f"T8192 {gate}", 1, 8192, 2, 2, 128, gate, dev)
-    case_backward("varlen kimi", 1, 8192, 2, 2, 128, "near0", dev, cu=cu)
+    case_backward("T8192 kimi", 1, 8192, 2, 2, 128, "kimi", dev)
+    cu2 = torch.tensor([0, 700, 737, 2048], device=dev)
+    case_backward("varlen near0", 1, 2048, 2, 2, 128, "near0", dev, cu=cu2)
+    for gate in ("veryneg", "safe"):
+        case_backward(f"T2048 {gate}", 1, 2048, 2, 2, 128, gate, dev)
     case_decode(dev)
     print("FAILED: " + ", ".join(FAILS) if FAILS else "ALL PASSED", flush=True)
     return 1 if FAILS else 0

@@ -36,7 +36,7 @@ DEV = torch.device("cuda")
 
 
 def ms(fn, grad_to_none=None) -> float:
-    return do_bench(fn, warmup=50, rep=300, grad_to_none=grad_to_none, return_mode="median")
+    return do_bench(fn, warmup=25, rep=120, grad_to_none=grad_to_none, return_mode="median")
 
 
 def copy_ceiling() -> float:
@@ -82,9 +82,11 @@ def fla_fwd(x):
                          safe_gate=x["lower_bound"] is not None, lower_bound=x["lower_bound"])[0]
 
 
-def time_prefill(fwd, x):
+def time_prefill(fwd, x, backward=True):
     with torch.no_grad():
         t_f = ms(lambda: fwd(x))
+    if not backward:
+        return t_f, float("nan")
     leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias")]
     for t in leaves:
         t.requires_grad_(True)
@@ -183,6 +185,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="first shape only")
+    ap.add_argument("--fwd-only-after", type=int, default=99, help="time fwd+bwd for the first N shapes only")
     args = ap.parse_args()
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
@@ -201,11 +204,12 @@ def main() -> int:
     shapes = [(1, 8192, 32, 128), (4, 8192, 32, 128), (1, 32768, 32, 128), (1, 8192, 96, 128)]
     if args.quick:
         shapes = shapes[:1]
-    for B, T, H, D in shapes:
+    for i_s, (B, T, H, D) in enumerate(shapes):
         for gate in ("kimi", "safe"):
             x = prefill_inputs(B, T, H, D, gate)
-            of, ofb = time_prefill(ours_fwd, x)
-            ff, ffb = time_prefill(fla_fwd, x) if fla_chunk_kda is not None else (float("nan"),) * 2
+            bwd = i_s < args.fwd_only_after
+            of, ofb = time_prefill(ours_fwd, x, bwd)
+            ff, ffb = time_prefill(fla_fwd, x, bwd) if fla_chunk_kda is not None else (float("nan"),) * 2
             rows.append(dict(kind="prefill", B=B, T=T, H=H, D=D, gate=gate, ours_fwd=of, fla_fwd=ff,
                              ours_fb=ofb, fla_fb=ffb))
             print(f"B{B} T{T} H{H} D{D} {gate:5}: fwd ours {of:.3f} ms FLA {ff:.3f} ms ({ff / of:.2f}x) | "
