@@ -134,3 +134,17 @@ def test_forward_cache_bf16_close_to_full():
     full = model(ids).logits
     assert got.dtype == torch.bfloat16 and cache.kda[0].state.dtype == torch.float32
     assert _rel(got.double(), full.double()) < 2e-2
+
+
+@pytest.mark.parametrize("schedule", ["all_mla", "all_kda", "mla_every:2"])
+@torch.no_grad()
+def test_forward_cache_other_schedules(schedule):
+    cfg = KimiLinearConfig.preset("tiny").with_schedule(schedule)
+    model = KimiLinearForCausalLM(cfg).to(torch.float64).eval()
+    ids = torch.randint(0, 512, (2, 9))
+    cache = HybridCache.allocate(cfg, 2, 9, dtype=torch.float64)
+    got = torch.cat([model(ids[:, :5], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits
+                                                                 for t in range(5, 9)], 1)
+    assert _rel(got, model(ids).logits) < MAX_ERR
+    assert cache.nbytes() == predict_cache_bytes(cfg, 2, 9, torch.float64)["total"]
+    assert len(cache.mla) == cfg.num_mla_layers and len(cache.kda) == cfg.num_kda_layers

@@ -1,7 +1,7 @@
 import torch
 
 from hla.layers.mlp import SwiGLUMLP
-from hla.layers.norm import RMSNorm
+from hla.layers.norm import RMSNorm, rms_norm, rms_norm_explicit
 
 
 def test_rmsnorm_formula_and_dtype():
@@ -27,3 +27,13 @@ def test_rmsnorm_and_mlp_backward():
     x0 = x[0, 0]
     ref = mlp.down_proj.weight @ (torch.nn.functional.silu(mlp.gate_proj.weight @ x0) * (mlp.up_proj.weight @ x0))
     torch.testing.assert_close(mlp(x)[0, 0], ref)
+
+
+def test_fused_rms_norm_matches_explicit_formula():
+    x = torch.randn(3, 7, 256) * 4
+    w = torch.rand(256) + 0.5
+    for dtype in (torch.float32, torch.bfloat16):
+        a = rms_norm(x.to(dtype), w.to(dtype), 1e-5)
+        b = rms_norm_explicit(x.to(dtype), w.to(dtype), 1e-5)
+        assert a.dtype == dtype
+        assert ((a.float() - b.float()).norm() / b.float().norm()) < (1e-6 if dtype == torch.float32 else 4e-3)

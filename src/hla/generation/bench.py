@@ -154,20 +154,22 @@ def decode_breakdown(model, cache, ids: torch.Tensor, steps: int = 3, top: int =
     finally:
         for h in handles:
             h.remove()
-    events = prof.events()
-    out = {k: 0.0 for k in ("kda", "mla", "moe", "mlp")}
-    for ev in events:
-        if ev.name.startswith("hla::"):
-            out[ev.name[5:]] += _device_time_us(ev) * 1e-6 / steps
     from torch.autograd import DeviceType
 
-    # Kernels appear both as their own (device) events and inside the CPU op that launched them:
-    # count the device events only.
-    kernels = [ev for ev in events if ev.device_type != DeviceType.CPU]
+    events = prof.events()
+    out = {k: 0.0 for k in ("kda", "mla", "moe", "mlp")}
+    # The profiler reports each record_function twice: as a CPU range, whose device time is the
+    # sum of the kernels launched inside it (wanted), and as a GPU-side annotation spanning first
+    # to last kernel, gaps included (not wanted). Kernels likewise appear as device events and
+    # inside their launching CPU op: count device events that are not annotations.
+    for ev in events:
+        if ev.name.startswith("hla::") and ev.device_type == DeviceType.CPU:
+            out[ev.name[5:]] += _device_time_us(ev) * 1e-6 / steps
+    kernels = [ev for ev in events if ev.device_type != DeviceType.CPU and not ev.name.startswith("hla::")]
     out["total"] = sum(_self_device_time_us(ev) for ev in kernels) * 1e-6 / steps
     out["kernels"] = len(kernels) / steps
     out["rest"] = max(out["total"] - sum(out[k] for k in ("kda", "mla", "moe", "mlp")), 0.0)
-    avg = [e for e in prof.key_averages() if e.device_type != DeviceType.CPU]
+    avg = [e for e in prof.key_averages() if e.device_type != DeviceType.CPU and not e.key.startswith("hla::")]
     avg.sort(key=_self_device_time_us, reverse=True)
     out["top"] = [(e.key[:80], _self_device_time_us(e) * 1e-6 / steps, e.count // steps) for e in avg[:top]]
     return out

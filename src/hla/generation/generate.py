@@ -5,9 +5,13 @@ stacked into one batched cache (``HybridCache.stack``); from there every decode 
 ``[B, 1]`` call, graph-captured on the GPU (``DecodeRunner``). Rows that hit a stop token keep
 riding along (fixed shapes keep the graph valid) but emit nothing more.
 
-Long prompts are prefilled in chunks of ``prefill_chunk_size`` tokens: the model returns logits
-for every position, and a 64K-token prompt times a 160K vocabulary would not fit in memory at
-once. Chunking is exact because a multi-token call on a non-empty cache continues its state.
+Long prompts are prefilled in chunks of ``prefill_chunk_size`` tokens, which bounds the
+activations (and the logits, for a model that cannot keep only the last position's: a 64K-token
+prompt times a 160K vocabulary would not fit). Chunking is exact because a multi-token call on a
+non-empty cache continues its state.
+
+On CUDA the next decode step is launched before the current one's tokens are handed out, and
+the tokens travel through pinned memory, so a streaming consumer's host work overlaps the GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from hla.generation.graph import DecodeRunner
 from hla.generation.sampling import SamplingParams, make_generator, sample
 
 Prompts = Sequence[Sequence[int]] | torch.Tensor
+SLOT_ALIGN = 64
 
 
 def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -82,7 +87,8 @@ def _forward_last(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
 def prefill(
     model: torch.nn.Module, rows: list[list[int]], max_length: int, *, prefill_chunk_size: int = 4096
 ):
-    """Run every prompt through the model into one batched cache of ``max_length`` positions.
+    """Run every prompt (``rows``: token-id lists) through the model into one batched cache of
+    ``max_length`` positions; equal-length prompts go through together, others one by one.
 
     Returns ``(cache, logits [B, vocab])`` with the logits of each prompt's last token.
     """
@@ -148,9 +154,10 @@ def _decode_loop(model, rows, max_new_tokens, params, stops, generator, use_cuda
     if max_new_tokens == 0:
         return
     device, _ = _model_device_dtype(model)
-    cache, logits = prefill(
-        model, rows, max(len(r) for r in rows) + max_new_tokens, prefill_chunk_size=prefill_chunk_size
-    )
+    # Capacity rounded up to 64 slots: the CUDA graph attends over all of them (masked), and an
+    # odd key count makes cuBLAS fall back to unaligned kernels several times slower.
+    need = max(len(r) for r in rows) + max_new_tokens
+    cache, logits = prefill(model, rows, -(-need // SLOT_ALIGN) * SLOT_ALIGN, prefill_chunk_size=prefill_chunk_size)
     B, vocab = logits.shape
     seen = None
     if params.repetition_penalty != 1.0:

@@ -191,7 +191,7 @@ class KimiLinearForCausalLM(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
+                labels[:, 1:].reshape(-1).long(),
                 ignore_index=-100,
             )
         return CausalLMOutput(logits=logits, loss=loss)
