@@ -107,11 +107,12 @@ def build_model(config: KimiLinearConfig, device: torch.device, dtype: torch.dty
 
 def weight_nbytes(config: KimiLinearConfig, dtype: torch.dtype) -> int:
     """Bytes of the parameters of ``config`` in ``dtype``, by formula: the KDA gate (``A_log``,
-    ``dt_bias``) and the MoE router stay fp32 whatever the model dtype."""
+    ``dt_bias``), the short-conv taps and the MoE router stay fp32 whatever the model dtype
+    (a test checks this against a built model, so a new fp32 tensor shows up there)."""
     el = torch.empty(0, dtype=dtype).element_size()
     total = config.parameter_counts()["total"]
-    H, K = config.kda_num_heads, config.kda_head_dim
-    fp32 = config.num_kda_layers * (H + H * K)
+    H, K, W = config.kda_num_heads, config.kda_head_dim, config.kda_conv_size
+    fp32 = config.num_kda_layers * (H + H * K + 3 * H * K * W)
     if config.num_moe_layers:
         fp32 += config.num_moe_layers * (config.num_experts * config.hidden_size + config.num_experts)
     if el >= 4:

@@ -211,8 +211,8 @@ def load_model(path, *, device=None, dtype=None, strict: bool = True) -> KimiLin
     Args:
         path: the checkpoint directory.
         device: target device (default CPU).
-        dtype: target dtype for all weights but ``A_log``, ``dt_bias``, the router weight and the
-            correction bias (kept fp32); default: the config's ``dtype``.
+        dtype: target dtype for all weights but ``A_log``, ``dt_bias``, the short-conv weights, the
+            router weight and the correction bias (kept fp32); default: the config's ``dtype``.
         strict: refuse tensors the model does not have.
     """
     path = os.fspath(path)

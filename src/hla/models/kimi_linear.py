@@ -110,7 +110,7 @@ class KimiLinearForCausalLM(nn.Module):
                 m.reset_gate_parameters()
 
     def fp32_param_names(self) -> set[str]:
-        """Names of parameters kept in fp32 whatever the model dtype (KDA gate, MoE router)."""
+        """Names of parameters kept in fp32 whatever the model dtype (KDA gate and short convs, MoE router)."""
         names = set()
         for mod_name, m in self.named_modules():
             for p in getattr(m, "fp32_params", ()):
@@ -118,8 +118,8 @@ class KimiLinearForCausalLM(nn.Module):
         return names
 
     def to_dtype(self, dtype: torch.dtype) -> KimiLinearForCausalLM:
-        """Cast to ``dtype`` keeping ``A_log``, ``dt_bias``, router weight and correction bias in fp32
-        (float64 models keep everything in float64). ``.to(dtype)`` does the same."""
+        """Cast to ``dtype`` keeping ``A_log``, ``dt_bias``, the short-conv weights, the router weight and
+        the correction bias in fp32 (float64 models keep everything in float64). ``.to(dtype)`` does the same."""
         keep = self.fp32_param_names() if dtype != torch.float64 else set()
         for name, p in self.named_parameters():
             target = torch.float32 if name in keep else dtype

@@ -235,3 +235,16 @@ def test_chunk_kda_intra_auto_mixes_methods_per_row_float32():
     assert torch.equal(A_kk[past], H_kk[past]) and torch.equal(A_qk[past], H_qk[past])
     torch.testing.assert_close(A_qk, H_qk, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(A_kk, H_kk, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("spike", [200.0, 1000.0])
+def test_kda_torch_float32_reset_then_slow_decay(spike):
+    # A strong forget early in each chunk, then almost none: exponent differences of large
+    # cumulative decays must not lose fp32 precision (gc is kept in float64).
+    x = random_kda_inputs(1, 128, 1, 1, 16, 16)
+    x["g"][:] = -0.01
+    x["g"][:, 2::64] = -spike
+    ref_o, ref_s = kda_reference(**x, output_final_state=True)
+    o, s = kda(**{n: t.float() for n, t in x.items()}, output_final_state=True, backend="torch")
+    assert_rel("o", o, ref_o, 1e-6)
+    assert_rel("final_state", s, ref_s, 1e-6)
