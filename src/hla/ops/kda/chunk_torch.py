@@ -3,7 +3,7 @@
 The stages and their names follow the pipeline a Triton kernel runs, so a kernel can be bisected
 stage by stage against :func:`chunk_kda_stages`:
 
-1. ``cumsum``     ``gc = cumsum(g)`` inside each chunk (inclusive), the log-decay from the chunk start.
+1. ``cumsum``     ``gc = cumsum(g)`` inside each chunk (inclusive, float64), the log-decay from the chunk start.
 2. ``intra``      ``A_kk[i, j] = beta_i sum_d k_id k_jd exp(gc_id - gc_jd)`` for ``j < i`` and
                   ``A_qk[i, j] = scale sum_d q_id k_jd exp(gc_id - gc_jd)`` for ``j <= i``.
 3. ``solve_tril`` ``Ai = (I + A_kk)^-1`` (the UT transform; unit lower triangular).
