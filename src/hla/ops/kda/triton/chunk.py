@@ -68,6 +68,13 @@ class KDAChunkTriton(torch.autograd.Function):
         B, T, H, K = q.shape
         HV, V = v.shape[-2], v.shape[-1]
         meta = _ChunkMeta(B, T, opts["cu_seqlens"], opts["chunk_size"], q.device)
+        if meta.NC == 0:  # no tokens: nothing to launch, the state passes through
+            ctx.mark_non_differentiable()
+            ht = None
+            if opts["output_final_state"]:
+                ht = (initial_state.clone() if initial_state is not None
+                      else q.new_zeros(meta.N, HV, K, V, dtype=torch.float32))
+            return v.new_empty(B, T, HV, V), ht
         flat = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta)]
         h0 = initial_state.contiguous() if initial_state is not None else None
         out = _forward_stages(*flat, meta, scale=opts["scale"], A_log=A_log, dt_bias=dt_bias,

@@ -26,29 +26,12 @@ from hla.ops.kda.triton.common import next_pow2
 
 
 @triton.jit
-def _split(x, DT: tl.constexpr, SPLIT: tl.constexpr):
-    if SPLIT:
-        hi = x.to(DT)
-        return hi, (x - hi.to(tl.float32)).to(DT)
-    return x.to(DT), x.to(DT)
-
-
-@triton.jit
-def _dot2(a, hi, lo, SPLIT: tl.constexpr):
-    if SPLIT:
-        return tl.dot(a, hi) + tl.dot(a, lo)
-    return tl.dot(a, hi)
-
-
-@triton.jit
 def kda_recurrence_fwd_kernel(
     w, u, qg, kd, dl, Aqk, h0, o, ht, h, vnew, cu_seqlens, chunk_offsets,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_H: tl.constexpr,
 ):
-    DT = w.dtype.element_ty
-    SPLIT: tl.constexpr = DT != tl.float32
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
     seq_bos = tl.load(cu_seqlens + i_n).to(tl.int64)
@@ -66,37 +49,29 @@ def kda_recurrence_fwd_kernel(
     else:
         b_s = tl.zeros([BK, BV], dtype=tl.float32)
 
-    # Scalar int64 bases plus small int32 tile offsets: int64 offset tiles would cost 2 registers
-    # per element and were the main cause of spills.
-    o_tk = o_i[:, None] * (HV * K) + o_k[None, :]
-    o_tv = o_i[:, None] * (HV * V) + o_v[None, :]
-    o_tt = o_i[:, None] * (HV * BT) + o_i[None, :]
     for i_t in range(NT):
         i_c = c_lo + i_t
-        t0 = seq_bos + i_t * BT
-        m_t = (t0 + o_i) < seq_eos
+        o_t = seq_bos + i_t * BT + o_i
+        m_t = o_t < seq_eos
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        b_tk = (t0 * HV + i_hv) * K
-        b_tv = (t0 * HV + i_hv) * V
+        p_tk = (o_t[:, None] * HV + i_hv) * K + o_k[None, :]
+        p_tv = (o_t[:, None] * HV + i_hv) * V + o_v[None, :]
         if STORE_H:
             tl.store(h + (i_c * HV + i_hv) * K * V + p_s, b_s, mask=m_s)
-        # Loads sit next to their use to keep register pressure down (the K-wide tiles are the bulk).
-        # w, qg, kd are stored in the input dtype; the fp32 state and v_new enter the bf16 products
-        # as a hi + lo pair, so they keep ~16 mantissa bits at the cost of a second product.
-        b_w = tl.load((w + b_tk) + o_tk, mask=m_tk, other=0.0)
-        b_sh, b_sl = _split(b_s, DT, SPLIT)
-        b_vn = tl.load((u + b_tv) + o_tv, mask=m_tv, other=0.0) - _dot2(b_w, b_sh, b_sl, SPLIT)  # [BT, BV]
-        if STORE_H:
-            tl.store((vnew + b_tv) + o_tv, b_vn, mask=m_tv)
-        b_qg = tl.load((qg + b_tk) + o_tk, mask=m_tk, other=0.0)
-        b_A = tl.load((Aqk + (t0 * HV + i_hv) * BT) + o_tt, mask=m_t[:, None], other=0.0)
-        b_o = _dot2(b_qg, b_sh, b_sl, SPLIT) + tl.dot(b_A, b_vn)
-        tl.store((o + b_tv) + o_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
-        b_kd = tl.load((kd + b_tk) + o_tk, mask=m_tk, other=0.0)
+        b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_kd = tl.load(kd + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_qg = tl.load(qg + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_u = tl.load(u + p_tv, mask=m_tv, other=0.0)
+        b_A = tl.load(Aqk + (o_t[:, None] * HV + i_hv) * BT + o_i[None, :], mask=m_t[:, None], other=0.0)
         b_dl = tl.load(dl + (i_c * HV + i_hv) * K + o_k, mask=m_k, other=0.0)
-        b_vh, b_vl = _split(b_vn, DT, SPLIT)
-        b_s = b_s * b_dl[:, None] + _dot2(tl.trans(b_kd), b_vh, b_vl, SPLIT)
+        # fp32 operands: the state never drops to bf16 (tf32 products keep 10 mantissa bits).
+        b_vn = b_u - tl.dot(b_w, b_s)  # [BT, BV]
+        if STORE_H:
+            tl.store(vnew + p_tv, b_vn, mask=m_tv)
+        b_o = tl.dot(b_qg, b_s) + tl.dot(b_A, b_vn)
+        tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
+        b_s = b_s * b_dl[:, None] + tl.dot(tl.trans(b_kd), b_vn)
 
     if STORE_FINAL:
         tl.store(ht + (i_n * HV + i_hv).to(tl.int64) * K * V + p_s, b_s, mask=m_s)
@@ -196,7 +171,7 @@ def kda_recurrence_fwd(
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=64,
         HAS_H0=initial_state is not None, STORE_FINAL=output_final_state, STORE_H=store_h,
-        num_warps=4, num_stages=1,
+        num_warps=4,
     )
     return o, ht, h, vnew
 
@@ -228,6 +203,6 @@ def kda_recurrence_bwd(
         du, dqg, dw, dkd, dA, ddl, cu_seqlens, chunk_offsets, TT, NC,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=BT,
         HAS_DHT=dht is not None, STORE_DH0=need_dh0,
-        num_warps=4, num_stages=1,
+        num_warps=4,
     )
     return dict(du=du, dqg=dqg.sum(0), dw=dw.sum(0), dkd=dkd.sum(0), dA=dA.sum(0), ddl=ddl.sum(0), dh0=dh0)
