@@ -639,6 +639,7 @@ def run_claims(s: BenchSettings) -> dict:
             if "tpot" not in stages:
                 break
             bar.set_postfix_str(f"tpot {m} {fmt_length(c)}")
+            model = None  # drop our reference first, so a switch can free it
             model = pool.get(m)
             need = (predict_cache_bytes(configs[m], 1, c + 64, dtype=dtype)["total"]
                     + decode_workspace_bytes(configs[m], c + 64))
@@ -672,6 +673,7 @@ def run_claims(s: BenchSettings) -> dict:
             else:
                 bar.set_postfix_str(f"breakdown {m} {fmt_length(c)}")
                 try:
+                    model = None  # drop our reference first, so a switch can free it
                     model = pool.get(m)
                     results["breakdown"][m] = measure_breakdown(
                         model, c, steps=s.steps, warmup=s.warmup, use_graph=s.use_graph, device=device, dtype=dtype,
@@ -691,6 +693,7 @@ def run_claims(s: BenchSettings) -> dict:
                     skip(f"throughput {m} {fmt_length(c)}", "time budget")
                     bar.update(1)
                     continue
+                model = None  # drop our reference first, so a switch can free it
                 model = pool.get(m, exclusive=True)
                 free = free_after_weights(m)
                 b_pred = predict_max_batch(configs[m], c, free, margin, dtype, cap=s.max_batch)
@@ -739,6 +742,7 @@ def run_claims(s: BenchSettings) -> dict:
                     stopped.add(m)
                     bar.update(1)
                     continue
+                model = None  # drop our reference first, so a switch can free it
                 model = pool.get(m)
                 try:
                     if m not in warmed:  # Triton compiles, cuBLAS/SDPA heuristics, lazy CPU init
