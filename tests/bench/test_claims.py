@@ -131,5 +131,7 @@ def test_summary_speedups_pair_the_longest_common_context():
     assert s["tpot_speedup"]["paper"] == 2.2
     # 9 rows / 20 ms vs 2 rows / 25 ms
     assert s["throughput_speedup"]["ours"] == pytest.approx((9 / 0.020) / (2 / 0.025))
+    # Best rate per model, batch 1 included: hybrid 450 tok/s (batch 9) vs all-MLA max(80, 1000 / 12.5) = 80.
+    assert s["throughput_speedup_best"]["ours"] == pytest.approx(450 / 80)
     assert s["prefill_speedup"] == {"length": 8192, "ours": 2.0, "paper": None}
     assert s["prefill_speedup_1m_extrapolated"]["ours"] == pytest.approx(4.0)
