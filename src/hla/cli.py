@@ -21,7 +21,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from hla.generation.claims import run_bench
+    from hla.bench.claims import run_bench
 
     return run_bench(args)
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("bench", help="efficiency claims vs the all-MLA twin: cache, TPOT, throughput, prefill")
-    from hla.generation.claims import add_arguments as add_bench_arguments
+    from hla.bench.options import add_arguments as add_bench_arguments
 
     add_bench_arguments(p)
     p.set_defaults(func=_cmd_bench)
