@@ -16,6 +16,10 @@ Experts are computed grouped by expert, in one of three ways by the number of to
   rows, pairs are scattered to their expert's rows and all experts run as one batched matmul.
   No sync (graph-capturable); reads every expert's weights, which a large decode batch touches
   anyway, and spends ``E / k`` times the useful FLOPs, cheap next to that read at small ``N``.
+
+On CUDA, ``N * k <= MOE_DECODE_MAX_PAIRS`` (decode, batched decode) instead uses the Triton path of
+``hla.ops.moe``: it indexes the stacked weights by expert id inside the kernels, so it reads only the
+chosen experts, copies no weight and needs no sync. ``gathered`` and ``padded`` remain the CPU paths.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hla.layers.mlp import SwiGLUMLP
+from hla.ops.moe import MOE_DECODE_MAX_PAIRS, moe_experts_decode
 
 # At most this many (token, slot) pairs use the gathered-weights path (no host sync).
 GATHER_MAX_PAIRS = 16
@@ -97,7 +102,10 @@ class SparseMoE(nn.Module):
         shape = x.shape
         xf = x.reshape(-1, shape[-1])
         idx, w = self.gate(xf)
-        if idx.numel() <= GATHER_MAX_PAIRS:
+        if xf.is_cuda and xf.dtype != torch.float64 and idx.numel() <= MOE_DECODE_MAX_PAIRS:
+            e = self.experts
+            out = moe_experts_decode(xf, e.w1, e.w3, e.w2, idx, w)
+        elif idx.numel() <= GATHER_MAX_PAIRS:
             out = self._gathered(xf, idx, w)
         elif xf.shape[0] <= PADDED_MAX_TOKENS:
             out = self._padded(xf, idx, w)
