@@ -24,6 +24,11 @@ range, else a full hierarchy down to single tokens. Unused (future) entries are 
 ``where`` (never a 0/1 product that could meet an inf), so no NaN appears in forward or backward
 and future tokens contribute exact zeros; anchors never look ahead of the row, so outputs are
 bit-exactly causal (the failure mode of FLA #1240).
+
+Underflow. Strong gates push many decay factors below fp32's smallest normal (exp(-87)); subnormal operands
+and results run in microcode on x86 (1.3-1.5x slower forward+backward measured here, see
+benchmarks/results/kda_cpu.md). In fp32 compute every decay factor below exp(-40) is therefore an exact zero
+(see ``_decay``), which changes sums by far less than fp32 rounding; float64 is left exact.
 """
 
 from __future__ import annotations
