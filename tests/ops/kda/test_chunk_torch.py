@@ -289,3 +289,17 @@ def test_kda_torch_float32_strong_decay_makes_no_subnormals(gate_scale):
     assert_rel("o", o, ref_o, 1e-5)
     for n in x:
         assert_rel(f"grad {n}", x32[n].grad, x64[n].grad, 1e-5)
+
+
+def test_decay_floor_zeroes_tiny_factors_keeps_nan_and_float64():
+    from hla.ops.kda.chunk_torch import _decay
+
+    x = torch.tensor([0.0, -1.0, -40.0, -40.5, -100.0, float("-inf"), float("nan")], dtype=torch.float64,
+                     requires_grad=True)
+    y = _decay(x, torch.float32)
+    assert y.dtype == torch.float32
+    assert torch.equal(y[:3], x[:3].detach().float().exp()) and torch.equal(y[3:6], torch.zeros(3))
+    assert y[6].isnan()
+    y[:6].sum().backward()
+    assert torch.equal(x.grad[3:6], torch.zeros(3, dtype=torch.float64))  # no gradient below the floor, no NaN
+    assert torch.equal(_decay(x, torch.float64)[:6], x[:6].exp())  # float64 stays exact

@@ -89,7 +89,8 @@ def _decay(x: torch.Tensor, dtype: torch.dtype, floor: float | None = None) -> t
     if floor is None:
         return x.exp()
     # where on the exponent, not on exp's result: the subnormal must never be produced (nor its gradient).
-    return torch.where(x >= -floor, x, float("-inf")).exp()
+    # Written as "x < -floor" so that a NaN exponent stays NaN.
+    return torch.where(x < -floor, float("-inf"), x).exp()
 
 
 def chunk_kda_intra(
