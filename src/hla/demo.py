@@ -149,10 +149,6 @@ def _fmt_bytes(n: float) -> str:
 
 
 def write_png(path: Path, rows: dict, plan: DemoPlan, curves: dict) -> None:
-    import warnings
-
-    # numpy warns about subnormals being zero when first queried after set_flush_denormal(True): expected here
-    warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,7 +193,6 @@ def run_demo(args: argparse.Namespace) -> int:
     plan = GPU_PLAN if device.type == "cuda" else CPU_PLAN
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads())
-        torch.set_flush_denormal(True)  # see hla.training.trainer: subnormals make KDA's CPU path 5-10x slower
     out = Path(getattr(args, "out", None) or "runs/demo")
     out.mkdir(parents=True, exist_ok=True)
     print(f"hla demo on {device} ({torch.get_num_threads()} threads); output in {out}/", flush=True)

@@ -139,11 +139,6 @@ class Trainer:
             raise ValueError(f"per-rank batch ({self.rank_batch}) must be divisible by micro_batch_size ({self.micro})")
         self.accum = self.rank_batch // self.micro
 
-        if self.device.type == "cpu":
-            # exp() of large negative log-decays in KDA's chunked form yields subnormal floats, and x86 CPUs
-            # handle those in microcode: a 5-10x slowdown measured on MQAR batches. Flushing them to zero
-            # changes nothing that matters for training (they are < 1e-38).
-            torch.set_flush_denormal(True)
         model = model.to(self.device)
         self.fsdp = self.dist.enabled and cfg.parallel == "fsdp"
         if self.fsdp:
@@ -306,10 +301,6 @@ class Trainer:
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path, title: str | None = None) -> None:
     """Loss (and any ``eval_*`` accuracy) against step from a metrics JSONL file, as a PNG."""
-    import warnings
-
-    # numpy warns about subnormals being zero when first queried after set_flush_denormal(True): expected here
-    warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
     import matplotlib
 
     matplotlib.use("Agg")

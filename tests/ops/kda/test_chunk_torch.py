@@ -248,3 +248,58 @@ def test_kda_torch_float32_reset_then_slow_decay(spike):
     o, s = kda(**{n: t.float() for n, t in x.items()}, output_final_state=True, backend="torch")
     assert_rel("o", o, ref_o, 1e-6)
     assert_rel("final_state", s, ref_s, 1e-6)
+
+
+class _SubnormalCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the subnormal values in the outputs of every aten op run under it (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.subnormal = self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if "empty" in func.__name__:  # uninitialised memory
+            return out
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                a = t.detach().abs()
+                self.subnormal += int(((a > 0) & (a < torch.finfo(torch.float32).tiny)).sum())
+                self.total += t.numel()
+        return out
+
+
+@pytest.mark.parametrize("gate_scale", [3.0, 30.0])
+def test_kda_torch_float32_strong_decay_makes_no_subnormals(gate_scale):
+    # exp of large negative log-decays (and products of such factors) gave subnormal fp32 numbers, which x86
+    # CPUs process in microcode: 3e3 (gate_scale 3) and 6e4 (30) per forward+backward here, 5e-4 and 4e-3 of all
+    # values, before decay factors below exp(-40) became exact zeros. A few products of small factors remain.
+    from hla.ops.kda.chunk_torch import chunk_kda_torch
+
+    x = random_kda_inputs(2, 128, 2, K=32, gate_scale=gate_scale, generator=torch.Generator().manual_seed(1))
+    x64 = {n: t.requires_grad_(True) for n, t in x.items()}
+    x32 = {n: t.detach().float().requires_grad_(True) for n, t in x.items()}
+    counter = _SubnormalCounter()
+    with counter:
+        o, _ = chunk_kda_torch(**x32, scale=32**-0.5)
+        o.square().sum().backward()
+    assert counter.subnormal <= 1e-4 * counter.total, f"{counter.subnormal} subnormals in {counter.total} values"
+    ref_o, _ = kda_reference(**x64, scale=32**-0.5)
+    ref_o.square().sum().backward()
+    assert_rel("o", o, ref_o, 1e-5)
+    for n in x:
+        assert_rel(f"grad {n}", x32[n].grad, x64[n].grad, 1e-5)
+
+
+def test_decay_floor_zeroes_tiny_factors_keeps_nan_and_float64():
+    from hla.ops.kda.chunk_torch import _decay
+
+    x = torch.tensor([0.0, -1.0, -40.0, -40.5, -100.0, float("-inf"), float("nan")], dtype=torch.float64,
+                     requires_grad=True)
+    y = _decay(x, torch.float32)
+    assert y.dtype == torch.float32
+    assert torch.equal(y[:3], x[:3].detach().float().exp()) and torch.equal(y[3:6], torch.zeros(3))
+    assert y[6].isnan()
+    y[:6].sum().backward()
+    assert torch.equal(x.grad[3:6], torch.zeros(3, dtype=torch.float64))  # no gradient below the floor, no NaN
+    assert torch.equal(_decay(x, torch.float64)[:6], x[:6].exp())  # float64 stays exact

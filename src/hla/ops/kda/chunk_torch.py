@@ -24,6 +24,11 @@ range, else a full hierarchy down to single tokens. Unused (future) entries are 
 ``where`` (never a 0/1 product that could meet an inf), so no NaN appears in forward or backward
 and future tokens contribute exact zeros; anchors never look ahead of the row, so outputs are
 bit-exactly causal (the failure mode of FLA #1240).
+
+Underflow. Strong gates push many decay factors below fp32's smallest normal (exp(-87)); subnormal operands
+and results run in microcode on x86 (1.3-1.5x slower forward+backward measured here, see
+benchmarks/results/kda_cpu.md). In fp32 compute every decay factor below exp(-40) is therefore an exact zero
+(see ``_decay``), which changes sums by far less than fp32 rounding; float64 is left exact.
 """
 
 from __future__ import annotations
@@ -67,6 +72,26 @@ def chunk_kda_cumsum(g: torch.Tensor) -> torch.Tensor:
 # product keeps its relative precision. float64: exp(600) ~ 4e260.
 _BLOCKSTART_LIMIT = {torch.float32: 80.0, torch.float64: 600.0}
 
+# Decay factors exp(x), x <= 0, below exp(-_DECAY_FLOOR) are set to exact zeros in fp32 compute. exp(-40) ~ 4e-18 is
+# far below fp32's rounding (6e-8) relative to the O(1) terms in the same sums, and it keeps products of two or three
+# such factors with q, k, beta and gradients above fp32's smallest normal (1.2e-38). Without the floor, strongly
+# decaying gates fill the stages with subnormals, which x86 CPUs process in microcode (each operation ~100x slower).
+# float64 compute is left exact.
+_DECAY_FLOOR = {torch.float32: 40.0}
+
+
+def _decay(x: torch.Tensor, dtype: torch.dtype, floor: float | None = None) -> torch.Tensor:
+    """``exp(x)`` in ``dtype`` for log-decays ``x <= 0`` (any float dtype; ``-inf`` gives 0), exponents below
+    ``-floor`` (default ``_DECAY_FLOOR[dtype]``, none for float64) giving exact zeros instead of subnormals.
+    The zeroed entries get zero gradient."""
+    floor = _DECAY_FLOOR.get(dtype) if floor is None else floor
+    x = x.to(dtype)
+    if floor is None:
+        return x.exp()
+    # where on the exponent, not on exp's result: the subnormal must never be produced (nor its gradient).
+    # Written as "x < -floor" so that a NaN exponent stays NaN.
+    return torch.where(x < -floor, float("-inf"), x).exp()
+
 
 def chunk_kda_intra(
     q: torch.Tensor, k: torch.Tensor, gc: torch.Tensor, beta: torch.Tensor, method: str = "auto"
@@ -99,7 +124,8 @@ def chunk_kda_intra(
 
     gb = gc.reshape(*lead, NS, BS, K)
     depth = gb[..., :1, :] - gb  # gc_r - gc_i >= 0
-    row = (-depth).to(q.dtype).exp()
+    # Rows past the limit are replaced below: their factor may be zeroed, not the used rows' (depth <= limit).
+    row = _decay(-depth, q.dtype, floor=limit if q.dtype in _DECAY_FLOOR else None)
     # Clamped so rows past the limit stay finite (they are replaced below, their gradient is zero).
     k_col_t = (k.reshape(*lead, NS, BS, K) * depth.clamp_max(limit).to(k.dtype).exp()).transpose(-1, -2)
     ii = torch.arange(BS, device=gc.device)
@@ -140,8 +166,8 @@ def _intra_cross_blocks(
     qq, kk = q.reshape(*lead, NP, F, C, K), k.reshape(*lead, NP, F, C, K)
     g_first, g_last = gq[..., :1, :], gq[..., -1:, :]  # [.., NP, F, 1, K]
     if C > 1:
-        row = (gq - g_first).to(q.dtype).exp()
-        qq, kk, k_hat = qq * row, kk * row, kk * (g_last - gq).to(k.dtype).exp()
+        row = _decay(gq - g_first, q.dtype)
+        qq, kk, k_hat = qq * row, kk * row, kk * _decay(g_last - gq, k.dtype)
     else:
         k_hat = kk
     f = torch.arange(F, device=gc.device)
@@ -149,7 +175,7 @@ def _intra_cross_blocks(
     neg_inf = torch.tensor(float("-inf"), dtype=gc.dtype, device=gc.device)
     M = torch.where(pair_mask, g_first.squeeze(-2).unsqueeze(-2) - g_last.squeeze(-2).unsqueeze(-3), neg_inf)
     # [.., NP, F(a), F(b), C, K] -> columns of the parent, per row child a
-    Y = (k_hat.unsqueeze(-4) * M.to(k.dtype).exp().unsqueeze(-2)).reshape(*lead, NP, F, P, K).transpose(-1, -2)
+    Y = (k_hat.unsqueeze(-4) * _decay(M, k.dtype).unsqueeze(-2)).reshape(*lead, NP, F, P, K).transpose(-1, -2)
     return _block_diag((qq @ Y).reshape(*lead, NP, P, P)), _block_diag((kk @ Y).reshape(*lead, NP, P, P))
 
 
@@ -216,7 +242,7 @@ def chunk_kda_wu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage 4. ``w = Ai (beta k exp(gc))``: ``[.., BT, K]``; ``u = Ai (beta v)``: ``[.., BT, V]``."""
     b = beta.unsqueeze(-1)
-    return Ai @ (b * k * gc.to(k.dtype).exp()), Ai @ (b * v)
+    return Ai @ (b * k * _decay(gc, k.dtype)), Ai @ (b * v)
 
 
 def chunk_kda_state(
@@ -239,8 +265,8 @@ def chunk_kda_state(
     B, HV, NT, BT, K = k.shape
     V = u.shape[-1]
     g_last = gc[..., -1:, :]  # [B, HV, NT, 1, K]
-    decay_last = g_last.squeeze(-2).to(k.dtype).exp().unsqueeze(-1)  # [B, HV, NT, K, 1]
-    k_last_t = (k * (g_last - gc).to(k.dtype).exp()).transpose(-1, -2)  # [B, HV, NT, K, BT]
+    decay_last = _decay(g_last.squeeze(-2), k.dtype).unsqueeze(-1)  # [B, HV, NT, K, 1]
+    k_last_t = (k * _decay(g_last - gc, k.dtype)).transpose(-1, -2)  # [B, HV, NT, K, BT]
     if initial_state is None:
         S = torch.zeros(B, HV, K, V, dtype=k.dtype, device=k.device)
     else:
@@ -259,7 +285,7 @@ def chunk_kda_output(
     q: torch.Tensor, gc: torch.Tensor, h: torch.Tensor, A_qk: torch.Tensor, v_new: torch.Tensor
 ) -> torch.Tensor:
     """Stage 6. ``o = (q exp(gc)) h + A_qk v_new``: ``[B, HV, NT, BT, V]`` (q already scaled)."""
-    return (q * gc.to(q.dtype).exp()) @ h + A_qk @ v_new
+    return (q * _decay(gc, q.dtype)) @ h + A_qk @ v_new
 
 
 def chunk_kda_stages(

@@ -90,7 +90,9 @@ def _diag_block(q, k, G, bos, i_b, eos, b_q, b_k, b_G, b_b, o_c, o_k, m_k, i_h, 
         if USE_L2:
             b_kj = b_kj / tl.sqrt(tl.sum(b_kj * b_kj) + 1e-6)
         b_Gj = tl.load(G + (r * HV + i_hv) * K + o_k, mask=m_k & m_j, other=0.0)
-        b_t = b_kj[None, :] * tl.exp(tl.where((o_c >= j)[:, None], b_G - b_Gj[None, :], float("-inf")))
+        # rows past eos (G loaded as 0) would take exp of a positive value; they are never stored
+        b_t = b_kj[None, :] * tl.exp(tl.where(((o_c >= j) & (bos + i_b * BC + o_c < eos))[:, None],
+                                              b_G - b_Gj[None, :], float("-inf")))
         c_qk = tl.sum(b_q * b_t, axis=1)
         c_kk = tl.sum(b_k * b_t, axis=1)
         b_aqk = tl.where(o_c[None, :] == j, c_qk[:, None], b_aqk)
@@ -111,7 +113,8 @@ def _off_block(k, G, bos, i_b, j_b, eos, b_qs, b_ks, b_Ga, o_c, o_k, m_k, i_h, i
     b_GJ = _rows(G, o_j, m_j, o_k, m_k, i_hv, HV, K)
     rb = bos + j_b * BC + BC - 1
     b_Gb = _row(G, rb, rb < eos, o_k, m_k, i_hv, HV, K)
-    b_kc = tl.trans(b_kJ * tl.exp(tl.where(m_j[:, None], b_Gb[None, :] - b_GJ, float("-inf"))))
+    # rb past eos (G_b loaded as 0) means block I lies wholly past eos, its tiles never stored: no exp(> 0) there
+    b_kc = tl.trans(b_kJ * tl.exp(tl.where(m_j[:, None] & (rb < eos), b_Gb[None, :] - b_GJ, float("-inf"))))
     # min(., 0) only matters for an empty block I (no anchor loaded); otherwise G_a <= G_b already.
     b_c = tl.exp(tl.minimum(b_Ga - b_Gb, 0.0))[None, :]
     return (tl.dot(b_qs * b_c, b_kc, input_precision=PREC), tl.dot(b_ks * b_c, b_kc, input_precision=PREC))
