@@ -26,6 +26,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Split lengths are a multiple of this, so every BS below divides them.
 _CHUNK_ALIGN = 64
 _SM_COUNT: dict[int, int] = {}
+# Programs launched per SM (split count = WAVES * SMs / (B * M-blocks), splits >= 256 keys).
+WAVES = int(os.environ.get("HLA_MLA_WAVES", "2"))
 
 
 def _configs():
@@ -33,21 +35,26 @@ def _configs():
         return [triton.Config({"BS": 16}, num_warps=4)]
     return [
         triton.Config({"BS": bs}, num_warps=w, num_stages=s)
-        for bs, w, s in [(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (32, 8, 3), (16, 8, 3), (64, 4, 1)]
+        for bs, w, s in [
+            (16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (32, 8, 3), (16, 8, 3), (64, 4, 1),
+            (32, 8, 4), (16, 4, 4), (16, 8, 4), (32, 4, 3),
+        ]
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M", "R", "DR", "BM", "NSPLIT"])
+@triton.autotune(configs=_configs(), key=["M", "R", "DR", "BM"])
 @triton.jit
 def mla_decode_split_kernel(
     q_ptr, qpe_ptr, c_ptr, pe_ptr, len_ptr, mws_ptr, lws_ptr, ows_ptr,
     S, CHUNK, scale,
-    s_cb, s_cs, s_pb, s_ps,
+    s_cb, s_cs, s_pb, s_ps, NSPLIT,
     M, H: tl.constexpr, T: tl.constexpr, R: tl.constexpr, DR: tl.constexpr,
-    BR: tl.constexpr, BDR: tl.constexpr, BM: tl.constexpr, NSPLIT: tl.constexpr,
+    BR: tl.constexpr, BDR: tl.constexpr, BM: tl.constexpr,
     IEEE: tl.constexpr, BS: tl.constexpr,
 ):
     i_s, i_b, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    c_row = c_ptr + i_b.to(tl.int64) * s_cb  # int64: B * S_alloc * R passes 2**31 at batch 8, 1M
+    pe_row = pe_ptr + i_b.to(tl.int64) * s_pb
     rows = i_m * BM + tl.arange(0, BM)  # query rows m = t * H + h
     row_ok = rows < M
     o_r = tl.arange(0, BR)
@@ -74,9 +81,9 @@ def mla_decode_split_kernel(
     for j0 in range(start, stop, BS):
         o_j = j0 + tl.arange(0, BS)
         j_ok = o_j < stop
-        c = tl.load(c_ptr + i_b * s_cb + o_j[:, None] * s_cs + o_r[None, :],
+        c = tl.load(c_row + o_j[:, None] * s_cs + o_r[None, :],
                     mask=j_ok[:, None] & r_ok[None, :], other=0.0)  # [BS, BR]
-        pe = tl.load(pe_ptr + i_b * s_pb + o_j[:, None] * s_ps + o_d[None, :],
+        pe = tl.load(pe_row + o_j[:, None] * s_ps + o_d[None, :],
                      mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BS, BDR]
         if IEEE:
             s = tl.dot(q, tl.trans(c), input_precision="ieee") + tl.dot(qpe, tl.trans(pe), input_precision="ieee")
@@ -183,8 +190,8 @@ def mla_decode(
     BM = max(16, min(64, triton.next_power_of_2(M)))
     n_m = triton.cdiv(M, BM)
     if num_splits is None:
-        # Enough programs for ~2 waves over the SMs, but no split shorter than 256 keys.
-        num_splits = max(1, min(triton.cdiv(span, 256), triton.cdiv(2 * _num_sms(latent.device), B * n_m)))
+        # Enough programs for WAVES per SM, but no split shorter than 256 keys.
+        num_splits = max(1, min(triton.cdiv(span, 256), triton.cdiv(WAVES * _num_sms(latent.device), B * n_m)))
     chunk = triton.cdiv(triton.cdiv(span, num_splits), _CHUNK_ALIGN) * _CHUNK_ALIGN
     nsplit = triton.cdiv(span, chunk)
     f32 = torch.float32
@@ -199,9 +206,9 @@ def mla_decode(
     mla_decode_split_kernel[(nsplit, B, n_m)](
         q, qpe, latent, k_pe, lengths, m_ws, l_ws, o_ws,
         span, chunk, float(scale),
-        latent.stride(0), latent.stride(1), k_pe.stride(0), k_pe.stride(1),
+        latent.stride(0), latent.stride(1), k_pe.stride(0), k_pe.stride(1), nsplit,
         M, H=H, T=T, R=R, DR=DR,
-        BR=triton.next_power_of_2(R), BDR=max(16, triton.next_power_of_2(DR)), BM=BM, NSPLIT=nsplit,
+        BR=triton.next_power_of_2(R), BDR=max(16, triton.next_power_of_2(DR)), BM=BM,
         IEEE=dt == torch.float32,
     )
     BSP = max(2, triton.next_power_of_2(nsplit))
