@@ -18,15 +18,23 @@ against ``H * S * (192 + 128)`` for the expanded one, but the expanded form firs
 ``S * 512 * H * 256`` to expand all ``S`` keys. Absorbed wins while ``T < ~170`` new tokens per
 call by FLOPs; expanded prefill also gets fused flash/efficient SDPA kernels, so the threshold
 is set lower, at 32 tokens: decode and short continuations absorb, real prefills expand.
+
+On CUDA (not float64) the absorbed attention over the latent runs in the Triton flash-decoding
+kernel of ``hla.ops.mla`` (one pass over the cache, no ``[B, H, T, S]`` score buffer, sync-free);
+the einsum path stays for the CPU and as the reference. ``MultiheadLatentAttention.triton_decode``
+(``None`` = auto, ``True``/``False`` = force) or ``HLA_MLA_TRITON=0`` in the environment choose.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hla.layers.norm import RMSNorm
+from hla.ops.mla import mla_decode
 
 ABSORB_MAX_TOKENS = 32
 
@@ -38,6 +46,9 @@ class MultiheadLatentAttention(nn.Module):
     ``kv_a_proj_with_mqa [R+dr, hidden]``, ``kv_a_layernorm [R]``, ``kv_b_proj [H*(dn+dv), R]``,
     ``o_proj [hidden, H*dv]`` and, only with ``config.mla_use_output_gate``, ``g_proj [H*dv, hidden]``.
     """
+
+    # None: the Triton decode kernel on CUDA for non-float64 inputs; True/False: force it on/off.
+    triton_decode: bool | None = None
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -85,13 +96,15 @@ class MultiheadLatentAttention(nn.Module):
             # Keys beyond the longest row are never read; the span is a host-side int (no sync).
             S = cache.key_span(T)
             c_all, pe_all = lc.latent[:, :S], lc.k_pe[:, :S]
-            # Slot j is visible to the query at position pos iff j <= pos; slots past a row's
-            # length (other rows are longer, or stale data) are masked out.
-            mask = torch.arange(S, device=x.device)[None, None, :] <= pos[:, :, None]  # [B, T, S]
-            if T <= ABSORB_MAX_TOKENS:
-                o = self._absorbed(q_nope, q_pe, c_all.to(x.dtype), pe_all.to(x.dtype), mask)
+            if T <= ABSORB_MAX_TOKENS and self._use_triton(x):
+                # The kernel masks by lengths itself and reads the cache in its own dtype.
+                o = self._absorbed(q_nope, q_pe, c_all, pe_all, None, lengths=cache.lengths)
             else:
-                o = self._expanded(q_nope, q_pe, c_all.to(x.dtype), pe_all.to(x.dtype), mask)
+                # Slot j is visible to the query at position pos iff j <= pos; slots past a row's
+                # length (other rows are longer, or stale data) are masked out.
+                mask = torch.arange(S, device=x.device)[None, None, :] <= pos[:, :, None]  # [B, T, S]
+                mix = self._absorbed if T <= ABSORB_MAX_TOKENS else self._expanded
+                o = mix(q_nope, q_pe, c_all.to(x.dtype), pe_all.to(x.dtype), mask)
 
         if self.g_proj is not None:
             o = o * torch.sigmoid(self.g_proj(x).view(B, T, H, self.v_dim))
@@ -111,12 +124,27 @@ class MultiheadLatentAttention(nn.Module):
         )
         return o.transpose(1, 2)  # [B, T, H, dv]
 
-    def _absorbed(self, q_nope, q_pe, c, k_pe, mask):
-        """MQA over the latent: same arguments as ``_expanded`` (mask required)."""
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        if os.environ.get("HLA_MLA_TRITON") == "0":
+            return False
+        if self.triton_decode is not None:
+            return self.triton_decode
+        return x.is_cuda and x.dtype != torch.float64
+
+    def _absorbed(self, q_nope, q_pe, c, k_pe, mask, lengths=None):
+        """MQA over the latent: same arguments as ``_expanded``.
+
+        Either ``mask`` (einsum path) or ``lengths [B]`` (Triton path: query ``t`` of row ``b``
+        sees slots ``j <= lengths[b] + t`` of ``c``/``k_pe``, which may be views of the cache in
+        its own dtype) is given.
+        """
         H, dn = self.num_heads, self.nope_dim
         w = self.kv_b_proj.weight.view(H, dn + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, :dn], w[:, dn:]  # [H, dn, R], [H, dv, R]
         q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+        if lengths is not None:
+            o_lat = mla_decode(q_lat, q_pe, c, k_pe, lengths, c.shape[1], self.scale).to(q_nope.dtype)
+            return torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
         scores = torch.einsum("bthr,bsr->bhts", q_lat, c) + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)
         acc = torch.float64 if c.dtype == torch.float64 else torch.float32
         scores = scores.to(acc) * self.scale
