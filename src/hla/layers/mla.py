@@ -22,12 +22,10 @@ is set lower, at 32 tokens: decode and short continuations absorb, real prefills
 On CUDA (not float64) the absorbed attention over the latent runs in the Triton flash-decoding
 kernel of ``hla.ops.mla`` (one pass over the cache, no ``[B, H, T, S]`` score buffer, sync-free);
 the einsum path stays for the CPU and as the reference. ``MultiheadLatentAttention.triton_decode``
-(``None`` = auto, ``True``/``False`` = force) or ``HLA_MLA_TRITON=0`` in the environment choose.
+(``None`` = auto, ``True``/``False`` = force) chooses; no environment variable changes numerics.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -125,8 +123,6 @@ class MultiheadLatentAttention(nn.Module):
         return o.transpose(1, 2)  # [B, T, H, dv]
 
     def _use_triton(self, x: torch.Tensor) -> bool:
-        if os.environ.get("HLA_MLA_TRITON") == "0":
-            return False
         if self.triton_decode is not None:
             return self.triton_decode
         return x.is_cuda and x.dtype != torch.float64

@@ -27,7 +27,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CHUNK_ALIGN = 64
 _SM_COUNT: dict[int, int] = {}
 # Programs launched per SM (split count = WAVES * SMs / (B * M-blocks), splits >= 256 keys).
-WAVES = int(os.environ.get("HLA_MLA_WAVES", "2"))
+WAVES = 2  # benchmarks/mla_decode.py sweeps it by setting this attribute
 
 
 def _configs():
