@@ -23,6 +23,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from hla.bench.timing import copy_bandwidth
 from hla.ops.kda.triton import kda_chunk_triton, kda_decode_triton
 
 try:
@@ -40,10 +41,7 @@ def ms(fn, grad_to_none=None) -> float:
 
 
 def copy_ceiling() -> float:
-    x = torch.empty(2**28, device=DEV, dtype=torch.float32).normal_()
-    y = torch.empty_like(x)
-    t = ms(lambda: y.copy_(x))
-    return 2 * x.numel() * 4 / (t * 1e-3) / 1e9
+    return copy_bandwidth(DEV) / 1e9
 
 
 def gemm_ceiling() -> float:

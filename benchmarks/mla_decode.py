@@ -25,38 +25,22 @@ import torch
 import triton
 
 import hla.ops.mla.decode_triton as dtr
+from hla.bench.timing import copy_bandwidth, cuda_graph_replay
 from hla.layers.mla import MultiheadLatentAttention
 from hla.models.config import KimiLinearConfig
 from hla.ops.mla import mla_decode, mla_decode_reference
 
 
-def _graphed(fn):
-    """Eager warm-up (compiles, autotunes), then a CUDA graph of ``fn``; returns its replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
 def _ms(fn) -> tuple[float, str]:
     try:
-        return triton.testing.do_bench(_graphed(fn), warmup=10, rep=100, return_mode="median"), "graph"
+        return triton.testing.do_bench(cuda_graph_replay(fn), warmup=10, rep=100, return_mode="median"), "graph"
     except Exception as e:  # noqa: BLE001 -- report a path that cannot be captured instead of dying
         print(f"  graph failed ({type(e).__name__}: {e}); timing eagerly")
         return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median"), "eager"
 
 
 def copy_gbps() -> float:
-    a = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=10, rep=100, return_mode="median")
-    return 2 * 2 * 1024**3 / ms / 1e6  # read + written bytes per second, GB/s
+    return copy_bandwidth("cuda") / 1e9  # read + written bytes per second, GB/s
 
 
 def _rel(a, b) -> float:

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from hla.bench.options import DEFAULT_CONTEXTS, DEFAULT_PREFILL, STAGES, add_arguments
+from hla.bench.timing import copy_bandwidth as _copy_bandwidth
 from hla.generation.cache import HybridCache, predict_cache_bytes
 from hla.models import KimiLinearConfig, KimiLinearForCausalLM
 
@@ -382,15 +383,12 @@ def measure_prefill(model, length: int, *, repeats: int, device: torch.device) -
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float | None:
-    """Device-to-device copy bandwidth in bytes/s (read + write), median of 20; None on the CPU."""
+    """Device copy bandwidth in bytes/s (read + write); None on the CPU, where it means nothing here."""
     if device.type != "cuda":
         return None
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    times = time_steps(lambda a=src, b=dst: b.copy_(a), 25, device)[5:]
-    del src, dst
+    bw = _copy_bandwidth(device, nbytes)
     _release(device)
-    return 2 * (nbytes // 2) * 2 / statistics.median(times)
+    return bw
 
 
 def scaling_exponent(points: Sequence[tuple[int, float]]) -> float | None:

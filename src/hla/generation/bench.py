@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from hla.bench.timing import copy_bandwidth  # noqa: F401  (re-exported for benchmarks/decode.py)
+
 
 def sync(device: torch.device) -> None:
     if torch.device(device).type == "cuda":
@@ -39,22 +41,6 @@ def build_random_model(config, device, dtype: torch.dtype):
     finally:
         torch.set_default_dtype(previous)
     return model.to_dtype(dtype).eval()
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Copy bandwidth in bytes/s (read + write counted), median of 20 copies of ``nbytes``."""
-    n = nbytes // 2  # bf16 elements
-    src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(25):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    del src, dst
-    return 2 * n * 2 / sorted(times[5:])[len(times[5:]) // 2]
 
 
 def streamed_weight_bytes(model: torch.nn.Module, *, active_only: bool = True) -> int:
