@@ -144,6 +144,15 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     tmp.replace(path / STATE_FILE)  # trainer_state.json appears last: its presence marks a complete checkpoint
 
 
+
+def check_param_groups(optimizer: torch.optim.Optimizer, names: dict, saved_groups: list[dict]) -> None:
+    """The optimizer's parameter groups must hold the checkpoint's parameters, in its order."""
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"optimizer has {len(optimizer.param_groups)} param groups, checkpoint {len(saved_groups)}")
+    for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
+        if [names[p] for p in group["params"]] != saved["params"]:
+            raise ValueError("optimizer param groups hold different parameters than the checkpoint")
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     names: dict[torch.nn.Parameter, str], *, rank: int = 0) -> dict[str, Any]:
     """Restore model, optimizer and RNG from ``path``; returns the JSON loop state."""
@@ -154,11 +163,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     load_weights(model, path / MODEL_FILE)
     _load_optimizer_tensors(optimizer, names, load_file(str(path / OPTIM_FILE)))
     saved_groups = state["optimizer_param_groups"]
-    if len(saved_groups) != len(optimizer.param_groups):
-        raise ValueError(f"optimizer has {len(optimizer.param_groups)} param groups, checkpoint {len(saved_groups)}")
+    check_param_groups(optimizer, names, saved_groups)
     for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
-        if [names[p] for p in group["params"]] != saved["params"]:
-            raise ValueError("optimizer param groups hold different parameters than the checkpoint")
         for k, v in saved.items():
             if k != "params":
                 group[k] = tuple(v) if isinstance(group.get(k), tuple) else v

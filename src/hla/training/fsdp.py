@@ -173,11 +173,7 @@ def load_checkpoint_fsdp(path, model: torch.nn.Module, optimizer: torch.optim.Op
     shapes = _file_shapes(path / ckpt.MODEL_FILE)
     check_model_tensors(model, {k: torch.empty(s, device="meta") for k, s in shapes.items()}, path / ckpt.MODEL_FILE)
     saved_groups = state["optimizer_param_groups"]
-    if len(saved_groups) != len(optimizer.param_groups):
-        raise ValueError(f"optimizer has {len(optimizer.param_groups)} param groups, checkpoint {len(saved_groups)}")
-    for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
-        if [names[p] for p in group["params"]] != saved["params"]:
-            raise ValueError("optimizer param groups hold different parameters than the checkpoint")
+    ckpt.check_param_groups(optimizer, names, saved_groups)
     known = set(names.values())
     unknown = sorted({k.rpartition(".")[0] for k in _file_shapes(path / ckpt.OPTIM_FILE)} - known)
     if unknown:
