@@ -60,6 +60,21 @@ def test_mla_absorbed_equals_expanded():
     assert ((a - e).norm() / e.norm()).item() < 1e-12
 
 
+def test_mla_absorbed_ignores_nan_in_unseen_slots():
+    # Cache slots no query can see (past every row's length) may hold anything, NaN included.
+    layer = _layer()
+    B, T, S, H = 2, 1, 9, layer.num_heads
+    x = torch.randn(B, T, 64, dtype=torch.float64)
+    q = layer.q_proj(x).view(B, T, H, -1)
+    c, k_pe = torch.randn(B, S, 32, dtype=torch.float64), torch.randn(B, S, 8, dtype=torch.float64)
+    lengths = torch.tensor([3, 6])
+    mask = torch.arange(S)[None, None, :] <= lengths[:, None, None]  # [B, T, S]
+    clean = layer._absorbed(q[..., :16], q[..., 16:], c, k_pe, mask)
+    c_bad, pe_bad = c.clone(), k_pe.clone()
+    c_bad[~mask[:, 0]], pe_bad[~mask[:, 0]] = float("nan"), float("nan")
+    assert torch.equal(layer._absorbed(q[..., :16], q[..., 16:], c_bad, pe_bad, mask), clean)
+
+
 def test_mla_forward_backward():
     layer = _layer(gate=True, dtype=torch.float32)
     x = torch.randn(2, 5, 64, requires_grad=True)

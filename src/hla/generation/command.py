@@ -116,8 +116,10 @@ def run_generate(args: argparse.Namespace) -> int:
         from hla.generation.cache import predict_cache_bytes
 
         length = len(ids) + args.max_new_tokens
-        pred = predict_cache_bytes(config, 1, length, dtype=dtype)
-        print(f"cache: {_fmt_bytes(ts.cache.nbytes())} allocated for {length} positions "
+        # generate() rounds the cache's capacity up (aligned GEMMs); predict for that capacity.
+        capacity = ts.cache.max_length
+        pred = predict_cache_bytes(config, 1, capacity, dtype=dtype)
+        print(f"cache: {_fmt_bytes(ts.cache.nbytes())} allocated for {capacity} positions ({length} used) "
               f"(predicted {_fmt_bytes(pred['total'])}: KDA state {_fmt_bytes(pred['kda_state'])}, "
               f"conv {_fmt_bytes(pred['kda_conv'])}, MLA latent {_fmt_bytes(pred['mla_latent'])})", file=sys.stderr)
     return 0

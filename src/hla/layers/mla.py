@@ -146,5 +146,7 @@ class MultiheadLatentAttention(nn.Module):
         scores = scores.to(acc) * self.scale
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
         p = torch.softmax(scores, dim=-1).to(c.dtype)
+        # Slots no query sees may hold anything (stale rows, poison); 0 * NaN would still leak.
+        c = c.masked_fill(~mask.any(1)[..., None], 0)
         o_lat = torch.einsum("bhts,bsr->bthr", p, c)
         return torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
