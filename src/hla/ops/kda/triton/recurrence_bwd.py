@@ -1,0 +1,229 @@
+"""Stage 3 backward in two launches: a sequential chain for dS, then the per-chunk products in parallel.
+
+Per chunk c (S = the state at chunk entry, fp32 ``[K, V]``; dS = the gradient of the chunk's exit state):
+
+    dv_new   = A_qk^T do + kd dS                       (chain)
+    dS_entry = dl[:, None] dS + qg^T do - w^T dv_new   (chain: the previous chunk's dS)
+    dqg = do S^T,  dw = -dv_new S^T,  dkd = v_new dS^T  (products)
+    dA_qk = tril(do v_new^T),  ddl = sum_v S * dS        (products)
+
+Only ``dv_new`` and the state update sit on the reverse dependency chain, so the chain kernel keeps
+just dS ``[K, BV]`` in registers and writes dS per chunk; A_qk^T do and qg^T do do not depend on dS
+and their loads come first in the loop body. Every other product needs dS and S of one chunk only:
+one program per (chunk, value head) sums them over all value blocks in registers and writes each
+gradient once, instead of one partial per value block (recurrence.py's single-kernel backward wrote
+``[NV, ...]`` partials and spilled).
+
+Pointers: an int64 scalar base per chunk and int32 tile offsets, never int64 offset tiles (those
+cost two registers per element of a ``[64, 128]`` tile).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hla.ops.kda.triton.common import next_pow2
+
+BT = 64
+
+
+@triton.jit
+def kda_state_grad_chain_kernel(
+    w, qg, kd, dl, Aqk, do, dht, dh, dvnew, dh0, cu_seqlens, chunk_offsets,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NUM_STAGES: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    seq_bos = tl.load(cu_seqlens + i_n)
+    seq_eos = tl.load(cu_seqlens + i_n + 1)
+    c_lo = tl.load(chunk_offsets + i_n)
+    NT = tl.cdiv(seq_eos - seq_bos, BT)
+    o_i = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_s = m_k[:, None] & m_v[None, :]
+    # int32 tile offsets; the int64 part is always a scalar base.
+    p_s = o_k[:, None] * V + o_v[None, :]  # [BK, BV] into one [K, V] state
+    p_tk = o_i[:, None] * (HV * K) + o_k[None, :]  # [BT, BK] rows of a [TT, HV, K] tensor
+    p_tv = o_i[:, None] * (HV * V) + o_v[None, :]  # [BT, BV]
+    p_tt = o_i[:, None] * (HV * BT) + o_i[None, :]  # [BT, BT]
+    if HAS_DHT:
+        b_ds = tl.load(dht + (i_n * HV + i_hv).to(tl.int64) * (K * V) + p_s, mask=m_s, other=0.0).to(tl.float32)
+    else:
+        b_ds = tl.zeros([BK, BV], dtype=tl.float32)
+
+    for i_r in tl.range(0, NT, num_stages=NUM_STAGES):
+        i_t = NT - 1 - i_r
+        t0 = seq_bos + i_t * BT
+        m_t = o_i < seq_eos - t0
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        row = t0.to(tl.int64) * HV + i_hv  # flattened (token, head) row of the chunk's first token
+        i_ch = (c_lo + i_t).to(tl.int64) * HV + i_hv  # (chunk, head)
+        # Off the chain: these depend only on the inputs.
+        b_do = tl.load(do + row * V + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        b_A = tl.load(Aqk + row * BT + p_tt, mask=m_t[:, None], other=0.0).to(tl.float32)  # [BT, BT]
+        b_qg = tl.load(qg + row * K + p_tk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
+        b_kd = tl.load(kd + row * K + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_w = tl.load(w + row * K + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        b_dl = tl.load(dl + i_ch * K + o_k, mask=m_k, other=0.0)  # [BK]
+        b_adv = tl.dot(tl.trans(b_A), b_do)  # [BT, BV]
+        b_qdo = tl.dot(tl.trans(b_qg), b_do)  # [BK, BV]
+        # The chain.
+        tl.store(dh + i_ch * (K * V) + p_s, b_ds, mask=m_s)
+        b_dvn = tl.dot(b_kd, b_ds, b_adv)  # [BT, BV]
+        tl.store(dvnew + row * V + p_tv, b_dvn, mask=m_tv)
+        b_ds = b_ds * b_dl[:, None] + b_qdo - tl.dot(tl.trans(b_w), b_dvn)
+
+    if STORE_DH0:
+        tl.store(dh0 + (i_n * HV + i_hv).to(tl.int64) * (K * V) + p_s, b_ds, mask=m_s)
+
+
+@triton.jit
+def kda_state_grad_products_kernel(
+    h, vnew, dh, dvnew, do, dqg, dw, dkd, dA, ddl, chunk_bounds,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+):
+    i_c, i_hv, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(chunk_bounds + 2 * i_c)
+    eos = tl.load(chunk_bounds + 2 * i_c + 1)
+    o_i = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_t = o_i < eos - bos
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    row = bos.to(tl.int64) * HV + i_hv
+    i_ch = i_c.to(tl.int64) * HV + i_hv
+    p_s = o_k[:, None] * V + o_v[None, :]  # [BK, BV]
+    p_tv = o_i[:, None] * (HV * V) + o_v[None, :]  # [BT, BV]
+    b_dqg = tl.zeros([BT, BK], dtype=tl.float32)
+    b_ndw = tl.zeros([BT, BK], dtype=tl.float32)  # -dw
+    b_dkd = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_ddl = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        m_v = i_v * BV + o_v < V
+        m_s = m_k[:, None] & m_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_s = tl.load(h + i_ch * (K * V) + i_v * BV + p_s, mask=m_s, other=0.0)  # [BK, BV] entry state
+        b_ds = tl.load(dh + i_ch * (K * V) + i_v * BV + p_s, mask=m_s, other=0.0)  # exit-state gradient
+        b_do = tl.load(do + row * V + i_v * BV + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        b_vn = tl.load(vnew + row * V + i_v * BV + p_tv, mask=m_tv, other=0.0)
+        b_dvn = tl.load(dvnew + row * V + i_v * BV + p_tv, mask=m_tv, other=0.0)
+        b_dqg = tl.dot(b_do, tl.trans(b_s), b_dqg)
+        b_ndw = tl.dot(b_dvn, tl.trans(b_s), b_ndw)
+        b_dkd = tl.dot(b_vn, tl.trans(b_ds), b_dkd)
+        b_ddl += tl.sum(b_s * b_ds, axis=1)
+        if i_k == 0:
+            b_dA = tl.dot(b_do, tl.trans(b_vn), b_dA)
+
+    p_tk = o_i[:, None] * (HV * K) + o_k[None, :]
+    tl.store(dqg + row * K + p_tk, b_dqg, mask=m_tk)
+    tl.store(dw + row * K + p_tk, -b_ndw, mask=m_tk)
+    tl.store(dkd + row * K + p_tk, b_dkd, mask=m_tk)
+    tl.store(ddl + i_ch * K + o_k, b_ddl, mask=m_k)
+    if i_k == 0:
+        # Causal (j <= i) and only columns of this chunk's tokens (v_new past the end is 0 already).
+        m_A = (o_i[:, None] >= o_i[None, :]) & m_t[None, :]
+        b_dA = tl.where(m_A, b_dA, 0.0)
+        tl.store(dA + row * BT + o_i[:, None] * (HV * BT) + o_i[None, :], b_dA, mask=m_t[:, None])
+
+
+def _chain_bv(n_programs_per_block: int, V: int) -> int:
+    # One sequential walk per program: at small batch, more value blocks keep more SMs busy.
+    if n_programs_per_block >= 256:
+        return min(64, next_pow2(V))
+    return min(32, next_pow2(V))
+
+
+def kda_state_grad_chain(
+    st: dict[str, torch.Tensor], do: torch.Tensor, dht: torch.Tensor | None,
+    cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, *, need_dh0: bool, block_v: int | None = None,
+    num_warps: int = 4, num_stages: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Reverse walk over each sequence's chunks with dS ``[K, BV]`` fp32 in registers.
+
+    Args:
+        st: the intra stage's dict: w, qg, kd ``[TT, HV, K]`` (bf16 or fp32), Aqk ``[TT, HV, 64]`` fp32,
+            dl ``[NC, HV, K]`` fp32 (exp of each chunk's last cumulative gate).
+        do: ``[TT, HV, V]`` bf16 or fp32; dht: ``[N, HV, K, V]`` fp32 or None (zero).
+        cu_seqlens: ``[N + 1]`` int32; chunk_offsets: ``[N + 1]`` int32, first global chunk of each sequence.
+
+    Returns:
+        dh ``[NC, HV, K, V]`` fp32 (the gradient of each chunk's exit state), dvnew ``[TT, HV, V]`` fp32
+        (of v_new) and dh0 ``[N, HV, K, V]`` fp32 (of the initial state) or None.
+    """
+    TT, HV, K = st["w"].shape
+    V = do.shape[-1]
+    N = cu_seqlens.shape[0] - 1
+    NC = st["dl"].shape[0]
+    if do.shape != (TT, HV, V):
+        raise ValueError(f"do: expected [TT, HV, V] = {[TT, HV, V]}, got {list(do.shape)}")
+    if dht is not None and dht.shape != (N, HV, K, V):
+        raise ValueError(f"dht: expected [N, HV, K, V] = {[N, HV, K, V]}, got {list(dht.shape)}")
+    BV = block_v or _chain_bv(N * HV, V)
+    dev, f32 = do.device, torch.float32
+    dh = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
+    dvnew = torch.empty(TT, HV, V, device=dev, dtype=f32)
+    dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32) if need_dh0 else None
+    kda_state_grad_chain_kernel[(triton.cdiv(V, BV), N * HV)](
+        st["w"], st["qg"], st["kd"], st["dl"], st["Aqk"], do.contiguous(),
+        dht.contiguous() if dht is not None else dvnew, dh, dvnew, dh0 if dh0 is not None else dvnew,
+        cu_seqlens, chunk_offsets,
+        HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=BT,
+        HAS_DHT=dht is not None, STORE_DH0=need_dh0, NUM_STAGES=num_stages,
+        num_warps=num_warps,
+    )
+    return dh, dvnew, dh0
+
+
+def kda_state_grad_products(
+    st: dict[str, torch.Tensor], h: torch.Tensor, vnew: torch.Tensor, dh: torch.Tensor, dvnew: torch.Tensor,
+    do: torch.Tensor, chunk_bounds: torch.Tensor, *, block_v: int | None = None, block_k: int | None = None,
+    num_warps: int = 8,
+) -> dict[str, torch.Tensor]:
+    """Per (chunk, value head, key block): the gradients that need one chunk's S and dS, summed over V.
+
+    Args:
+        st: the intra stage's dict (shapes read from w ``[TT, HV, K]`` and dl ``[NC, HV, K]``).
+        h: ``[NC, HV, K, V]`` fp32, each chunk's entry state; dh: same shape, each chunk's exit-state
+            gradient (from kda_state_grad_chain); vnew, dvnew: ``[TT, HV, V]`` fp32; do: ``[TT, HV, V]``.
+        chunk_bounds: ``[NC, 2]`` int32 (first token, end token) of each chunk, flattened indices.
+
+    Returns:
+        dict of dqg, dw, dkd ``[TT, HV, K]``, dA ``[TT, HV, 64]`` (zero above the diagonal and past the
+        chunk's end) and ddl ``[NC, HV, K]``, all fp32.
+    """
+    TT, HV, K = st["w"].shape
+    V = do.shape[-1]
+    NC = st["dl"].shape[0]
+    for name, x, shape in (("h", h, (NC, HV, K, V)), ("dh", dh, (NC, HV, K, V)),
+                           ("vnew", vnew, (TT, HV, V)), ("dvnew", dvnew, (TT, HV, V)), ("do", do, (TT, HV, V))):
+        if x.shape != shape:
+            raise ValueError(f"{name}: expected {list(shape)}, got {list(x.shape)}")
+    BK = block_k or min(128, next_pow2(K))
+    BV = block_v or min(32, next_pow2(V))
+    dev, f32 = do.device, torch.float32
+    out = dict(
+        dqg=torch.empty(TT, HV, K, device=dev, dtype=f32),
+        dw=torch.empty(TT, HV, K, device=dev, dtype=f32),
+        dkd=torch.empty(TT, HV, K, device=dev, dtype=f32),
+        dA=torch.empty(TT, HV, BT, device=dev, dtype=f32),
+        ddl=torch.empty(NC, HV, K, device=dev, dtype=f32),
+    )
+    if NC == 0:
+        return out
+    kda_state_grad_products_kernel[(NC, HV, triton.cdiv(K, BK))](
+        h.contiguous(), vnew.contiguous(), dh.contiguous(), dvnew.contiguous(), do.contiguous(),
+        out["dqg"], out["dw"], out["dkd"], out["dA"], out["ddl"], chunk_bounds,
+        HV=HV, K=K, V=V, BK=BK, BV=BV, BT=BT,
+        num_warps=num_warps,
+    )
+    return out

@@ -1,0 +1,111 @@
+"""kda_state_grad_chain + kda_state_grad_products (the two-launch recurrence backward) vs the
+single-kernel kda_recurrence_bwd and vs float64 autograd, fp32 under the Triton interpreter."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hla.ops.kda.triton.chunk import _ChunkMeta
+from hla.ops.kda.triton.intra import kda_intra_fwd
+from hla.ops.kda.triton.recurrence import kda_recurrence_bwd, kda_recurrence_fwd
+from hla.ops.kda.triton.recurrence_bwd import kda_state_grad_chain, kda_state_grad_products
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from _triton_helpers import rel  # noqa: E402
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """Every torch.empty starts as NaN, so a row a kernel forgets to write shows up."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        x = empty(*args, **kwargs)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def _stages(B, T, H, HV, K, V, cu=None, *, h0, dht):
+    """Realistic stage-3 inputs from the forward pieces: the intra dict, entry states, v_new, do, dht."""
+    meta = _ChunkMeta(B, T, cu, 64, torch.device("cpu"))
+    TT = B * T
+    q, k = torch.randn(TT, H, K), torch.randn(TT, H, K)
+    v, g = torch.randn(TT, HV, V), torch.randn(TT, HV, K) * 2
+    beta = torch.randn(TT, HV)
+    st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, scale=K**-0.5, A_log=torch.rand(HV) * 2,
+                       dt_bias=torch.randn(HV * K) * 0.5, lower_bound=None, use_qk_l2norm=True,
+                       use_beta_sigmoid=True)
+    s0 = torch.randn(meta.N, HV, K, V) * 0.5 if h0 else None
+    _, _, h, vnew = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=s0,
+                                       output_final_state=False, out_dtype=torch.float32, store_h=True)
+    do = torch.randn(TT, HV, V)
+    dS = torch.randn(meta.N, HV, K, V) if dht else None
+    return meta, st, s0, h, vnew, do, dS
+
+
+CASES = [
+    # B, T, H, HV, K, V, cu_seqlens, h0, dht, chain BV, products BV
+    pytest.param(2, 128, 1, 2, 32, 64, None, True, True, 32, 32, id="batch2-gva-k32v64"),
+    pytest.param(1, 200, 1, 2, 32, 32, [0, 70, 200], False, False, None, 16, id="varlen-70-130-bare"),
+    pytest.param(1, 200, 2, 2, 64, 32, [0, 70, 200], True, True, 16, None, id="varlen-70-130-h0-dht-k64"),
+]
+
+
+@pytest.mark.parametrize("B,T,H,HV,K,V,cu,h0,dht,bv_chain,bv_prod", CASES)
+def test_state_grad_chain_and_products_match_recurrence_bwd(nan_empty, B, T, H, HV, K, V, cu, h0, dht,
+                                                            bv_chain, bv_prod):
+    cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
+    meta, st, s0, h, vnew, do, dS = _stages(B, T, H, HV, K, V, cu, h0=h0, dht=dht)
+    ref = kda_recurrence_bwd(st, h, vnew, do, dS, meta.cu, meta.chunk_offsets, need_dh0=h0)
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=h0, block_v=bv_chain)
+    out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds, block_v=bv_prod)
+    assert rel(dvnew, ref["du"]) < 1e-5
+    for n in ("dqg", "dw", "dkd", "dA", "ddl"):
+        assert rel(out[n], ref[n]) < 1e-5, n
+    if h0:
+        assert rel(dh0, ref["dh0"]) < 1e-5
+    else:
+        assert dh0 is None
+    # dA: causal, and zero in columns past a chunk's end (the 70-token sequence ends 6 rows into chunk 1).
+    for s, e in meta.bounds_list:
+        keep = torch.ones(e - s, 64, dtype=torch.bool).tril()
+        assert (out["dA"][s:e][~keep[:, None, :].expand(-1, HV, -1)] == 0).all()
+
+def test_state_grad_products_key_blocks():
+    # K = 64 split into two key blocks of 32 (the path K = 256 takes with 128-wide blocks).
+    meta, st, s0, h, vnew, do, dS = _stages(1, 100, 1, 1, 64, 32, h0=True, dht=True)
+    dh, dvnew, _ = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=False)
+    whole = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds)
+    split = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds, block_k=32)
+    for n in whole:
+        assert rel(split[n], whole[n]) < 1e-6, n
+
+
+def test_state_grad_chain_dh_equals_autograd_float64():
+    # dh[c] must be the gradient of the loss w.r.t. chunk c's exit state, from plain float64 autograd.
+    cu = torch.tensor([0, 70, 200], dtype=torch.int32)
+    meta, st, s0, h, vnew, do, dS = _stages(1, 200, 1, 2, 32, 64, cu, h0=True, dht=True)
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True)
+    d = {n: x.double() for n, x in st.items()}
+    s_init = s0.double().requires_grad_()
+    exits, loss = {}, 0.0
+    for n in range(meta.N):
+        for hv in range(st["w"].shape[1]):
+            S = s_init[n, hv]
+            for c in range(int(meta.chunk_offsets[n]), int(meta.chunk_offsets[n + 1])):
+                s, e = meta.bounds_list[c]
+                A = d["Aqk"][s:e, hv, : e - s]
+                vn = d["u"][s:e, hv] - d["w"][s:e, hv] @ S
+                o = d["qg"][s:e, hv] @ S + A @ vn
+                S = d["dl"][c, hv][:, None] * S + d["kd"][s:e, hv].T @ vn
+                S.retain_grad()
+                exits[c, hv] = S
+                loss = loss + (o * do[s:e, hv].double()).sum()
+            loss = loss + (S * dS[n, hv].double()).sum()
+    loss.backward()
+    want = torch.stack([torch.stack([exits[c, hv].grad for hv in range(2)]) for c in range(meta.NC)])
+    assert rel(dh, want) < 1e-5
+    assert rel(dh0, s_init.grad) < 1e-5
