@@ -74,14 +74,32 @@ def test_state_grad_chain_and_products_match_recurrence_bwd(nan_empty, B, T, H, 
         keep = torch.ones(e - s, 64, dtype=torch.bool).tril()
         assert (out["dA"][s:e][~keep[:, None, :].expand(-1, HV, -1)] == 0).all()
 
-def test_state_grad_products_key_blocks():
-    # K = 64 split into two key blocks of 32 (the path K = 256 takes with 128-wide blocks).
-    meta, st, s0, h, vnew, do, dS = _stages(1, 100, 1, 1, 64, 32, h0=True, dht=True)
-    dh, dvnew, _ = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=False)
-    whole = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds)
-    split = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds, block_k=32)
-    for n in whole:
-        assert rel(split[n], whole[n]) < 1e-6, n
+def test_state_grad_k256_uses_two_key_blocks():
+    # K = 256: the products kernel splits K into two 128-wide blocks (a grid axis); dA comes from block 0.
+    meta, st, s0, h, vnew, do, dS = _stages(1, 80, 1, 1, 256, 32, h0=True, dht=True)
+    ref = kda_recurrence_bwd(st, h, vnew, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True)
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True)
+    out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds)
+    assert rel(dvnew, ref["du"]) < 1e-5
+    assert rel(dh0, ref["dh0"]) < 1e-5
+    for n in ("dqg", "dw", "dkd", "dA", "ddl"):
+        assert rel(out[n], ref[n]) < 1e-5, n
+
+
+def test_state_grad_chain_bf16_inputs_split_products():
+    # bf16 w/qg/kd/do: the chain multiplies bf16 tiles by fp32 dS and dv_new split into bf16 hi + lo
+    # (emulated in fp32 under the interpreter, whose bf16 products are wrong and whose fp32 -> bf16
+    # rounding truncates). Against the single kernel on the same bf16 values, which up-casts.
+    meta, st, s0, h, vnew, do, dS = _stages(1, 130, 1, 2, 32, 32, h0=True, dht=True)
+    st = dict(st, **{n: st[n].bfloat16() for n in ("w", "qg", "kd")})
+    do = do.bfloat16()
+    ref = kda_recurrence_bwd(st, h, vnew, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True)
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True)
+    out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds)
+    assert rel(dvnew, ref["du"]) < 1e-4
+    assert rel(dh0, ref["dh0"]) < 1e-4
+    for n in ("dqg", "dw", "dkd", "dA", "ddl"):
+        assert rel(out[n], ref[n]) < 1e-4, n
 
 
 def test_state_grad_chain_dh_equals_autograd_float64():

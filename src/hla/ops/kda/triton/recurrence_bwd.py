@@ -24,9 +24,32 @@ import torch
 import triton
 import triton.language as tl
 
-from hla.ops.kda.triton.common import next_pow2
+from hla.ops.kda.triton.common import INTERPRET, next_pow2
 
 BT = 64
+
+
+@triton.jit
+def _dot_lp(a, b, acc, EMULATE: tl.constexpr):
+    """acc + a @ b for two tiles of one storage dtype: bf16 products are exact in fp32, so bf16 tiles go
+    to the tensor cores as they are; anything else in fp32."""
+    if (a.dtype == b.dtype) and (a.dtype != tl.float32) and not EMULATE:
+        return tl.dot(a, b, acc)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+
+
+@triton.jit
+def _dot_split(a, b, acc, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + a @ b with a in its storage dtype and b fp32 [L, N]. With SPLIT (a is bf16), b = hi + lo in
+    two bf16 halves: two bf16 products keep ~16 of b's mantissa bits (a tf32 product keeps 10) and a
+    stays a bf16 tile instead of an fp32 copy in registers. The interpreter multiplies bf16 wrongly:
+    EMULATE rounds the same way and multiplies in fp32."""
+    if SPLIT:
+        b_hi = b.to(a.dtype)
+        b_lo = (b - b_hi.to(tl.float32)).to(a.dtype)
+        acc = _dot_lp(a, b_hi, acc, EMULATE)
+        return _dot_lp(a, b_lo, acc, EMULATE)
+    return tl.dot(a.to(tl.float32), b, acc)
 
 
 @triton.jit
@@ -35,6 +58,7 @@ def kda_state_grad_chain_kernel(
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SPLIT: tl.constexpr, EMULATE: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -65,20 +89,21 @@ def kda_state_grad_chain_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         row = t0.to(tl.int64) * HV + i_hv  # flattened (token, head) row of the chunk's first token
         i_ch = (c_lo + i_t).to(tl.int64) * HV + i_hv  # (chunk, head)
-        # Off the chain: these depend only on the inputs.
-        b_do = tl.load(do + row * V + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
-        b_A = tl.load(Aqk + row * BT + p_tt, mask=m_t[:, None], other=0.0).to(tl.float32)  # [BT, BT]
-        b_qg = tl.load(qg + row * K + p_tk, mask=m_tk, other=0.0).to(tl.float32)  # [BT, BK]
-        b_kd = tl.load(kd + row * K + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        b_w = tl.load(w + row * K + p_tk, mask=m_tk, other=0.0).to(tl.float32)
+        # Loads and the products that do not depend on dS first, off the chain. Tiles stay in their
+        # storage dtype (an fp32 copy of a [64, 128] tile is 64 registers a thread at 4 warps).
+        b_do = tl.load(do + row * V + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
+        b_A = tl.load(Aqk + row * BT + p_tt, mask=m_t[:, None], other=0.0)  # [BT, BT] fp32
+        b_qg = tl.load(qg + row * K + p_tk, mask=m_tk, other=0.0)  # [BT, BK]
         b_dl = tl.load(dl + i_ch * K + o_k, mask=m_k, other=0.0)  # [BK]
-        b_adv = tl.dot(tl.trans(b_A), b_do)  # [BT, BV]
-        b_qdo = tl.dot(tl.trans(b_qg), b_do)  # [BK, BV]
+        b_adv = tl.dot(tl.trans(b_A), b_do.to(tl.float32))  # [BT, BV]
+        b_acc = _dot_lp(tl.trans(b_qg), b_do, tl.zeros([BK, BV], dtype=tl.float32), EMULATE)  # qg^T do
         # The chain.
         tl.store(dh + i_ch * (K * V) + p_s, b_ds, mask=m_s)
-        b_dvn = tl.dot(b_kd, b_ds, b_adv)  # [BT, BV]
+        b_kd = tl.load(kd + row * K + p_tk, mask=m_tk, other=0.0)
+        b_dvn = _dot_split(b_kd, b_ds, b_adv, SPLIT, EMULATE)  # [BT, BV]
         tl.store(dvnew + row * V + p_tv, b_dvn, mask=m_tv)
-        b_ds = b_ds * b_dl[:, None] + b_qdo - tl.dot(tl.trans(b_w), b_dvn)
+        b_w = tl.load(w + row * K + p_tk, mask=m_tk, other=0.0)
+        b_ds = _dot_split(tl.trans(b_w), -b_dvn, b_acc + b_ds * b_dl[:, None], SPLIT, EMULATE)
 
     if STORE_DH0:
         tl.store(dh0 + (i_n * HV + i_hv).to(tl.int64) * (K * V) + p_s, b_ds, mask=m_s)
@@ -146,7 +171,7 @@ def _chain_bv(n_programs_per_block: int, V: int) -> int:
 def kda_state_grad_chain(
     st: dict[str, torch.Tensor], do: torch.Tensor, dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, *, need_dh0: bool, block_v: int | None = None,
-    num_warps: int = 4, num_stages: int = 2,
+    num_warps: int | None = None, num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Reverse walk over each sequence's chunks with dS ``[K, BV]`` fp32 in registers.
 
@@ -169,6 +194,11 @@ def kda_state_grad_chain(
     if dht is not None and dht.shape != (N, HV, K, V):
         raise ValueError(f"dht: expected [N, HV, K, V] = {[N, HV, K, V]}, got {list(dht.shape)}")
     BV = block_v or _chain_bv(N * HV, V)
+    # Spill-free at K = V = 128 on sm_90a (ptxas, benchmarks/kda_recurrence_bwd_regs.py). K = 256 spills
+    # a few hundred bytes with any of these, and two stages would ask for more than 227 KB of shared memory.
+    small = BV <= 32 and K <= 128
+    num_warps = num_warps or (4 if small else 8)
+    num_stages = num_stages or (2 if small else 1)
     dev, f32 = do.device, torch.float32
     dh = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
     dvnew = torch.empty(TT, HV, V, device=dev, dtype=f32)
@@ -179,7 +209,8 @@ def kda_state_grad_chain(
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=BT,
         HAS_DHT=dht is not None, STORE_DH0=need_dh0, NUM_STAGES=num_stages,
-        num_warps=num_warps,
+        SPLIT=st["w"].dtype == torch.bfloat16, EMULATE=INTERPRET,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return dh, dvnew, dh0
 
@@ -187,7 +218,7 @@ def kda_state_grad_chain(
 def kda_state_grad_products(
     st: dict[str, torch.Tensor], h: torch.Tensor, vnew: torch.Tensor, dh: torch.Tensor, dvnew: torch.Tensor,
     do: torch.Tensor, chunk_bounds: torch.Tensor, *, block_v: int | None = None, block_k: int | None = None,
-    num_warps: int = 8,
+    num_warps: int = 8, num_stages: int = 2,
 ) -> dict[str, torch.Tensor]:
     """Per (chunk, value head, key block): the gradients that need one chunk's S and dS, summed over V.
 
@@ -224,6 +255,6 @@ def kda_state_grad_products(
         h.contiguous(), vnew.contiguous(), dh.contiguous(), dvnew.contiguous(), do.contiguous(),
         out["dqg"], out["dw"], out["dkd"], out["dA"], out["ddl"], chunk_bounds,
         HV=HV, K=K, V=V, BK=BK, BV=BV, BT=BT,
-        num_warps=num_warps,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
