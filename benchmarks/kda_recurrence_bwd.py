@@ -94,6 +94,66 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+def run_shape(B, T, H, D, dev, dtype, *, smoke, quick, say):
+    torch.manual_seed(0)
+    meta, st, h, vnew, do = stage_inputs(B, T, H, D, dev, dtype, h0=True)
+    ref = reference_f64(st, h, vnew, do, B, T)
+    old = kda_recurrence_bwd(st, h, vnew, do, None, meta.cu, meta.chunk_offsets, need_dh0=True)
+    new = new_bwd(st, h, vnew, do, meta)
+    say(f"\n### B{B} T{T} H{H} D{D}, {str(dtype)[6:]} inputs: relative error vs float64")
+    say("| tensor | single kernel | chain + products |")
+    say("|---|---|---|")
+    for n in NAMES:
+        say(f"| {n} | {rel(old[n], ref[n]):.2e} | {rel(new[n], ref[n]):.2e} |")
+    if smoke:
+        return
+    del ref
+    from triton.testing import do_bench
+
+    from hla.bench.timing import copy_bandwidth
+
+    def ms(fn):
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def chain(**kw):
+        return kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, need_dh0=True, **kw)
+
+    ceiling = copy_bandwidth(dev) / 1e9
+    dh, dvnew, _ = chain()
+
+    def products(**kw):
+        return kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds, **kw)
+
+    def nbytes(*xs):
+        return sum(x.numel() * x.element_size() for x in xs)
+
+    chain_bytes = nbytes(st["w"], st["qg"], st["kd"], st["Aqk"], st["dl"], do, dh, dvnew)
+    prod_bytes = nbytes(h, dh, vnew, dvnew, do, new["dqg"], new["dw"], new["dkd"], new["dA"], new["ddl"])
+    t_old = ms(lambda: kda_recurrence_bwd(st, h, vnew, do, None, meta.cu, meta.chunk_offsets, need_dh0=True))
+    t_new = ms(lambda: new_bwd(st, h, vnew, do, meta))
+    t_chain, t_prod = ms(chain), ms(products)
+    say(f"\ncopy ceiling {ceiling:.0f} GB/s (read + write)")
+    say("| what | ms | GB/s (% of copy) |")
+    say("|---|---|---|")
+    say(f"| single kernel kda_recurrence_bwd (+ torch sums) | {t_old:.3f} | |")
+    say(f"| chain + products (defaults) | {t_new:.3f} | old / new = {t_old / t_new:.2f}x |")
+    say(f"| chain (defaults) | {t_chain:.3f} | {chain_bytes / t_chain / 1e6:.0f} "
+        f"({chain_bytes / t_chain / 1e6 / ceiling:.0%}) |")
+    say(f"| products (defaults) | {t_prod:.3f} | {prod_bytes / t_prod / 1e6:.0f} "
+        f"({prod_bytes / t_prod / 1e6 / ceiling:.0%}) |")
+    chain_pts = [(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 1), (64, 8, 2)]
+    prod_pts = [(128, 32, 8, 2), (128, 32, 8, 1), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 3)]
+    if quick:
+        chain_pts, prod_pts = chain_pts[:4], prod_pts[:3]
+    say("\nchain sweep (block_v, num_warps, num_stages): ms")
+    for bv, nw, ns in chain_pts:
+        say(f"- {bv}, {nw}, {ns}: {ms(lambda: chain(block_v=bv, num_warps=nw, num_stages=ns)):.3f}")  # noqa: B023
+    say("\nproducts sweep (block_k, block_v, num_warps, num_stages): ms")
+    for bk, bv, nw, ns in prod_pts:
+        t = ms(lambda: products(block_k=bk, block_v=bv, num_warps=nw, num_stages=ns))  # noqa: B023
+        say(f"- {bk}, {bv}, {nw}, {ns}: {t:.3f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only B1 T8192 H32 D128, fewer sweep points")
@@ -115,59 +175,9 @@ def main() -> int:
             f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     for B, T, H, D in shapes:
-        torch.manual_seed(0)
-        meta, st, h, vnew, do = stage_inputs(B, T, H, D, dev, dtype, h0=True)
-        ref = reference_f64(st, h, vnew, do, B, T)
-        old = kda_recurrence_bwd(st, h, vnew, do, None, meta.cu, meta.chunk_offsets, need_dh0=True)
-        new = new_bwd(st, h, vnew, do, meta)
-        say(f"\n### B{B} T{T} H{H} D{D}, {str(dtype)[6:]} inputs: relative error vs float64")
-        say("| tensor | single kernel | chain + products |")
-        say("|---|---|---|")
-        for n in NAMES:
-            say(f"| {n} | {rel(old[n], ref[n]):.2e} | {rel(new[n], ref[n]):.2e} |")
-        if args.smoke:
-            continue
-        from triton.testing import do_bench
-
-        from hla.bench.timing import copy_bandwidth
-
-        def ms(fn):
-            return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-        ceiling = copy_bandwidth(dev) / 1e9
-        nb = lambda *xs: sum(x.numel() * x.element_size() for x in xs)  # noqa: E731
-        dh, dvnew, _ = kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, need_dh0=True)
-        chain_bytes = nb(st["w"], st["qg"], st["kd"], st["Aqk"], st["dl"], do, dh, dvnew)
-        prod_bytes = nb(h, dh, vnew, dvnew, do, new["dqg"], new["dw"], new["dkd"], new["dA"], new["ddl"])
-        t_old = ms(lambda: kda_recurrence_bwd(st, h, vnew, do, None, meta.cu, meta.chunk_offsets, need_dh0=True))
-        t_new = ms(lambda: new_bwd(st, h, vnew, do, meta))
-        t_chain = ms(lambda: kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, need_dh0=True))
-        t_prod = ms(lambda: kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds))
-        say(f"\ncopy ceiling {ceiling:.0f} GB/s (read + write)")
-        say("| what | ms | GB/s (% of copy) |")
-        say("|---|---|---|")
-        say(f"| single kernel kda_recurrence_bwd (+ torch sums) | {t_old:.3f} | |")
-        say(f"| chain + products (defaults) | {t_new:.3f} | old / new = {t_old / t_new:.2f}x |")
-        say(f"| chain (defaults) | {t_chain:.3f} | {chain_bytes / t_chain / 1e6:.0f} "
-            f"({chain_bytes / t_chain / 1e6 / ceiling:.0%}) |")
-        say(f"| products (defaults) | {t_prod:.3f} | {prod_bytes / t_prod / 1e6:.0f} "
-            f"({prod_bytes / t_prod / 1e6 / ceiling:.0%}) |")
-        say("\nchain sweep (block_v, num_warps, num_stages): ms")
-        chain_pts = [(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 1), (64, 8, 2)]
-        prod_pts = [(128, 32, 8, 2), (128, 32, 8, 1), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 3)]
-        if args.quick:
-            chain_pts, prod_pts = chain_pts[:4], prod_pts[:3]
-        for bv, nw, ns in chain_pts:
-            kw = dict(block_v=bv, num_warps=nw, num_stages=ns)
-            t = ms(lambda kw=kw: kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, need_dh0=True, **kw))
-            say(f"- {bv}, {nw}, {ns}: {t:.3f}")
-        say("\nproducts sweep (block_k, block_v, num_warps, num_stages): ms")
-        for bk, bv, nw, ns in prod_pts:
-            kw = dict(block_k=bk, block_v=bv, num_warps=nw, num_stages=ns)
-            t = ms(lambda kw=kw: kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds, **kw))
-            say(f"- {bk}, {bv}, {nw}, {ns}: {t:.3f}")
-        del meta, st, h, vnew, do, ref, old, new, dh, dvnew
-        torch.cuda.empty_cache()
+        run_shape(B, T, H, D, dev, dtype, smoke=args.smoke, quick=args.quick, say=say)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kda_recurrence_bwd.md"), "w") as f:

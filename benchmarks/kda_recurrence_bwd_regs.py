@@ -63,7 +63,7 @@ def main():
             for ns in (1, 2):
                 r = ptxas_report(kda_state_grad_chain_kernel, chain_types,
                                  dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True,
-                                      NUM_STAGES=ns, SPLIT=True, EMULATE=False), nw, ns)
+                                      NUM_STAGES=ns, EMULATE=False), nw, ns)
                 print(f"chain    K=V=128 BV={bv:3d} warps={nw} stages={ns}: {r}")
     for bk in (64, 128):
         for bv in (32, 64):
@@ -75,7 +75,7 @@ def main():
     for bv, nw, ns in ((32, 4, 2), (32, 8, 2), (32, 8, 1)):
         r = ptxas_report(kda_state_grad_chain_kernel, chain_types,
                          dict(HV=HV, K=256, V=V, BK=256, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True,
-                              NUM_STAGES=ns, SPLIT=True, EMULATE=False), nw, ns)
+                              NUM_STAGES=ns, EMULATE=False), nw, ns)
         print(f"chain    K=256 V=128 BV={bv:3d} warps={nw} stages={ns}: {r}")
     for bv in (32, 64):
         r = ptxas_report(kda_recurrence_bwd_kernel, old_types,

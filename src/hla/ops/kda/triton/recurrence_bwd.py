@@ -14,8 +14,12 @@ one program per (chunk, value head) sums them over all value blocks in registers
 gradient once, instead of one partial per value block (recurrence.py's single-kernel backward wrote
 ``[NV, ...]`` partials and spilled).
 
-Pointers: an int64 scalar base per chunk and int32 tile offsets, never int64 offset tiles (those
-cost two registers per element of a ``[64, 128]`` tile).
+Registers (the single kernel spilled): pointers are an int64 scalar base per chunk plus int32 tile
+offsets, never int64 offset tiles; bf16 w / qg / kd / do stay bf16 tiles. Their products with the
+fp32 dS and dv_new take the fp32 side as bf16 hi + lo (two bf16 tensor-core products, ~16 mantissa
+bits against tf32's 10) instead of an fp32 copy of a [64, 128] tile. A_qk^T do and the products
+kernel multiply in fp32 (tf32 on the GPU), as the single kernel did. Spill-free at K = V = 128 on
+sm_90a with the default launches (ptxas; benchmarks/kda_recurrence_bwd_regs.py).
 """
 
 from __future__ import annotations
@@ -30,26 +34,34 @@ BT = 64
 
 
 @triton.jit
-def _dot_lp(a, b, acc, EMULATE: tl.constexpr):
-    """acc + a @ b for two tiles of one storage dtype: bf16 products are exact in fp32, so bf16 tiles go
-    to the tensor cores as they are; anything else in fp32."""
-    if (a.dtype == b.dtype) and (a.dtype != tl.float32) and not EMULATE:
-        return tl.dot(a, b, acc)
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+def _dot_bf16(a, b, acc, EMULATE: tl.constexpr):
+    # The interpreter multiplies bf16 tiles wrongly; EMULATE multiplies the same values in fp32.
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
-def _dot_split(a, b, acc, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + a @ b with a in its storage dtype and b fp32 [L, N]. With SPLIT (a is bf16), b = hi + lo in
-    two bf16 halves: two bf16 products keep ~16 of b's mantissa bits (a tf32 product keeps 10) and a
-    stays a bf16 tile instead of an fp32 copy in registers. The interpreter multiplies bf16 wrongly:
-    EMULATE rounds the same way and multiplies in fp32."""
-    if SPLIT:
-        b_hi = b.to(a.dtype)
-        b_lo = (b - b_hi.to(tl.float32)).to(a.dtype)
-        acc = _dot_lp(a, b_hi, acc, EMULATE)
-        return _dot_lp(a, b_lo, acc, EMULATE)
-    return tl.dot(a.to(tl.float32), b, acc)
+def _dot_mixed(a, b, acc, EMULATE: tl.constexpr):
+    """acc + a @ b in fp32, each operand in its storage dtype.
+
+    Two bf16 tiles go to the tensor cores as they are (their products are exact in fp32). An fp32 tile
+    meeting a bf16 one is split into bf16 hi + lo: two bf16 products keep ~16 of its mantissa bits (a
+    tf32 product keeps 10), and the bf16 tile never becomes an fp32 copy in registers (64 registers a
+    thread for [64, 128] at 4 warps). Any other pair is multiplied in fp32 (tf32 on the GPU).
+    """
+    if (a.dtype == tl.bfloat16) and (b.dtype == tl.bfloat16):
+        return _dot_bf16(a, b, acc, EMULATE)
+    elif (a.dtype == tl.bfloat16) and (b.dtype == tl.float32):
+        b_hi = b.to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        return _dot_bf16(a, b_lo, _dot_bf16(a, b_hi, acc, EMULATE), EMULATE)
+    elif (a.dtype == tl.float32) and (b.dtype == tl.bfloat16):
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        return _dot_bf16(a_lo, b, _dot_bf16(a_hi, b, acc, EMULATE), EMULATE)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
 
 
 @triton.jit
@@ -57,8 +69,7 @@ def kda_state_grad_chain_kernel(
     w, qg, kd, dl, Aqk, do, dht, dh, dvnew, dh0, cu_seqlens, chunk_offsets,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NUM_STAGES: tl.constexpr,
-    SPLIT: tl.constexpr, EMULATE: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -89,21 +100,23 @@ def kda_state_grad_chain_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         row = t0.to(tl.int64) * HV + i_hv  # flattened (token, head) row of the chunk's first token
         i_ch = (c_lo + i_t).to(tl.int64) * HV + i_hv  # (chunk, head)
-        # Loads and the products that do not depend on dS first, off the chain. Tiles stay in their
-        # storage dtype (an fp32 copy of a [64, 128] tile is 64 registers a thread at 4 warps).
+        # Off the chain first: the products that do not depend on dS. kd and w are loaded next to
+        # their products below: with two stages the pipeliner prefetches every load of the next chunk
+        # anyway, and with one stage this spills less (76 B against 240 B at BV = 32, 4 warps).
         b_do = tl.load(do + row * V + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
         b_A = tl.load(Aqk + row * BT + p_tt, mask=m_t[:, None], other=0.0)  # [BT, BT] fp32
         b_qg = tl.load(qg + row * K + p_tk, mask=m_tk, other=0.0)  # [BT, BK]
         b_dl = tl.load(dl + i_ch * K + o_k, mask=m_k, other=0.0)  # [BK]
+        # A^T do in tf32: splitting A as well costs spills (164 B at BV = 64) for an off-chain term.
         b_adv = tl.dot(tl.trans(b_A), b_do.to(tl.float32))  # [BT, BV]
-        b_acc = _dot_lp(tl.trans(b_qg), b_do, tl.zeros([BK, BV], dtype=tl.float32), EMULATE)  # qg^T do
+        b_acc = _dot_mixed(tl.trans(b_qg), b_do, tl.zeros([BK, BV], dtype=tl.float32), EMULATE)  # qg^T do
         # The chain.
         tl.store(dh + i_ch * (K * V) + p_s, b_ds, mask=m_s)
         b_kd = tl.load(kd + row * K + p_tk, mask=m_tk, other=0.0)
-        b_dvn = _dot_split(b_kd, b_ds, b_adv, SPLIT, EMULATE)  # [BT, BV]
+        b_dvn = _dot_mixed(b_kd, b_ds, b_adv, EMULATE)  # [BT, BV]
         tl.store(dvnew + row * V + p_tv, b_dvn, mask=m_tv)
         b_w = tl.load(w + row * K + p_tk, mask=m_tk, other=0.0)
-        b_ds = _dot_split(tl.trans(b_w), -b_dvn, b_acc + b_ds * b_dl[:, None], SPLIT, EMULATE)
+        b_ds = _dot_mixed(tl.trans(b_w), -b_dvn, b_acc + b_ds * b_dl[:, None], EMULATE)
 
     if STORE_DH0:
         tl.store(dh0 + (i_n * HV + i_hv).to(tl.int64) * (K * V) + p_s, b_ds, mask=m_s)
@@ -195,7 +208,7 @@ def kda_state_grad_chain(
         raise ValueError(f"dht: expected [N, HV, K, V] = {[N, HV, K, V]}, got {list(dht.shape)}")
     BV = block_v or _chain_bv(N * HV, V)
     # Spill-free at K = V = 128 on sm_90a (ptxas, benchmarks/kda_recurrence_bwd_regs.py). K = 256 spills
-    # a few hundred bytes with any of these, and two stages would ask for more than 227 KB of shared memory.
+    # a few hundred bytes here, and two stages would ask for more than the 227 KB of shared memory.
     small = BV <= 32 and K <= 128
     num_warps = num_warps or (4 if small else 8)
     num_stages = num_stages or (2 if small else 1)
@@ -209,7 +222,7 @@ def kda_state_grad_chain(
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=BT,
         HAS_DHT=dht is not None, STORE_DH0=need_dh0, NUM_STAGES=num_stages,
-        SPLIT=st["w"].dtype == torch.bfloat16, EMULATE=INTERPRET,
+        EMULATE=INTERPRET,
         num_warps=num_warps, num_stages=num_stages,
     )
     return dh, dvnew, dh0
