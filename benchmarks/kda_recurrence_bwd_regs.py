@@ -72,7 +72,7 @@ def main():
                     r = ptxas_report(kda_state_grad_products_kernel, prod_types,
                                      dict(HV=HV, K=K, V=V, BK=bk, BV=bv, BT=BT), nw, ns)
                     print(f"products K=V=128 BK={bk:3d} BV={bv:3d} warps={nw} stages={ns}: {r}")
-    for bv, nw, ns in ((32, 4, 2), (32, 8, 2), (32, 8, 1)):
+    for bv, nw, ns in ((16, 8, 1), (32, 8, 1)):
         r = ptxas_report(kda_state_grad_chain_kernel, chain_types,
                          dict(HV=HV, K=256, V=V, BK=256, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True,
                               NUM_STAGES=ns, EMULATE=False), nw, ns)

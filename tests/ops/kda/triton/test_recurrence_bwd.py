@@ -50,7 +50,7 @@ CASES = [
     # B, T, H, HV, K, V, cu_seqlens, h0, dht, chain BV, products BV
     pytest.param(2, 128, 1, 2, 32, 64, None, True, True, 32, 32, id="batch2-gva-k32v64"),
     pytest.param(1, 200, 1, 2, 32, 32, [0, 70, 200], False, False, None, 16, id="varlen-70-130-bare"),
-    pytest.param(1, 200, 2, 2, 64, 32, [0, 70, 200], True, True, 16, None, id="varlen-70-130-h0-dht-k64"),
+    pytest.param(1, 200, 2, 2, 64, 32, [0, 70, 70, 200], True, True, 16, None, id="varlen-70-0-130-h0-dht-k64"),
 ]
 
 
@@ -69,10 +69,13 @@ def test_state_grad_chain_and_products_match_recurrence_bwd(nan_empty, B, T, H, 
         assert rel(dh0, ref["dh0"]) < 1e-5
     else:
         assert dh0 is None
+    if h0 and dht and meta.N == 3:
+        assert torch.equal(dh0[1], dS[1])  # the empty sequence passes its state gradient through
     # dA: causal, and zero in columns past a chunk's end (the 70-token sequence ends 6 rows into chunk 1).
     for s, e in meta.bounds_list:
         keep = torch.ones(e - s, 64, dtype=torch.bool).tril()
         assert (out["dA"][s:e][~keep[:, None, :].expand(-1, HV, -1)] == 0).all()
+
 
 def test_state_grad_k256_uses_two_key_blocks():
     # K = 256: the products kernel splits K into two 128-wide blocks (a grid axis); dA comes from block 0.

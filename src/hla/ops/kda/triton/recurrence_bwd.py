@@ -174,8 +174,11 @@ def kda_state_grad_products_kernel(
         tl.store(dA + row * BT + o_i[:, None] * (HV * BT) + o_i[None, :], b_dA, mask=m_t[:, None])
 
 
-def _chain_bv(n_programs_per_block: int, V: int) -> int:
-    # One sequential walk per program: at small batch, more value blocks keep more SMs busy.
+def _chain_bv(n_programs_per_block: int, K: int, V: int) -> int:
+    # One sequential walk per program: at small batch, more value blocks keep more SMs busy. With
+    # K = 256 the dS tile doubles; 16 columns keep the spill at 160 B (8 warps, sm_90a).
+    if K > 128:
+        return min(16, next_pow2(V))
     if n_programs_per_block >= 256:
         return min(64, next_pow2(V))
     return min(32, next_pow2(V))
@@ -206,7 +209,7 @@ def kda_state_grad_chain(
         raise ValueError(f"do: expected [TT, HV, V] = {[TT, HV, V]}, got {list(do.shape)}")
     if dht is not None and dht.shape != (N, HV, K, V):
         raise ValueError(f"dht: expected [N, HV, K, V] = {[N, HV, K, V]}, got {list(dht.shape)}")
-    BV = block_v or _chain_bv(N * HV, V)
+    BV = block_v or _chain_bv(N * HV, K, V)
     # Spill-free at K = V = 128 on sm_90a (ptxas, benchmarks/kda_recurrence_bwd_regs.py). K = 256 spills
     # a few hundred bytes here, and two stages would ask for more than the 227 KB of shared memory.
     small = BV <= 32 and K <= 128
