@@ -72,6 +72,12 @@ def main():
                     r = ptxas_report(kda_state_grad_products_kernel, prod_types,
                                      dict(HV=HV, K=K, V=V, BK=bk, BV=bv, BT=BT), nw, ns)
                     print(f"products K=V=128 BK={bk:3d} BV={bv:3d} warps={nw} stages={ns}: {r}")
+    fp32_types = {n: (f32 if t == bf16 else t) for n, t in chain_types.items()}
+    for bv, nw, ns in ((32, 4, 1), (32, 8, 1), (32, 8, 2), (64, 8, 1)):
+        r = ptxas_report(kda_state_grad_chain_kernel, fp32_types,
+                         dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True,
+                              NUM_STAGES=ns, EMULATE=False), nw, ns)
+        print(f"chain fp32 inputs K=V=128 BV={bv:3d} warps={nw} stages={ns}: {r}")
     for bv, nw, ns in ((16, 8, 1), (32, 8, 1)):
         r = ptxas_report(kda_state_grad_chain_kernel, chain_types,
                          dict(HV=HV, K=256, V=V, BK=256, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True,

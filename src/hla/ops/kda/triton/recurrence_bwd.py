@@ -210,11 +210,12 @@ def kda_state_grad_chain(
     if dht is not None and dht.shape != (N, HV, K, V):
         raise ValueError(f"dht: expected [N, HV, K, V] = {[N, HV, K, V]}, got {list(dht.shape)}")
     BV = block_v or _chain_bv(N * HV, K, V)
-    # Spill-free at K = V = 128 on sm_90a (ptxas, benchmarks/kda_recurrence_bwd_regs.py). K = 256 spills
-    # a few hundred bytes here, and two stages would ask for more than the 227 KB of shared memory.
-    small = BV <= 32 and K <= 128
-    num_warps = num_warps or (4 if small else 8)
-    num_stages = num_stages or (2 if small else 1)
+    # Spill-free at K = V = 128 on sm_90a (ptxas, benchmarks/kda_recurrence_bwd_regs.py); two stages
+    # only where they fit the 227 KB of shared memory (fp32 inputs at BV = 32 would ask for 279 KB).
+    # K = 256 spills 160 B.
+    two_stage = BV <= 32 and K <= 128 and st["w"].element_size() == 2
+    num_warps = num_warps or (4 if two_stage else 8)
+    num_stages = num_stages or (2 if two_stage else 1)
     dev, f32 = do.device, torch.float32
     dh = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
     dvnew = torch.empty(TT, HV, V, device=dev, dtype=f32)
@@ -274,3 +275,15 @@ def kda_state_grad_products(
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def kda_state_grad(
+    st: dict[str, torch.Tensor], h: torch.Tensor, vnew: torch.Tensor, do: torch.Tensor, dht: torch.Tensor | None,
+    cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, chunk_bounds: torch.Tensor, *, need_dh0: bool,
+) -> dict[str, torch.Tensor | None]:
+    """The chain, then the products: the same dict as recurrence.kda_recurrence_bwd (du, dqg, dw, dkd
+    ``[TT, HV, *]``, dA ``[TT, HV, 64]``, ddl ``[NC, HV, K]`` fp32, dh0 ``[N, HV, K, V]`` or None), with the
+    chunks' ``[NC, 2]`` token bounds as one more argument. The ``[NC, HV, K, V]`` fp32 dh lives in between."""
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dht, cu_seqlens, chunk_offsets, need_dh0=need_dh0)
+    out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, chunk_bounds)
+    return dict(out, du=dvnew, dh0=dh0)
