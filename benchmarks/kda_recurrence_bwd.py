@@ -98,13 +98,21 @@ def run_shape(B, T, H, D, dev, dtype, *, smoke, quick, say):
     torch.manual_seed(0)
     meta, st, h, vnew, do = stage_inputs(B, T, H, D, dev, dtype, h0=True)
     ref = reference_f64(st, h, vnew, do, B, T)
-    old = kda_recurrence_bwd(st, h, vnew, do, None, meta.cu, meta.chunk_offsets, need_dh0=True)
-    new = new_bwd(st, h, vnew, do, meta)
+
+    def old_bwd():
+        return kda_recurrence_bwd(st, h, vnew, do, None, meta.cu, meta.chunk_offsets, need_dh0=True)
+
     say(f"\n### B{B} T{T} H{H} D{D}, {str(dtype)[6:]} inputs: relative error vs float64")
+    try:
+        old = old_bwd()
+    except Exception as e:  # noqa: BLE001 - e.g. OutOfResources (shared memory) at BV = 64: say so, go on
+        old = None
+        say(f"single kernel failed: {type(e).__name__}: {str(e)[:200]}")
+    new = new_bwd(st, h, vnew, do, meta)
     say("| tensor | single kernel | chain + products |")
     say("|---|---|---|")
     for n in NAMES:
-        say(f"| {n} | {rel(old[n], ref[n]):.2e} | {rel(new[n], ref[n]):.2e} |")
+        say(f"| {n} | {rel(old[n], ref[n]) if old else float('nan'):.2e} | {rel(new[n], ref[n]):.2e} |")
     if smoke:
         return
     del ref
@@ -129,7 +137,7 @@ def run_shape(B, T, H, D, dev, dtype, *, smoke, quick, say):
 
     chain_bytes = nbytes(st["w"], st["qg"], st["kd"], st["Aqk"], st["dl"], do, dh, dvnew)
     prod_bytes = nbytes(h, dh, vnew, dvnew, do, new["dqg"], new["dw"], new["dkd"], new["dA"], new["ddl"])
-    t_old = ms(lambda: kda_recurrence_bwd(st, h, vnew, do, None, meta.cu, meta.chunk_offsets, need_dh0=True))
+    t_old = ms(old_bwd) if old else float("nan")
     t_new = ms(lambda: new_bwd(st, h, vnew, do, meta))
     t_chain, t_prod = ms(chain), ms(products)
     say(f"\ncopy ceiling {ceiling:.0f} GB/s (read + write)")
@@ -142,7 +150,7 @@ def run_shape(B, T, H, D, dev, dtype, *, smoke, quick, say):
     say(f"| products (defaults) | {t_prod:.3f} | {prod_bytes / t_prod / 1e6:.0f} "
         f"({prod_bytes / t_prod / 1e6 / ceiling:.0%}) |")
     chain_pts = [(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 1), (64, 8, 2)]
-    prod_pts = [(128, 32, 8, 2), (128, 32, 8, 1), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 3)]
+    prod_pts = [(128, 32, 8, 2), (128, 32, 8, 1), (64, 32, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2)]
     if quick:
         chain_pts, prod_pts = chain_pts[:4], prod_pts[:3]
     say("\nchain sweep (block_v, num_warps, num_stages): ms")
