@@ -210,10 +210,10 @@ def kda_state_grad_chain(
     if dht is not None and dht.shape != (N, HV, K, V):
         raise ValueError(f"dht: expected [N, HV, K, V] = {[N, HV, K, V]}, got {list(dht.shape)}")
     BV = block_v or _chain_bv(N * HV, K, V)
-    # Spill-free at K = V = 128 on sm_90a (ptxas, benchmarks/kda_recurrence_bwd_regs.py); two stages
-    # only where they fit the 227 KB of shared memory (fp32 inputs at BV = 32 would ask for 279 KB).
-    # K = 256 spills 160 B.
-    two_stage = BV <= 32 and K <= 128 and st["w"].element_size() == 2
+    # Spill-free at K = V = 128 on sm_90a (ptxas, benchmarks/kda_recurrence_bwd_regs.py): two stages
+    # for bf16 at BV <= 32 (fp32 inputs would ask for 279 KB of shared memory, over the 227 KB; fp16
+    # spills 292 B there), else 8 warps and one stage. K = 256 spills 160 B.
+    two_stage = BV <= 32 and K <= 128 and st["w"].dtype == torch.bfloat16
     num_warps = num_warps or (4 if two_stage else 8)
     num_stages = num_stages or (2 if two_stage else 1)
     dev, f32 = do.device, torch.float32
