@@ -39,8 +39,14 @@ def kda_decode_kernel(
     # state and gets zeros.
     valid = slot >= 0
     slot = tl.maximum(slot, 0)
-    p_s = state + ((slot * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :]
-    b_s = tl.load(p_s, mask=m_s & valid, other=0.0).to(tl.float32)  # [BK, BV]
+    # Addresses: one int64 scalar base per program (a pool can exceed 2^31 elements) plus int32
+    # tile offsets (k * V + v < K * V). Not a register win at the launch the benchmark makes
+    # (aligned pointers, T = 1: 165 registers, no spills, before and after at BV=64, 4 warps on
+    # sm_90a, benchmarks/kda_regs.py); it does cut the spills of an unaligned, runtime-T
+    # compile (408 -> 304 B), where the int64 tile of 2 registers per element stays live.
+    p_s = state + (slot * HV + i_hv) * (K * V)
+    o_s = o_k[:, None] * V + o_v[None, :]
+    b_s = tl.load(p_s + o_s, mask=m_s & valid, other=0.0).to(tl.float32)  # [BK, BV]
 
     if HAS_GATE:
         b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
@@ -51,11 +57,13 @@ def kda_decode_kernel(
 
     for t in range(T):
         tok = (i_b * T + t).to(tl.int64)
-        b_q = tl.load(q + (tok * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_k = tl.load(k + (tok * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_v = tl.load(v + (tok * HV + i_hv) * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_g = tl.load(g + (tok * HV + i_hv) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_beta = tl.load(beta + tok * HV + i_hv).to(tl.float32)
+        p_qk = (tok * H + i_h) * K  # int64 scalars; the [BK] / [BV] offsets stay int32
+        p_hv = tok * HV + i_hv
+        b_q = tl.load(q + p_qk + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_qk + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_hv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_g = tl.load(g + p_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_beta = tl.load(beta + p_hv).to(tl.float32)
         if USE_L2:
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
             b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
@@ -70,9 +78,9 @@ def kda_decode_kernel(
         b_s = b_s + b_k[:, None] * b_d[None, :]
         b_o = tl.sum(b_s * b_q[:, None], axis=0)
         b_o = tl.where(valid, b_o, 0.0)
-        tl.store(o + (tok * HV + i_hv) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        tl.store(o + p_hv * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
-    tl.store(p_s, b_s.to(state.dtype.element_ty), mask=m_s & valid)
+    tl.store(p_s + o_s, b_s.to(state.dtype.element_ty), mask=m_s & valid)
 
 
 def _pick_bv(n_heads: int, V: int, K: int) -> int:
