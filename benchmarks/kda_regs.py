@@ -12,6 +12,7 @@ K = V = 128, bf16 tokens, fp32 state, Kimi gate with dt_bias, l2norm and beta-si
   ``--T n`` keeps it a runtime loop (multi-token steps).
 
     PYTHONPATH=src python3 benchmarks/kda_regs.py [--bv 16,32,64] [--warps 2,4,8] [--T 1|n] [--no-align]
+        [--maxnreg 128]
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def blocks_per_sm(regs: int, num_warps: int) -> int:
     return min(REGS_PER_SM // (per_warp * num_warps), MAX_THREADS_PER_SM // (32 * num_warps), MAX_BLOCKS_PER_SM)
 
 
-def compile_decode(bv: int, num_warps: int, t_const: bool, align: bool, H: int = 32, K: int = 128) -> dict:
+def compile_decode(bv: int, num_warps: int, t_const: bool, align: bool, H: int = 32, K: int = 128,
+                   maxnreg: int | None = None) -> dict:
     consts = dict(H=H, HV=H, K=K, V=K, BK=triton.next_power_of_2(K), BV=bv, HAS_GATE=True, HAS_BIAS=True,
                   HAS_LB=False, USE_L2=True, USE_SIGMOID=True)
     if t_const:
@@ -71,7 +73,8 @@ def compile_decode(bv: int, num_warps: int, t_const: bool, align: bool, H: int =
     n_ptr = sum(t.startswith("*") for t in SIGNATURE.values())
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(n_ptr)} if align else {}
     src = ASTSource(fn=kda_decode_kernel, signature=sig, constexprs=consts, attrs=attrs)
-    compiled = triton.compile(src, target=SM90, options={"num_warps": num_warps})
+    options = {"num_warps": num_warps} | ({"maxnreg": maxnreg} if maxnreg else {})
+    compiled = triton.compile(src, target=SM90, options=options)
     return ptxas_report(compiled.asm["ptx"])
 
 
@@ -81,17 +84,20 @@ def main() -> int:
     ap.add_argument("--warps", default="2,4,8", help="num_warps values (comma list)")
     ap.add_argument("--T", default="1", choices=["1", "n"], help="1: T=1 constant (decode); n: runtime T")
     ap.add_argument("--no-align", action="store_true", help="compile without the 16-byte pointer hints")
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (ptx .maxnreg)")
     ap.add_argument("--dim", type=int, default=128, help="K = V")
     ap.add_argument("--heads", type=int, default=2048, help="batch x value heads, for the waves column")
     ap.add_argument("--sms", type=int, default=132, help="SM count, for the waves column (H100/H200 SXM: 132)")
     args = ap.parse_args()
-    print(f"triton {triton.__version__}, sm_90a, T={args.T}, pointer alignment hints: {not args.no_align}; "
+    print(f"triton {triton.__version__}, sm_90a, T={args.T}, pointer alignment hints: {not args.no_align}, "
+          f"maxnreg {args.maxnreg}; "
           f"waves for {args.heads} heads on {args.sms} SMs")
     print("| BV | warps | registers | spill stores B | spill loads B | blocks/SM | waves |")
     print("|---|---|---|---|---|---|---|")
     for bv in (int(x) for x in args.bv.split(",")):
         for nw in (int(x) for x in args.warps.split(",")):
-            r = compile_decode(bv, nw, args.T == "1", not args.no_align, K=args.dim)
+            r = compile_decode(bv, nw, args.T == "1", not args.no_align, K=args.dim,
+                               maxnreg=args.maxnreg)
             nb = blocks_per_sm(r["regs"], nw)
             waves = args.heads * triton.cdiv(args.dim, bv) / (nb * args.sms)
             print(f"| {bv} | {nw} | {r['regs']} | {r['spill_stores']} | {r['spill_loads']} | {nb} | {waves:.2f} |",

@@ -111,6 +111,7 @@ def kda_decode_triton(
     use_beta_sigmoid: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """One (or a few) KDA decode steps, updating ``state`` in place.
 
@@ -120,7 +121,8 @@ def kda_decode_triton(
         state: ``[P, HV, K, V]`` float32 pool, updated in place.
         state_indices: ``[B]`` int slot of each row (default ``arange(B)``); a negative slot
             leaves the pool untouched and gives zero outputs.
-        block_v, num_warps: launch overrides (benchmarks only).
+        block_v, num_warps, max_registers: launch overrides (benchmarks only); ``max_registers``
+            caps registers per thread (ptx ``.maxnreg``), trading spills for blocks per SM.
 
     Returns:
         ``o: [B, T, HV, V]`` in ``v.dtype``.
@@ -149,5 +151,6 @@ def kda_decode_triton(
         HAS_LB=has_gate and lower_bound is not None,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid,
         num_warps=num_warps or (4 if BV * BK >= 4096 else 2),
+        **({"maxnreg": max_registers} if max_registers else {}),
     )
     return o
