@@ -52,15 +52,14 @@ DEV = torch.device("cuda")
 SHAPES = [(1, 8192, 32, 128), (4, 8192, 32, 128), (1, 32768, 32, 128), (1, 8192, 96, 128)]
 GATES = ("kimi", "safe")
 DECODE_BATCHES = (1, 8, 64, 256)
-# Decode launch settings (batch, value block, warps, register cap or None), H = 32, D = 128. The
-# register caps are the candidates from benchmarks/kda_regs.py (sm_90a, T = 1): BV=64 with 4
-# warps uses 165 registers -> 3 blocks per SM, 10.3 waves of blocks at batch 64 on 132 SMs; a cap
-# of 128 gives 4 blocks per SM (7.8 waves) for 224 B of spills. Same for BV=128 / 8 warps
-# (168 -> 128 registers, 1 -> 2 blocks per SM, 172 B of spills) and BV=32 / 2 warps (6 -> 8).
+# Decode launch settings (batch, value block, warps, register cap or None), H = 32, D = 128.
+# Registers per thread for sm_90a at T = 1 (benchmarks/kda_regs.py), blocks per SM in brackets:
+# BV16/w2 72 (14), BV32/w2 127 (8), BV32/w4 72 (7), BV64/w4 127 (4), BV64/w8 97 (2),
+# BV128/w8 174 (1); a cap of 128 on BV128/w8 gives 2 blocks per SM for 88 B of spills.
 DECODE_SWEEP = [(1, 16, 1, None), (1, 16, 2, None), (1, 32, 2, None),
-                (64, 32, 2, None), (64, 32, 2, 128), (64, 32, 4, None), (64, 64, 4, None), (64, 64, 4, 128),
-                (64, 64, 8, None), (64, 128, 8, None), (64, 128, 8, 128),
-                (256, 64, 4, None), (256, 64, 4, 128), (256, 64, 8, None), (256, 32, 4, None)]
+                (64, 16, 2, None), (64, 32, 2, None), (64, 32, 4, None), (64, 64, 4, None), (64, 64, 8, None),
+                (64, 128, 8, None), (64, 128, 8, 128),
+                (256, 32, 2, None), (256, 32, 4, None), (256, 64, 4, None), (256, 64, 8, None)]
 
 
 def ms(fn, grad_to_none=None) -> float:

@@ -39,13 +39,17 @@ def kda_decode_kernel(
     # state and gets zeros.
     valid = slot >= 0
     slot = tl.maximum(slot, 0)
-    # Addresses: one int64 scalar base per program (a pool can exceed 2^31 elements) plus int32
-    # tile offsets (k * V + v < K * V). Not a register win at the launch the benchmark makes
-    # (aligned pointers, T = 1: 165 registers, no spills, before and after at BV=64, 4 warps on
-    # sm_90a, benchmarks/kda_regs.py); it does cut the spills of an unaligned, runtime-T
-    # compile (408 -> 304 B), where the int64 tile of 2 registers per element stays live.
+    # Addresses: one int64 scalar base per program (a pool can exceed 2^31 elements) plus an
+    # int64 offset tile. The tile must be int64, not int32: each thread's 16 row vectors (BV=64,
+    # 4 warps) then sit at constant distances from one base register pair and ptxas folds them
+    # into the loads' and stores' immediates; an int32 tile is sign-extended per element, the
+    # fold is lost and 16 address pairs (32 registers) stay live from the state load to its
+    # store. Measured offline for sm_90a with T = 1 and aligned pointers (benchmarks/kda_regs.py):
+    # BV=64 / 4 warps 127 registers (4 blocks per SM), BV=32 / 4 warps 72, BV=16 / 2 warps 72;
+    # with an int32 tile 165 / 96 / 89 and with the former per-element int64 address
+    # ((slot * HV + hv) * K + k) * V + v 165 / 96 / 93 (3 blocks per SM at BV=64). No spills.
     p_s = state + (slot * HV + i_hv) * (K * V)
-    o_s = o_k[:, None] * V + o_v[None, :]
+    o_s = o_k[:, None].to(tl.int64) * V + o_v[None, :]
     b_s = tl.load(p_s + o_s, mask=m_s & valid, other=0.0).to(tl.float32)  # [BK, BV]
 
     if HAS_GATE:
@@ -84,7 +88,15 @@ def kda_decode_kernel(
 
 
 def _pick_bv(n_heads: int, V: int, K: int) -> int:
-    """Value-block width: enough programs to cover the SMs at small batch, wide rows at large batch."""
+    """Value-block width: enough programs to cover the SMs at small batch, wide rows at large batch.
+
+    Chosen from the H200 sweep at H=32, K=V=128 (benchmarks/kda_notes.md: best of BV 16/32/64/128
+    at batch 1, 64 and 256), measured when BV=64 / 4 warps took 165 registers (3 blocks per SM).
+    With the int64 offset tile it takes 127 (4 blocks per SM, 16 warps), which favours BV=64 at
+    batch >= 32 further, so the thresholds are kept; the sweep in benchmarks/kda_kernels.py
+    re-measures them. Warps (in kda_decode_triton): 4 from BV * BK = 4096 up (at BV=64, 2 warps
+    take 234 registers and 8 warps give 2 blocks per SM), 2 below.
+    """
     if n_heads >= 1024:
         bv = 64 if K <= 128 else 32
     elif n_heads >= 128:
