@@ -208,6 +208,27 @@ def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     return calls
 
 
+def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
+    """The reverse recurrence alone, called the way ``chunk.py``'s backward calls it (inputs from
+    one forward with stored states). Adapt this function (only) when the backward changes."""
+    from hla.ops.kda.triton.chunk import _ChunkMeta, _forward_stages
+    from hla.ops.kda.triton.recurrence import kda_recurrence_bwd
+
+    B, T, H, K = x["q"].shape
+    meta = _ChunkMeta(B, T, None, chunk_size, DEV)
+    q, k, v, g, beta = (x[n].reshape(B * T, *x[n].shape[2:]) for n in ("q", "k", "v", "g", "beta"))
+    st = _forward_stages(q, k, v, g, beta, meta, scale=K**-0.5, A_log=x["A_log"], dt_bias=x["dt_bias"],
+                         lower_bound=x["lower_bound"], use_qk_l2norm=True, use_beta_sigmoid=True,
+                         initial_state=None, output_final_state=False, store_h=True)
+    do = torch.randn_like(v)
+
+    def recurrence_bwd():
+        return kda_recurrence_bwd(st["st"], st["h"], st["vnew"], do, None, meta.cu, meta.chunk_offsets,
+                                  need_dh0=False)
+
+    return {"recurrence_bwd": recurrence_bwd}
+
+
 def decode_launch_us(B: int, bv: int, nw: int, maxnreg: int | None, H: int = 32, D: int = 128) -> float:
     """One decode step (microseconds) with the launch settings forced."""
     sets = max(4, min(16, math.ceil(256 / B)))
@@ -221,17 +242,19 @@ def decode_launch_us(B: int, bv: int, nw: int, maxnreg: int | None, H: int = 32,
     return time_graph(call, steps) * 1e3
 
 
-def profile_stages(shape, gate: str, report: Report) -> None:
-    """Time each forward stage alone, then the whole forward, at one prefill shape. A stage that
-    fails (e.g. a changed signature) is reported and skipped, so the rest of the run goes on."""
+def profile_stages(shape, gate: str, report: Report, backward: bool) -> None:
+    """Time each forward stage alone, then the whole forward (and with ``backward`` the reverse
+    recurrence), at one prefill shape. A stage that fails to set up or run (e.g. a changed
+    signature) is reported and skipped, so the rest of the run goes on."""
     B, T, H, D = shape
     x = prefill_inputs(B, T, H, D, gate)
     where = f"B{B} T{T} H{H} D{D}, {gate} gate"
-    try:
-        calls = forward_stage_calls(x)
-    except Exception as e:  # noqa: BLE001 - report and go on with the other measurements
-        report.add_stage(f"stages not timed ({where}): {type(e).__name__}: {e}")
-        return
+    calls = {}
+    for make in (forward_stage_calls, backward_stage_calls) if backward else (forward_stage_calls,):
+        try:
+            calls.update(make(x))
+        except Exception as e:  # noqa: BLE001 - report and go on with the other measurements
+            report.add_stage(f"{make.__name__} failed ({where}): {type(e).__name__}: {e}")
     for name, fn in calls.items():
         try:
             report.add_stage(f"stage {name} ({where}): {ms(fn):.3f} ms")
@@ -339,7 +362,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     type=_int_list, help="decode batch sizes (default 1,8,64,256)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the decode launch sweep")
     ap.add_argument("--stages", action="store_true",
-                    help="time each stage of our forward alone at the first selected shape and gate")
+                    help="time each stage of our forward alone (and the reverse recurrence unless --no-bwd) "
+                         "at the first selected shape and gate")
     args = ap.parse_args(argv)
     bad = [g for g in args.gates if g not in GATES]
     if bad or not args.gates:
@@ -368,7 +392,7 @@ def main(argv=None) -> int:
     rep.save()
     shapes = [SHAPES[i] for i in args.shapes]
     if args.stages and shapes:
-        profile_stages(shapes[0], args.gates[0], rep)
+        profile_stages(shapes[0], args.gates[0], rep, backward=not args.no_bwd)
         torch.cuda.empty_cache()  # the stage inputs and outputs are gone with the call
     if not args.no_prefill:
         for i_s, (B, T, H, D) in enumerate(shapes):
