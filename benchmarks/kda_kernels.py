@@ -5,9 +5,15 @@ Chunked prefill: forward and forward+backward at (B, T, H, D) = (1, 8192, 32, 12
 bounded gate (lower_bound = -5; FLA with safe_gate=True). Both sides take bf16 raw projections and
 fuse gate, l2norm and beta-sigmoid in-kernel. Decode: one step inside a CUDA graph at batch 1, 8,
 64, 256 (H = 32, D = 128), state pool in place, GB/s of fp32 state read + write against the copy
-ceiling measured here. Prints a markdown table; with --out DIR also writes it there.
+ceiling measured here, then a sweep of launch settings. Prints a markdown table; with --out DIR
+also writes it there (markdown + JSON, rewritten after every row, so a run cut by a time limit
+keeps what it finished).
 
-    PYTHONPATH=src python3 benchmarks/kda_kernels.py [--out DIR] [--quick]
+    PYTHONPATH=src python3 benchmarks/kda_kernels.py [--out DIR] [--shapes 0,1,2,3] [--gates kimi,safe]
+        [--no-prefill] [--no-bwd] [--no-decode] [--no-sweep] [--decode-batches 1,8,64,256] [--stages]
+
+Examples that fit a 600 s call: `--shapes 0 --gates kimi --stages --no-decode` (stage times and
+one prefill row), `--no-prefill` (decode table and sweep only), `--shapes 1,2 --no-bwd`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
 import triton
@@ -26,14 +33,33 @@ from triton.testing import do_bench
 from hla.bench.timing import copy_bandwidth
 from hla.ops.kda.triton import kda_chunk_triton, kda_decode_triton
 
-try:
-    from fla.ops.kda import chunk_kda as fla_chunk_kda
-    from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_recurrent_fwd
-except Exception as e:  # noqa: BLE001 - any import failure means "no peer in this run"
-    print(f"FLA not importable ({type(e).__name__}: {e}); peer columns will be empty", file=sys.stderr)
-    fla_chunk_kda = fla_recurrent_fwd = None
+fla_chunk_kda = fla_recurrent_fwd = None
+
+
+def load_fla() -> None:
+    """Import the peer (FLA) if installed; its columns stay empty otherwise."""
+    global fla_chunk_kda, fla_recurrent_fwd
+    try:
+        from fla.ops.kda import chunk_kda
+        from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd
+    except Exception as e:  # noqa: BLE001 - any import failure means "no peer in this run"
+        print(f"FLA not importable ({type(e).__name__}: {e}); peer columns will be empty", file=sys.stderr)
+        return
+    fla_chunk_kda, fla_recurrent_fwd = chunk_kda, fused_recurrent_kda_fwd
+
 
 DEV = torch.device("cuda")
+SHAPES = [(1, 8192, 32, 128), (4, 8192, 32, 128), (1, 32768, 32, 128), (1, 8192, 96, 128)]
+GATES = ("kimi", "safe")
+DECODE_BATCHES = (1, 8, 64, 256)
+# Decode launch settings (batch, value block, warps, register cap or None), H = 32, D = 128.
+# Registers per thread for sm_90a at T = 1 (benchmarks/kda_regs.py), blocks per SM in brackets:
+# BV16/w2 72 (14), BV32/w2 127 (8), BV32/w4 72 (7), BV64/w4 127 (4), BV64/w8 97 (2),
+# BV128/w8 174 (1); a cap of 128 on BV128/w8 gives 2 blocks per SM for 88 B of spills.
+DECODE_SWEEP = [(1, 16, 1, None), (1, 16, 2, None), (1, 32, 2, None),
+                (64, 16, 2, None), (64, 32, 2, None), (64, 32, 4, None), (64, 64, 4, None), (64, 64, 8, None),
+                (64, 128, 8, None), (64, 128, 8, 128),
+                (256, 32, 2, None), (256, 32, 4, None), (256, 64, 4, None), (256, 64, 8, None)]
 
 
 def ms(fn, grad_to_none=None) -> float:
@@ -153,116 +179,257 @@ def bench_decode(B, H, D, block_v=None):
     return t_ours, t_fla, nbytes
 
 
-def profile_stages(B=1, T=8192, H=32, D=128) -> list[str]:
-    """Time each forward stage alone (Kimi gate) and the recurrence at each value-block width."""
-    from hla.ops.kda.triton import chunk as C
-    from hla.ops.kda.triton import recurrence as R
+def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
+    """Zero-argument callables, one per stage of our chunked forward, each called the way
+    ``chunk.py:_forward_stages`` calls it; the inputs of each stage are produced once here, so a
+    callable times its stage alone. Adapt this function (only) when the stage functions change."""
+    from hla.ops.kda.triton.chunk import _ChunkMeta
+    from hla.ops.kda.triton.intra import kda_intra_fwd
+    from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
 
-    x = prefill_inputs(B, T, H, D, "kimi")
-    meta = C._ChunkMeta(B, T, None, 64, DEV)
-    f = [x[n].reshape(B * T, *x[n].shape[2:]) for n in ("q", "k", "v", "g", "beta")]
-    intra = lambda: C.kda_intra_fwd(*f, meta.chunk_bounds, scale=D**-0.5, A_log=x["A_log"], dt_bias=x["dt_bias"],
-                                    lower_bound=None, use_qk_l2norm=True, use_beta_sigmoid=True)
+    B, T, H, K = x["q"].shape
+    meta = _ChunkMeta(B, T, None, chunk_size, DEV)
+    q, k, v, g, beta = (x[n].reshape(B * T, *x[n].shape[2:]) for n in ("q", "k", "v", "g", "beta"))
+
+    def intra():
+        return kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, scale=K**-0.5, A_log=x["A_log"],
+                             dt_bias=x["dt_bias"], lower_bound=x["lower_bound"], use_qk_l2norm=True,
+                             use_beta_sigmoid=True, chunk_size=meta.BT)
+
     st = intra()
-    out = [f"stage intra {ms(intra):.3f} ms"]
+
+    def recurrence(block_v=None):
+        return kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False,
+                                  out_dtype=v.dtype, store_h=False, block_v=block_v)
+
+    calls = {"intra": intra, "recurrence": recurrence}
     for bv in (16, 32, 64):
-        rec = lambda bv=bv: R.kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=None,
-                                                 output_final_state=False, out_dtype=torch.bfloat16, block_v=bv)
-        out.append(f"stage recurrence BV={bv} {ms(rec):.3f} ms")
-    _, _, h, vnew = R.kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=None,
-                                         output_final_state=False, out_dtype=torch.bfloat16, store_h=True)
-    do = torch.randn_like(f[2])
-    rb = lambda: R.kda_recurrence_bwd(st, h, vnew, do, None, meta.cu, meta.chunk_offsets, need_dh0=False)
-    out.append(f"stage recurrence_bwd {ms(rb):.3f} ms")
-    for line in out:
+        calls[f"recurrence BV={bv}"] = lambda bv=bv: recurrence(bv)
+    return calls
+
+
+def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
+    """The reverse recurrence alone, called the way ``chunk.py``'s backward calls it (inputs from
+    one forward with stored states). Adapt this function (only) when the backward changes."""
+    from hla.ops.kda.triton.chunk import _ChunkMeta, _forward_stages
+    from hla.ops.kda.triton.recurrence import kda_recurrence_bwd
+
+    B, T, H, K = x["q"].shape
+    meta = _ChunkMeta(B, T, None, chunk_size, DEV)
+    q, k, v, g, beta = (x[n].reshape(B * T, *x[n].shape[2:]) for n in ("q", "k", "v", "g", "beta"))
+    st = _forward_stages(q, k, v, g, beta, meta, scale=K**-0.5, A_log=x["A_log"], dt_bias=x["dt_bias"],
+                         lower_bound=x["lower_bound"], use_qk_l2norm=True, use_beta_sigmoid=True,
+                         initial_state=None, output_final_state=False, store_h=True)
+    do = torch.randn_like(v)
+
+    def recurrence_bwd():
+        return kda_recurrence_bwd(st["st"], st["h"], st["vnew"], do, None, meta.cu, meta.chunk_offsets,
+                                  need_dh0=False)
+
+    return {"recurrence_bwd": recurrence_bwd}
+
+
+def decode_launch_us(B: int, bv: int, nw: int, maxnreg: int | None, H: int = 32, D: int = 128) -> float:
+    """One decode step (microseconds) with the launch settings forced."""
+    sets = max(4, min(16, math.ceil(256 / B)))
+    steps, pool, A_log, dt_bias = decode_inputs(B, H, D, sets)
+
+    def call(st):
+        kda_decode_triton(st["q"], st["k"], st["v"], st["g"], st["beta"], pool, scale=D**-0.5,
+                          state_indices=st["idx"], A_log=A_log, dt_bias=dt_bias, use_qk_l2norm=True,
+                          use_beta_sigmoid=True, block_v=bv, num_warps=nw, max_registers=maxnreg)
+
+    return time_graph(call, steps) * 1e3
+
+
+def profile_stages(shape, gate: str, report: Report, backward: bool) -> None:
+    """Time each forward stage alone, then the whole forward (and with ``backward`` the reverse
+    recurrence), at one prefill shape. A stage that fails to set up or run (e.g. a changed
+    signature) is reported and skipped, so the rest of the run goes on."""
+    B, T, H, D = shape
+    x = prefill_inputs(B, T, H, D, gate)
+    where = f"B{B} T{T} H{H} D{D}, {gate} gate"
+    calls = {}
+    for make in (forward_stage_calls, backward_stage_calls) if backward else (forward_stage_calls,):
+        try:
+            calls.update(make(x))
+        except Exception as e:  # noqa: BLE001 - report and go on with the other measurements
+            report.add_stage(f"{make.__name__} failed ({where}): {type(e).__name__}: {e}")
+    for name, fn in calls.items():
+        try:
+            report.add_stage(f"stage {name} ({where}): {ms(fn):.3f} ms")
+        except Exception as e:  # noqa: BLE001
+            report.add_stage(f"stage {name} ({where}): failed, {type(e).__name__}: {e}")
+    with torch.no_grad():
+        report.add_stage(f"whole forward ({where}): {ms(lambda: ours_fwd(x)):.3f} ms")
+
+
+def _f(x: float, fmt: str) -> str:
+    return "-" if x is None or math.isnan(x) else format(x, fmt)
+
+
+def _ratio(num: float, den: float) -> str:
+    return "-" if num is None or den is None or math.isnan(num) or math.isnan(den) else f"{num / den:.2f}x"
+
+
+class Report:
+    """Everything measured so far; ``save`` rewrites the markdown and JSON under --out after each
+    row, so a run cut by a time limit still leaves its finished rows."""
+
+    def __init__(self, head: str, out: str | None, card: str):
+        self.head, self.out, self.card = head, out, card
+        self.bw = self.tf = float("nan")
+        self.rows, self.drows, self.sweep, self.stages = [], [], [], []
+
+    def add_stage(self, line: str) -> None:
         print(line, flush=True)
-    return out
+        self.stages.append(line)
+        self.save()
+
+    def markdown(self) -> str:
+        lines = [self.head, "", f"Copy ceiling {_f(self.bw, '.0f')} GB/s (read+write of a 1 GiB fp32 buffer); "
+                 f"bf16 GEMM 8192^3 {_f(self.tf, '.0f')} TFLOP/s.", ""]
+        if self.rows:
+            lines += ["| B | T | H | D | gate | fwd ours ms | fwd FLA ms | fwd speedup | fwd+bwd ours ms | "
+                      "fwd+bwd FLA ms | fwd+bwd speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for r in self.rows:
+                lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['gate']} | "
+                             f"{_f(r['ours_fwd'], '.3f')} | {_f(r['fla_fwd'], '.3f')} | "
+                             f"{_ratio(r['fla_fwd'], r['ours_fwd'])} | {_f(r['ours_fb'], '.3f')} | "
+                             f"{_f(r['fla_fb'], '.3f')} | {_ratio(r['fla_fb'], r['ours_fb'])} |")
+        if self.drows:
+            lines += ["", "Decode step (T=1, H=32, D=128, fp32 state pool in place, CUDA graph):", "",
+                      "| batch | ours us | ours GB/s | ours % copy | FLA us | FLA GB/s | FLA % copy | speedup |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for d in self.drows:
+                lines.append(f"| {d['B']} | {_f(d['ours_us'], '.1f')} | {_f(d['ours_gbs'], '.0f')} | "
+                             f"{_f(d['ours_gbs'] / self.bw, '.0%')} | {_f(d['fla_us'], '.1f')} | "
+                             f"{_f(d['fla_gbs'], '.0f')} | {_f(d['fla_gbs'] / self.bw, '.0%')} | "
+                             f"{_ratio(d['fla_us'], d['ours_us'])} |")
+        if self.stages:
+            lines += ["", "Stage profile:", ""] + [f"- {p}" for p in self.stages]
+        if self.sweep:
+            lines += ["", "Decode launch sweep (us, % of copy; w = warps, r = register cap): " + ", ".join(
+                f"B{d['B']}/BV{d['BV']}/w{d['nw']}" + (f"/r{d['maxnreg']}" if d["maxnreg"] else "")
+                + f"={d['us']:.1f} ({_f(d['gbs'] / self.bw, '.0%')})" for d in self.sweep)]
+        return "\n".join(lines)
+
+    def save(self) -> None:
+        if not self.out:
+            return
+        os.makedirs(self.out, exist_ok=True)
+
+        def clean(v):  # NaN (no FLA, no backward) -> null: strict JSON
+            return None if isinstance(v, float) and math.isnan(v) else v
+
+        data = dict(card=self.card, copy_gbs=clean(self.bw), gemm_tflops=clean(self.tf),
+                    prefill=[{k: clean(v) for k, v in r.items()} for r in self.rows],
+                    decode=[{k: clean(v) for k, v in r.items()} for r in self.drows],
+                    sweep=self.sweep, stages=self.stages)
+        for name, text in (("kda_kernels.md", self.markdown() + "\n"), ("kda_kernels.json", json.dumps(data))):
+            tmp = os.path.join(self.out, name + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, os.path.join(self.out, name))  # a kill mid-write leaves the last full file
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--quick", action="store_true", help="first shape only")
-    ap.add_argument("--fwd-only-after", type=int, default=99, help="time fwd+bwd for the first N shapes only")
-    args = ap.parse_args()
+def _int_list(text: str, allowed=None) -> list[int]:
+    try:
+        vals = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if allowed is not None and any(v not in allowed for v in vals):
+        raise argparse.ArgumentTypeError(f"each entry must be one of {sorted(allowed)}, got {text!r}")
+    return vals
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="KDA kernels (ours vs FLA): chunked prefill and decode.",
+                                 epilog="Shapes (B, T, H, D): " + ", ".join(f"{i}={s}" for i, s in enumerate(SHAPES)))
+    ap.add_argument("--out", default=None, help="directory for kda_kernels.md / .json, rewritten after each row")
+    ap.add_argument("--shapes", default=",".join(str(i) for i in range(len(SHAPES))),
+                    type=lambda t: _int_list(t, set(range(len(SHAPES)))),
+                    help="comma list of prefill shape indices (default: all)")
+    ap.add_argument("--gates", default=",".join(GATES), type=lambda t: [g for g in t.split(",") if g],
+                    help="comma list of gates: kimi (unbounded), safe (lower_bound -5); default both")
+    ap.add_argument("--quick", action="store_true", help="same as --shapes 0")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prefill table")
+    ap.add_argument("--no-bwd", action="store_true", help="prefill: forward only")
+    ap.add_argument("--fwd-only-after", type=int, default=99,
+                    help="time fwd+bwd for the first N selected shapes only")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode table and the decode sweep")
+    ap.add_argument("--decode-batches", default=",".join(str(b) for b in DECODE_BATCHES),
+                    type=_int_list, help="decode batch sizes (default 1,8,64,256)")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the decode launch sweep")
+    ap.add_argument("--stages", action="store_true",
+                    help="time each stage of our forward alone (and the reverse recurrence unless --no-bwd) "
+                         "at the first selected shape and gate")
+    args = ap.parse_args(argv)
+    bad = [g for g in args.gates if g not in GATES]
+    if bad or not args.gates:
+        ap.error(f"--gates: expected a comma list of {', '.join(GATES)}, got {','.join(args.gates) or 'nothing'}")
+    if args.quick:
+        args.shapes = [0]
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    load_fla()
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
     fla_ver = getattr(sys.modules.get("fla"), "__version__", "not importable")
+    argv_used = argv if argv is not None else sys.argv[1:]
+    command = " ".join(["PYTHONPATH=src python3 benchmarks/kda_kernels.py", *argv_used])
     head = (f"card: {card}; torch {torch.__version__}, triton {triton.__version__}, FLA {fla_ver}; "
-            f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-            f"command: PYTHONPATH=src python3 benchmarks/kda_kernels.py")
+            f"date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; command: {command}")
     print(head, flush=True)
-    bw = copy_ceiling()
-    tf = gemm_ceiling()
-    print(f"copy ceiling {bw:.0f} GB/s (read+write), bf16 GEMM 8192^3 {tf:.0f} TFLOP/s", flush=True)
-    prof = profile_stages()
-    rows = []
-    shapes = [(1, 8192, 32, 128), (4, 8192, 32, 128), (1, 32768, 32, 128), (1, 8192, 96, 128)]
-    if args.quick:
-        shapes = shapes[:1]
-    for i_s, (B, T, H, D) in enumerate(shapes):
-        for gate in ("kimi", "safe"):
-            x = prefill_inputs(B, T, H, D, gate)
-            bwd = i_s < args.fwd_only_after
-            of, ofb = time_prefill(ours_fwd, x, bwd)
-            ff, ffb = time_prefill(fla_fwd, x, bwd) if fla_chunk_kda is not None else (float("nan"),) * 2
-            rows.append(dict(kind="prefill", B=B, T=T, H=H, D=D, gate=gate, ours_fwd=of, fla_fwd=ff,
-                             ours_fb=ofb, fla_fb=ffb))
-            print(f"B{B} T{T} H{H} D{D} {gate:5}: fwd ours {of:.3f} ms FLA {ff:.3f} ms ({ff / of:.2f}x) | "
-                  f"fwd+bwd ours {ofb:.3f} ms FLA {ffb:.3f} ms ({ffb / ofb:.2f}x)", flush=True)
-            del x
-            torch.cuda.empty_cache()
-    drows = []
-    for B in (1, 8, 64, 256):
-        to, tfla, nb = bench_decode(B, 32, 128)
-        drows.append(dict(kind="decode", B=B, ours_us=to * 1e3, fla_us=tfla * 1e3, bytes=nb,
-                          ours_gbs=nb / (to * 1e-3) / 1e9, fla_gbs=nb / (tfla * 1e-3) / 1e9))
-        d = drows[-1]
-        print(f"decode B{B}: ours {d['ours_us']:.1f} us ({d['ours_gbs']:.0f} GB/s, {d['ours_gbs'] / bw:.0%} of copy) "
-              f"FLA {d['fla_us']:.1f} us ({d['fla_gbs']:.0f} GB/s, {d['fla_gbs'] / bw:.0%})", flush=True)
-    sweep = []
-    for B, bv, nw in [(1, 16, 1), (1, 16, 2), (1, 32, 2), (64, 32, 2), (64, 32, 4), (64, 64, 4),
-                      (64, 64, 8), (64, 128, 8), (256, 64, 4), (256, 64, 8), (256, 32, 4)]:
-        sets = max(4, min(16, math.ceil(256 / B)))
-        steps, pool, A_log, dt_bias = decode_inputs(B, 32, 128, sets)
-
-        def call(st, pool=pool, A_log=A_log, dt_bias=dt_bias, bv=bv, nw=nw):
-            kda_decode_triton(st["q"], st["k"], st["v"], st["g"], st["beta"], pool, scale=128**-0.5,
-                              state_indices=st["idx"], A_log=A_log, dt_bias=dt_bias, use_qk_l2norm=True,
-                              use_beta_sigmoid=True, block_v=bv, num_warps=nw)
-
-        t = time_graph(call, steps)
-        sweep.append(dict(B=B, BV=bv, nw=nw, us=t * 1e3))
-        print(f"  decode sweep B{B} BV{bv} warps{nw}: {t * 1e3:.1f} us", flush=True)
-
-    lines = [head, "", f"Copy ceiling {bw:.0f} GB/s (read+write of a 1 GiB fp32 buffer); bf16 GEMM 8192^3 "
-             f"{tf:.0f} TFLOP/s.", "",
-             "| B | T | H | D | gate | fwd ours ms | fwd FLA ms | fwd speedup | fwd+bwd ours ms | fwd+bwd FLA ms "
-             "| fwd+bwd speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['gate']} | {r['ours_fwd']:.3f} | "
-                     f"{r['fla_fwd']:.3f} | {r['fla_fwd'] / r['ours_fwd']:.2f}x | {r['ours_fb']:.3f} | "
-                     f"{r['fla_fb']:.3f} | {r['fla_fb'] / r['ours_fb']:.2f}x |")
-    lines += ["", "Decode step (T=1, H=32, D=128, fp32 state pool in place, CUDA graph):", "",
-              "| batch | ours us | ours GB/s | ours % copy | FLA us | FLA GB/s | FLA % copy | speedup |",
-              "|---|---|---|---|---|---|---|---|"]
-    for d in drows:
-        lines.append(f"| {d['B']} | {d['ours_us']:.1f} | {d['ours_gbs']:.0f} | {d['ours_gbs'] / bw:.0%} | "
-                     f"{d['fla_us']:.1f} | {d['fla_gbs']:.0f} | {d['fla_gbs'] / bw:.0%} | "
-                     f"{d['fla_us'] / d['ours_us']:.2f}x |")
-    if prof:
-        lines += ["", "Stage profile (B1 T8192 H32 D128, Kimi gate):", ""] + [f"- {p}" for p in prof]
-    if sweep:
-        lines += ["", "Decode value-block sweep (us): " + ", ".join(f"B{d['B']}/BV{d['BV']}/w{d['nw']}={d['us']:.1f}"
-                                                               for d in sweep)]
-    text = "\n".join(lines)
-    print("\n" + text, flush=True)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "kda_kernels.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(args.out, "kda_kernels.json"), "w") as f:
-            json.dump(dict(card=card, copy_gbs=bw, gemm_tflops=tf, prefill=rows, decode=drows, sweep=sweep), f)
+    rep = Report(head, args.out, card)
+    t0 = time.perf_counter()
+    rep.bw = copy_ceiling()
+    rep.tf = gemm_ceiling()
+    print(f"copy ceiling {rep.bw:.0f} GB/s (read+write), bf16 GEMM 8192^3 {rep.tf:.0f} TFLOP/s", flush=True)
+    rep.save()
+    shapes = [SHAPES[i] for i in args.shapes]
+    if args.stages and shapes:
+        profile_stages(shapes[0], args.gates[0], rep, backward=not args.no_bwd)
+        torch.cuda.empty_cache()  # the stage inputs and outputs are gone with the call
+    if not args.no_prefill:
+        for i_s, (B, T, H, D) in enumerate(shapes):
+            for gate in args.gates:
+                x = prefill_inputs(B, T, H, D, gate)
+                bwd = not args.no_bwd and i_s < args.fwd_only_after
+                of, ofb = time_prefill(ours_fwd, x, bwd)
+                ff, ffb = time_prefill(fla_fwd, x, bwd) if fla_chunk_kda is not None else (float("nan"),) * 2
+                rep.rows.append(dict(kind="prefill", B=B, T=T, H=H, D=D, gate=gate, ours_fwd=of, fla_fwd=ff,
+                                     ours_fb=ofb, fla_fb=ffb))
+                rep.save()
+                print(f"B{B} T{T} H{H} D{D} {gate:5}: fwd ours {of:.3f} ms FLA {_f(ff, '.3f')} ms "
+                      f"({_ratio(ff, of)}) | fwd+bwd ours {_f(ofb, '.3f')} ms FLA {_f(ffb, '.3f')} ms "
+                      f"({_ratio(ffb, ofb)}) "
+                      f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+                del x
+                torch.cuda.empty_cache()
+    if not args.no_decode:
+        for B in args.decode_batches:
+            to, tfla, nb = bench_decode(B, 32, 128)
+            rep.drows.append(dict(kind="decode", B=B, ours_us=to * 1e3, fla_us=tfla * 1e3, bytes=nb,
+                                  ours_gbs=nb / (to * 1e-3) / 1e9, fla_gbs=nb / (tfla * 1e-3) / 1e9))
+            rep.save()
+            d = rep.drows[-1]
+            print(f"decode B{B}: ours {d['ours_us']:.1f} us ({d['ours_gbs']:.0f} GB/s, {d['ours_gbs'] / rep.bw:.0%} "
+                  f"of copy) FLA {_f(d['fla_us'], '.1f')} us ({_f(d['fla_gbs'], '.0f')} GB/s, "
+                  f"{_f(d['fla_gbs'] / rep.bw, '.0%')}) "
+                  f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+        if not args.no_sweep:
+            for B, bv, nw, nreg in DECODE_SWEEP:
+                t = decode_launch_us(B, bv, nw, nreg)
+                nb = B * 32 * 128 * 128 * 4 * 2
+                rep.sweep.append(dict(B=B, BV=bv, nw=nw, maxnreg=nreg, us=t, gbs=nb / (t * 1e-6) / 1e9))
+                rep.save()
+                print(f"  decode sweep B{B} BV{bv} warps{nw} maxnreg {nreg}: {t:.1f} us "
+                      f"({rep.sweep[-1]['gbs'] / rep.bw:.0%} of copy)", flush=True)
+    print("\n" + rep.markdown(), flush=True)
     return 0
 
 

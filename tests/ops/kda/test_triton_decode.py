@@ -68,3 +68,16 @@ def test_decode_rejects_non_fp32_state():
     x = make_inputs(B=1, T=1)
     with pytest.raises(ValueError, match="state"):
         _decode(x, x["h0"].double(), None)
+
+
+@pytest.mark.parametrize("block_v", [16, 64])
+def test_decode_launch_overrides_match_reference(block_v):
+    # block_v / num_warps / max_registers are the benchmark's launch sweep: every setting must give
+    # the same step (K != V, so the state offset tile's row stride is V, and 4 or 1 value blocks).
+    x = make_inputs(B=2, T=1, H=1, HV=2, K=32, V=64)
+    ro, rs = reference(x)
+    pool = x["h0"].clone()
+    o = _decode(x, pool, None, use_qk_l2norm=True, use_beta_sigmoid=True, block_v=block_v, num_warps=1,
+                max_registers=128)
+    assert rel(o, ro) < 1e-5
+    assert rel(pool, rs) < 1e-5

@@ -39,8 +39,18 @@ def kda_decode_kernel(
     # state and gets zeros.
     valid = slot >= 0
     slot = tl.maximum(slot, 0)
-    p_s = state + ((slot * HV + i_hv) * K + o_k[:, None]) * V + o_v[None, :]
-    b_s = tl.load(p_s, mask=m_s & valid, other=0.0).to(tl.float32)  # [BK, BV]
+    # Addresses: one int64 scalar base per program (a pool can exceed 2^31 elements) plus an
+    # int64 offset tile. The tile must be int64, not int32: each thread's 16 row vectors (BV=64,
+    # 4 warps) then sit at constant distances from one base register pair and ptxas folds them
+    # into the loads' and stores' immediates; an int32 tile is sign-extended per element, the
+    # fold is lost and 16 address pairs (32 registers) stay live from the state load to its
+    # store. Measured offline for sm_90a with T = 1 and aligned pointers (benchmarks/kda_regs.py):
+    # BV=64 / 4 warps 127 registers (4 blocks per SM), BV=32 / 4 warps 72, BV=16 / 2 warps 72;
+    # with an int32 tile 165 / 96 / 89 and with the former per-element int64 address
+    # ((slot * HV + hv) * K + k) * V + v 165 / 96 / 93 (3 blocks per SM at BV=64). No spills.
+    p_s = state + (slot * HV + i_hv) * (K * V)
+    o_s = o_k[:, None].to(tl.int64) * V + o_v[None, :]
+    b_s = tl.load(p_s + o_s, mask=m_s & valid, other=0.0).to(tl.float32)  # [BK, BV]
 
     if HAS_GATE:
         b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
@@ -51,11 +61,13 @@ def kda_decode_kernel(
 
     for t in range(T):
         tok = (i_b * T + t).to(tl.int64)
-        b_q = tl.load(q + (tok * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_k = tl.load(k + (tok * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_v = tl.load(v + (tok * HV + i_hv) * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        b_g = tl.load(g + (tok * HV + i_hv) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-        b_beta = tl.load(beta + tok * HV + i_hv).to(tl.float32)
+        p_qk = (tok * H + i_h) * K  # int64 scalars; the [BK] / [BV] offsets stay int32
+        p_hv = tok * HV + i_hv
+        b_q = tl.load(q + p_qk + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_k = tl.load(k + p_qk + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_v = tl.load(v + p_hv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        b_g = tl.load(g + p_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+        b_beta = tl.load(beta + p_hv).to(tl.float32)
         if USE_L2:
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + 1e-6)
             b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + 1e-6)
@@ -70,13 +82,21 @@ def kda_decode_kernel(
         b_s = b_s + b_k[:, None] * b_d[None, :]
         b_o = tl.sum(b_s * b_q[:, None], axis=0)
         b_o = tl.where(valid, b_o, 0.0)
-        tl.store(o + (tok * HV + i_hv) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        tl.store(o + p_hv * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
 
-    tl.store(p_s, b_s.to(state.dtype.element_ty), mask=m_s & valid)
+    tl.store(p_s + o_s, b_s.to(state.dtype.element_ty), mask=m_s & valid)
 
 
 def _pick_bv(n_heads: int, V: int, K: int) -> int:
-    """Value-block width: enough programs to cover the SMs at small batch, wide rows at large batch."""
+    """Value-block width: enough programs to cover the SMs at small batch, wide rows at large batch.
+
+    Chosen from the H200 sweep at H=32, K=V=128 (benchmarks/kda_notes.md: best of BV 16/32/64/128
+    at batch 1, 64 and 256), measured when BV=64 / 4 warps took 165 registers (3 blocks per SM).
+    With the int64 offset tile it takes 127 (4 blocks per SM, 16 warps), which favours BV=64 at
+    batch >= 32 further, so the thresholds are kept; the sweep in benchmarks/kda_kernels.py
+    re-measures them. Warps (in kda_decode_triton): 4 from BV * BK = 4096 up (at BV=64, 2 warps
+    take 234 registers and 8 warps give 2 blocks per SM), 2 below.
+    """
     if n_heads >= 1024:
         bv = 64 if K <= 128 else 32
     elif n_heads >= 128:
@@ -103,6 +123,7 @@ def kda_decode_triton(
     use_beta_sigmoid: bool = False,
     block_v: int | None = None,
     num_warps: int | None = None,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """One (or a few) KDA decode steps, updating ``state`` in place.
 
@@ -112,7 +133,8 @@ def kda_decode_triton(
         state: ``[P, HV, K, V]`` float32 pool, updated in place.
         state_indices: ``[B]`` int slot of each row (default ``arange(B)``); a negative slot
             leaves the pool untouched and gives zero outputs.
-        block_v, num_warps: launch overrides (benchmarks only).
+        block_v, num_warps, max_registers: launch overrides (benchmarks only); ``max_registers``
+            caps registers per thread (ptx ``.maxnreg``), trading spills for blocks per SM.
 
     Returns:
         ``o: [B, T, HV, V]`` in ``v.dtype``.
@@ -141,5 +163,6 @@ def kda_decode_triton(
         HAS_LB=has_gate and lower_bound is not None,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid,
         num_warps=num_warps or (4 if BV * BK >= 4096 else 2),
+        **({"maxnreg": max_registers} if max_registers else {}),
     )
     return o
