@@ -1,5 +1,5 @@
-"""kda_state_grad_chain + kda_state_grad_products (the two-launch recurrence backward) vs the
-single-kernel kda_recurrence_bwd and vs float64 autograd, fp32 under the Triton interpreter."""
+"""kda_state_grad_chain + kda_state_grad_products (the two-launch recurrence backward) vs float64
+autograd through a plain per-chunk walk, fp32 under the Triton interpreter."""
 
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ import torch
 
 from hla.ops.kda.triton.chunk import _ChunkMeta
 from hla.ops.kda.triton.intra import kda_intra_fwd
-from hla.ops.kda.triton.recurrence import kda_recurrence_bwd, kda_recurrence_fwd
+from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
 from hla.ops.kda.triton.recurrence_bwd import kda_state_grad, kda_state_grad_chain, kda_state_grad_products
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
@@ -46,6 +46,40 @@ def _stages(B, T, H, HV, K, V, cu=None, *, h0, dht):
     return meta, st, s0, h, vnew, do, dS
 
 
+def _bounds(meta):
+    return [tuple(int(x) for x in b) for b in meta.chunk_bounds[: meta.NC].tolist()]
+
+
+def _walk_reference(meta, st, s0, do, dS, *, keep_exits=False):
+    """float64 autograd through the per-chunk forward: the gradients the two kernels must produce."""
+    names = ("w", "u", "qg", "kd", "Aqk", "dl")
+    d = {n: st[n].double().detach().requires_grad_() for n in names}
+    HV, K, V = st["w"].shape[1], st["w"].shape[2], st["u"].shape[2]
+    s_init = (s0.double() if s0 is not None else torch.zeros(meta.N, HV, K, V, dtype=torch.float64)).requires_grad_()
+    bounds, exits, loss = _bounds(meta), {}, 0.0
+    for n in range(meta.N):
+        for hv in range(HV):
+            S = s_init[n, hv]
+            for c in range(int(meta.chunk_offsets[n]), int(meta.chunk_offsets[n + 1])):
+                s, e = bounds[c]
+                A = d["Aqk"][s:e, hv, : e - s].tril()
+                vn = d["u"][s:e, hv] - d["w"][s:e, hv] @ S
+                o = d["qg"][s:e, hv] @ S + A @ vn
+                S = d["dl"][c, hv][:, None] * S + d["kd"][s:e, hv].T @ vn
+                if keep_exits:
+                    S.retain_grad()
+                    exits[c, hv] = S
+                loss = loss + (o * do[s:e, hv].double()).sum()
+            if dS is not None:
+                loss = loss + (S * dS[n, hv].double()).sum()
+    loss.backward()
+    ref = dict(du=d["u"].grad, dqg=d["qg"].grad, dw=d["w"].grad, dkd=d["kd"].grad, dA=d["Aqk"].grad,
+               ddl=d["dl"].grad, dh0=s_init.grad)
+    if keep_exits:
+        ref["dh"] = torch.stack([torch.stack([exits[c, hv].grad for hv in range(HV)]) for c in range(meta.NC)])
+    return ref
+
+
 CASES = [
     # B, T, H, HV, K, V, cu_seqlens, h0, dht, chain BV, products BV
     pytest.param(2, 128, 1, 2, 32, 64, None, True, True, 32, 32, id="batch2-gva-k32v64"),
@@ -55,11 +89,11 @@ CASES = [
 
 
 @pytest.mark.parametrize("B,T,H,HV,K,V,cu,h0,dht,bv_chain,bv_prod", CASES)
-def test_state_grad_chain_and_products_match_recurrence_bwd(nan_empty, B, T, H, HV, K, V, cu, h0, dht,
+def test_state_grad_chain_and_products_match_float64_autograd(nan_empty, B, T, H, HV, K, V, cu, h0, dht,
                                                             bv_chain, bv_prod):
     cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
     meta, st, s0, h, vnew, do, dS = _stages(B, T, H, HV, K, V, cu, h0=h0, dht=dht)
-    ref = kda_recurrence_bwd(st, h, vnew, do, dS, meta.cu, meta.chunk_offsets, need_dh0=h0)
+    ref = _walk_reference(meta, st, s0, do, dS)
     dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=h0, block_v=bv_chain)
     out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds, block_v=bv_prod)
     assert rel(dvnew, ref["du"]) < 1e-5
@@ -72,7 +106,7 @@ def test_state_grad_chain_and_products_match_recurrence_bwd(nan_empty, B, T, H, 
     if h0 and dht and meta.N == 3:
         assert torch.equal(dh0[1], dS[1])  # the empty sequence passes its state gradient through
     # dA: causal, and zero in columns past a chunk's end (the 70-token sequence ends 6 rows into chunk 1).
-    for s, e in meta.bounds_list:
+    for s, e in _bounds(meta):
         keep = torch.ones(e - s, 64, dtype=torch.bool).tril()
         assert (out["dA"][s:e][~keep[:, None, :].expand(-1, HV, -1)] == 0).all()
 
@@ -81,7 +115,7 @@ def test_state_grad_k256_uses_two_key_blocks():
     # K = 256: the products kernel splits K into two 128-wide blocks (a grid axis); dA comes from block 0.
     # Through kda_state_grad, the drop-in for kda_recurrence_bwd.
     meta, st, s0, h, vnew, do, dS = _stages(1, 80, 1, 1, 256, 32, h0=True, dht=True)
-    ref = kda_recurrence_bwd(st, h, vnew, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True)
+    ref = _walk_reference(meta, st, s0, do, dS)
     out = kda_state_grad(st, h, vnew, do, dS, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=True)
     assert out.keys() == ref.keys()
     for n in ref:
@@ -91,17 +125,18 @@ def test_state_grad_k256_uses_two_key_blocks():
 def test_state_grad_chain_bf16_inputs_split_products():
     # bf16 w/qg/kd/do: the chain multiplies bf16 tiles by fp32 dS and dv_new split into bf16 hi + lo
     # (emulated in fp32 under the interpreter, whose bf16 products are wrong and whose fp32 -> bf16
-    # rounding truncates). Against the single kernel on the same bf16 values, which up-casts.
+    # rounding truncates, and h, v_new come
+    # from the fp32 forward: hence the looser bound). Against float64 autograd on the same bf16 values.
     meta, st, s0, h, vnew, do, dS = _stages(1, 130, 1, 2, 32, 32, h0=True, dht=True)
     st = dict(st, **{n: st[n].bfloat16() for n in ("w", "qg", "kd")})
     do = do.bfloat16()
-    ref = kda_recurrence_bwd(st, h, vnew, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True)
+    ref = _walk_reference(meta, st, s0, do, dS)
     dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True)
     out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds)
-    assert rel(dvnew, ref["du"]) < 1e-4
-    assert rel(dh0, ref["dh0"]) < 1e-4
+    assert rel(dvnew, ref["du"]) < 3e-3
+    assert rel(dh0, ref["dh0"]) < 3e-3
     for n in ("dqg", "dw", "dkd", "dA", "ddl"):
-        assert rel(out[n], ref[n]) < 1e-4, n
+        assert rel(out[n], ref[n]) < 3e-3, n
 
 
 def test_state_grad_chain_dh_equals_autograd_float64():
@@ -109,23 +144,6 @@ def test_state_grad_chain_dh_equals_autograd_float64():
     cu = torch.tensor([0, 70, 200], dtype=torch.int32)
     meta, st, s0, h, vnew, do, dS = _stages(1, 200, 1, 2, 32, 64, cu, h0=True, dht=True)
     dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True)
-    d = {n: x.double() for n, x in st.items()}
-    s_init = s0.double().requires_grad_()
-    exits, loss = {}, 0.0
-    for n in range(meta.N):
-        for hv in range(st["w"].shape[1]):
-            S = s_init[n, hv]
-            for c in range(int(meta.chunk_offsets[n]), int(meta.chunk_offsets[n + 1])):
-                s, e = meta.bounds_list[c]
-                A = d["Aqk"][s:e, hv, : e - s]
-                vn = d["u"][s:e, hv] - d["w"][s:e, hv] @ S
-                o = d["qg"][s:e, hv] @ S + A @ vn
-                S = d["dl"][c, hv][:, None] * S + d["kd"][s:e, hv].T @ vn
-                S.retain_grad()
-                exits[c, hv] = S
-                loss = loss + (o * do[s:e, hv].double()).sum()
-            loss = loss + (S * dS[n, hv].double()).sum()
-    loss.backward()
-    want = torch.stack([torch.stack([exits[c, hv].grad for hv in range(2)]) for c in range(meta.NC)])
-    assert rel(dh, want) < 1e-5
-    assert rel(dh0, s_init.grad) < 1e-5
+    ref = _walk_reference(meta, st, s0, do, dS, keep_exits=True)
+    assert rel(dh, ref["dh"]) < 1e-5
+    assert rel(dh0, ref["dh0"]) < 1e-5

@@ -13,21 +13,29 @@ from __future__ import annotations
 import torch
 
 from hla.ops.kda.triton.intra import kda_intra_fwd
-from hla.ops.kda.triton.intra_torch import intra_torch
-from hla.ops.kda.triton.recurrence import kda_recurrence_bwd, kda_recurrence_fwd
-
-# Chunk-heads per slice when autograd runs through the intra stage (bounds its temporaries).
-_BWD_SLICE_CHUNK_HEADS = 2048
+from hla.ops.kda.triton.intra_bwd import kda_intra_bwd
+from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
+from hla.ops.kda.triton.recurrence_bwd import kda_state_grad
 
 
 class _ChunkMeta:
     """Chunk boundaries of a (possibly packed) batch, in flattened token indices."""
 
     def __init__(self, B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, device: torch.device):
+        self.TT = B * T
+        self.BT = BT
         if cu_seqlens is None:
-            cu = [b * T for b in range(B + 1)]
-        else:
-            cu = [int(x) for x in cu_seqlens.tolist()]
+            # Equal lengths: built on the device, no host round trip.
+            nt = -(-T // BT)
+            starts = torch.arange(nt, device=device, dtype=torch.int32) * BT
+            s = (torch.arange(B, device=device, dtype=torch.int32)[:, None] * T + starts[None, :]).reshape(-1)
+            e = torch.minimum(s + BT, (s // T + 1) * T) if T > 0 else s
+            self.N, self.NC = B, B * nt
+            self.chunk_bounds = torch.stack([s, e], 1) if self.NC else torch.zeros(1, 2, dtype=torch.int32, device=device)
+            self.chunk_offsets = torch.arange(B + 1, device=device, dtype=torch.int32) * nt
+            self.cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
+            return
+        cu = [int(x) for x in cu_seqlens.tolist()]
         bounds, offsets = [], [0]
         for n in range(len(cu) - 1):
             for s in range(cu[n], cu[n + 1], BT):
@@ -35,9 +43,6 @@ class _ChunkMeta:
             offsets.append(len(bounds))
         self.N = len(cu) - 1
         self.NC = len(bounds)
-        self.TT = B * T
-        self.BT = BT
-        self.bounds_list = bounds
         self.chunk_bounds = torch.tensor(bounds or [(0, 0)], dtype=torch.int32, device=device).reshape(-1, 2)
         self.chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
         self.cu = torch.tensor(cu, dtype=torch.int32, device=device)
@@ -91,46 +96,22 @@ class KDAChunkTriton(torch.autograd.Function):
         meta, opts = ctx.meta, ctx.opts
         B, T, H, K, HV, V = ctx.shape
         TT = meta.TT
-        kw = dict(scale=opts["scale"], use_qk_l2norm=opts["use_qk_l2norm"])
-        st = _forward_stages(q, k, v, g, beta, meta, A_log=A_log, dt_bias=dt_bias,
-                             lower_bound=opts["lower_bound"], use_beta_sigmoid=opts["use_beta_sigmoid"],
-                             initial_state=h0, output_final_state=False, store_h=True, **kw)
-        gr = kda_recurrence_bwd(st["st"], st["h"], st["vnew"], do.reshape(TT, HV, V), dht, meta.cu,
-                                meta.chunk_offsets, need_dh0=h0 is not None)
-        del st
-
-        def pad(x):
-            return torch.cat([x, x.new_zeros(1, *x.shape[1:])])
-
-        leaves = [pad(x).detach().requires_grad_() for x in (q, k, v, g, beta)]
-        extra = [x.detach().requires_grad_() if x is not None else None for x in (A_log, dt_bias)]
-        g_tok = {n: pad(gr[n]) for n in ("du", "dqg", "dw", "dkd", "dA")}
-        idx_all, valid_all = meta.gather_index()
-        step = max(1, _BWD_SLICE_CHUNK_HEADS // HV)
-        with torch.enable_grad():
-            for c0 in range(0, meta.NC, step):
-                idx, valid = idx_all[c0 : c0 + step], valid_all[c0 : c0 + step]
-                res = intra_torch(*leaves, idx, valid, A_log=extra[0], dt_bias=extra[1],
-                                  lower_bound=opts["lower_bound"], use_beta_sigmoid=opts["use_beta_sigmoid"], **kw)
-                outs, grads = [], []
-                for name, gname in (("u", "du"), ("qg", "dqg"), ("w", "dw"), ("kd", "dkd"), ("Aqk", "dA")):
-                    outs.append(res[name])
-                    grads.append(g_tok[gname][idx].transpose(1, 2))
-                outs.append(res["dl"])
-                grads.append(gr["ddl"][c0 : c0 + step])
-                torch.autograd.backward(outs, grads)
-
-        def grad_of(x, like):
-            if x.grad is None:
-                return torch.zeros_like(like)
-            return x.grad[:TT].reshape(like.shape).to(like.dtype)
-
-        shapes = [(B, T, H, K), (B, T, H, K), (B, T, HV, V), (B, T, HV, K), (B, T, HV)]
-        dq, dk, dv, dg, dbeta = (grad_of(x, torch.empty(s, dtype=y.dtype, device=y.device))
-                                 for x, s, y in zip(leaves, shapes, (q, k, v, g, beta), strict=True))
-        dA_log = extra[0].grad if extra[0] is not None else None
-        ddt = extra[1].grad if extra[1] is not None else None
-        return dq, dk, dv, dg, dbeta, dA_log, ddt, gr["dh0"], None
+        kw = dict(scale=opts["scale"], A_log=A_log, dt_bias=dt_bias, lower_bound=opts["lower_bound"],
+                  use_qk_l2norm=opts["use_qk_l2norm"], use_beta_sigmoid=opts["use_beta_sigmoid"])
+        # Recompute stage 1 and the states (h at each chunk's entry, v_new); no output this time.
+        st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw)
+        _, _, h, vnew = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=h0,
+                                           output_final_state=False, out_dtype=v.dtype, store_h=True, write_o=False)
+        gr = kda_state_grad(st, h, vnew, do.reshape(TT, HV, V), dht, meta.cu, meta.chunk_offsets,
+                            meta.chunk_bounds, need_dh0=h0 is not None)
+        del h, vnew
+        d = kda_intra_bwd(q, k, v, g, beta, meta.chunk_bounds, st, gr, **kw)
+        dq = d["dq"].view(B, T, H, K).to(q.dtype)
+        dk = d["dk"].view(B, T, H, K).to(k.dtype)
+        dv = d["dv"].view(B, T, HV, V).to(v.dtype)
+        dg = d["dg"].view(B, T, HV, K).to(g.dtype)
+        dbeta = d["dbeta"].view(B, T, HV).to(beta.dtype)
+        return dq, dk, dv, dg, dbeta, d["dA_log"], d["ddt_bias"], gr["dh0"], None
 
 
 def kda_chunk_triton(

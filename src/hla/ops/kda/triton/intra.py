@@ -1,26 +1,33 @@
 """Stage 1 of the chunked forward: everything inside one chunk that does not need the state.
 
-Per chunk (BT = 64 tokens, four 16-row blocks) and value head, with Gamma the in-chunk cumulative
-log-decay (gate fused here, computed once, never written to memory):
+One program per (chunk of BT = 64 tokens, value head). With Gamma the in-chunk cumulative log-decay
+(gate fused, computed in registers, never written):
 
-    A_kk[i, j] = beta_i sum_d k_id k_jd exp(Gamma_id - Gamma_jd)   (j < i)
+    P[i, j]    = sum_d k_id k_jd exp(Gamma_id - Gamma_jd)          (j < i),  A_kk = diag(beta) P
     A_qk[i, j] = scale sum_d q_id k_jd exp(Gamma_id - Gamma_jd)    (j <= i)
     M = (I + A_kk)^-1,  w = M (beta k exp(Gamma)),  u = M (beta v)
 
 plus what the recurrence needs without touching Gamma again: qg = scale q exp(Gamma),
 kd = k exp(Gamma_last - Gamma) and dl = exp(Gamma_last).
 
-Exponent safety with the unbounded Kimi gate (FLA #1240 is what goes wrong otherwise): no factor
-``exp(-Gamma)`` is ever formed, every exponential taken has a non-positive argument. For blocks
-I > J: ``exp(G_i - G_j) = exp(G_i - G_a) exp(G_a - G_b) exp(G_b - G_j)`` with a the first row of
-I and b the last row of J (i >= a > b >= j), each factor <= 1; the outer factors scale whole
-tiles, the middle one is a K-vector, and one tensor-core product gives the block. Inside a
-diagonal block ``exp(G_i - G_j)`` is taken per pair, one column j at a time (j <= i). Only tokens
-j <= i enter row i: causality is exact.
+Pair decays on tensor cores, exactly, with no exponential of a positive number (FLA #1240 is what
+goes wrong otherwise). Every pair j < i of a chunk is split at the highest bit where i and j
+differ: at level s (s = 32, 16, ..., 1) row i lies in an odd block of s rows, column j in the even
+block just before it, and a = the last row of that even block satisfies j <= a < i. Then
 
-M is assembled from the four 16x16 diagonal inverses (product form
-``(I + N)^-1 = (I - N)(I + N^2)(I + N^4)(I + N^8)``, N strictly lower so N^16 = 0, in fp32) and
-the block recursion ``M_IJ = -D_I sum_{J <= L < I} A_IL M_LJ``.
+    exp(Gamma_i - Gamma_j) = exp(Gamma_i - Gamma_a) * exp(Gamma_a - Gamma_j),   both factors <= 1,
+
+so each level is one product of row-scaled tiles, ``(q e_s)(k e_s)^T``, kept where i and j fall in
+the same pair of blocks. Six levels plus the diagonal (factor 1) cover every causal pair once. One
+exponential per element and level (6 per element in all) instead of one per pair and channel, and
+the diagonal blocks cost tensor-core products instead of per-pair CUDA-core loops. Underflow is
+harmless: the true product is smaller than either factor.
+
+M comes from the 16x16 diagonal inverses (product form ``(I + N)^-1 = (I - N)(I + N^2)(I + N^4)
+(I + N^8)``, N strictly lower so N^16 = 0, fp32) and the block recursion
+``M_IJ = -D_I sum_{J <= L < I} A_IL M_LJ``; P and M pass through a per-chunk scratch so the 16x16
+tiles can be read back (Triton has no register-tile slicing). w and u are then one [64, 64] product
+each; the gate and cumsum are recomputed for w rather than stored.
 """
 
 from __future__ import annotations
@@ -31,14 +38,22 @@ import triton.language as tl
 
 from hla.ops.kda.triton.common import INTERPRET, kda_gate_f32, next_pow2
 
+# A chunk's K block takes the one-anchor fast path when no factor exceeds exp(SAFE_SPAN): then even the
+# masked-out products (up to exp(2 SAFE_SPAN)) stay finite in fp32 and bf16. Tests set it to -1 to force
+# the exact per-level path everywhere.
+SAFE_SPAN = 40.0
+
+
+def _current_safe_span() -> float:
+    return SAFE_SPAN
+
 
 @triton.jit
-def _gate_rows(g, A_log, dt_bias, lower_bound, o_r, m_r, o_k, m_k, i_hv,
-               HV: tl.constexpr, K: tl.constexpr, HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr,
-               HAS_LB: tl.constexpr):
-    """Log-decay of 16 rows [BC, BK] fp32, 0 on padding rows."""
-    m = m_r[:, None] & m_k[None, :]
-    b_g = tl.load(g + (o_r[:, None] * HV + i_hv) * K + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+def _load_gamma(g_base, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG: tl.constexpr, K: tl.constexpr,
+                HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr):
+    """In-chunk cumulative log-decay [BT, BK] fp32; rows past the chunk end carry g = 0."""
+    m = m_t[:, None] & m_k[None, :]
+    b_g = tl.load(g_base + o_t[:, None] * SG + o_k[None, :], mask=m, other=0.0).to(tl.float32)
     if HAS_GATE:
         b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
         if HAS_BIAS:
@@ -46,78 +61,7 @@ def _gate_rows(g, A_log, dt_bias, lower_bound, o_r, m_r, o_k, m_k, i_hv,
         else:
             b_bias = tl.zeros_like(o_k).to(tl.float32)
         b_g = tl.where(m, kda_gate_f32(b_g, b_a, b_bias[None, :], lower_bound, HAS_BIAS, HAS_LB), 0.0)
-    return b_g
-
-
-@triton.jit
-def _qk_rows(x, o_r, m_r, o_k, m_k, i_h, H: tl.constexpr, K: tl.constexpr, USE_L2: tl.constexpr):
-    b_x = tl.load(x + (o_r[:, None] * H + i_h) * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :],
-                  other=0.0).to(tl.float32)
-    if USE_L2:
-        b_x = b_x / tl.sqrt(tl.sum(b_x * b_x, axis=1) + 1e-6)[:, None]
-    return b_x
-
-
-@triton.jit
-def _rows(x, o_r, m_r, o_k, m_k, i_hv, HV: tl.constexpr, K: tl.constexpr):
-    return tl.load(x + (o_r[:, None] * HV + i_hv) * K + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-
-
-@triton.jit
-def _row(x, r, m, o_k, m_k, i_hv, HV: tl.constexpr, K: tl.constexpr):
-    return tl.load(x + (r * HV + i_hv) * K + o_k, mask=m_k & m, other=0.0)
-
-
-@triton.jit
-def _beta_rows(beta, o_r, m_r, i_hv, HV: tl.constexpr, USE_SIGMOID: tl.constexpr):
-    b_b = tl.load(beta + o_r * HV + i_hv, mask=m_r, other=0.0).to(tl.float32)
-    if USE_SIGMOID:
-        b_b = tl.where(m_r, tl.sigmoid(b_b), 0.0)
-    return b_b
-
-
-@triton.jit
-def _diag_block(q, k, G, bos, i_b, eos, b_q, b_k, b_G, b_b, o_c, o_k, m_k, i_h, i_hv,
-                H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, USE_L2: tl.constexpr):
-    """Diagonal 16x16 blocks of A_qk (j <= i) and A_kk (j < i, times beta_i), one column j at a time
-    with exp(G_i - G_j) per pair; row j's key and gate come from memory (cache hits)."""
-    b_aqk = tl.zeros([BC, BC], dtype=tl.float32)
-    b_akk = tl.zeros([BC, BC], dtype=tl.float32)
-    for j in range(BC):
-        r = bos + i_b * BC + j
-        m_j = r < eos
-        b_kj = tl.load(k + (r * H + i_h) * K + o_k, mask=m_k & m_j, other=0.0).to(tl.float32)
-        if USE_L2:
-            b_kj = b_kj / tl.sqrt(tl.sum(b_kj * b_kj) + 1e-6)
-        b_Gj = tl.load(G + (r * HV + i_hv) * K + o_k, mask=m_k & m_j, other=0.0)
-        # rows past eos (G loaded as 0) would take exp of a positive value; they are never stored
-        b_t = b_kj[None, :] * tl.exp(tl.where(((o_c >= j) & (bos + i_b * BC + o_c < eos))[:, None],
-                                              b_G - b_Gj[None, :], float("-inf")))
-        c_qk = tl.sum(b_q * b_t, axis=1)
-        c_kk = tl.sum(b_k * b_t, axis=1)
-        b_aqk = tl.where(o_c[None, :] == j, c_qk[:, None], b_aqk)
-        b_akk = tl.where(o_c[None, :] == j, c_kk[:, None], b_akk)
-    b_akk = tl.where(o_c[:, None] > o_c[None, :], b_akk * b_b[:, None], 0.0)
-    return b_aqk, b_akk
-
-
-@triton.jit
-def _off_block(k, G, bos, i_b, j_b, eos, b_qs, b_ks, b_Ga, o_c, o_k, m_k, i_h, i_hv,
-               H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BC: tl.constexpr, USE_L2: tl.constexpr,
-               PREC: tl.constexpr):
-    """Block (I, J), J < I: exp(G_i - G_j) = exp(G_i - G_a) exp(G_a - G_b) exp(G_b - G_j), a = first
-    row of I, b = last row of J; b_qs / b_ks carry the first factor."""
-    o_j = bos + j_b * BC + o_c
-    m_j = o_j < eos
-    b_kJ = _qk_rows(k, o_j, m_j, o_k, m_k, i_h, H, K, USE_L2)
-    b_GJ = _rows(G, o_j, m_j, o_k, m_k, i_hv, HV, K)
-    rb = bos + j_b * BC + BC - 1
-    b_Gb = _row(G, rb, rb < eos, o_k, m_k, i_hv, HV, K)
-    # rb past eos (G_b loaded as 0) means block I lies wholly past eos, its tiles never stored: no exp(> 0) there
-    b_kc = tl.trans(b_kJ * tl.exp(tl.where(m_j[:, None] & (rb < eos), b_Gb[None, :] - b_GJ, float("-inf"))))
-    # min(., 0) only matters for an empty block I (no anchor loaded); otherwise G_a <= G_b already.
-    b_c = tl.exp(tl.minimum(b_Ga - b_Gb, 0.0))[None, :]
-    return (tl.dot(b_qs * b_c, b_kc, input_precision=PREC), tl.dot(b_ks * b_c, b_kc, input_precision=PREC))
+    return tl.cumsum(b_g, axis=0)
 
 
 @triton.jit
@@ -132,135 +76,161 @@ def _inv_unit_lower(b_n, o_c, PREC: tl.constexpr):
 
 
 @triton.jit
-def _tile(p, o_r, m_r, col0, o_c, i_hv, HV: tl.constexpr, BT: tl.constexpr):
-    return tl.load(p + (o_r[:, None] * HV + i_hv) * BT + col0 + o_c[None, :], mask=m_r[:, None], other=0.0)
+def _tile16(base, b_b, i_r: tl.constexpr, i_c: tl.constexpr, o_c, BT: tl.constexpr):
+    """16x16 tile (row block i_r, column block i_c) of the [BT, BT] scratch, rows scaled by beta."""
+    return tl.load(base + (i_r * 16 + o_c[:, None]) * BT + i_c * 16 + o_c[None, :]) * b_b[:, None]
 
 
 @triton.jit
-def _store_tile(p, x, o_r, m_r, col0, o_c, i_hv, HV: tl.constexpr, BT: tl.constexpr):
-    tl.store(p + (o_r[:, None] * HV + i_hv) * BT + col0 + o_c[None, :], x, mask=m_r[:, None])
+def _store16(base, x, i_r: tl.constexpr, i_c: tl.constexpr, o_c, BT: tl.constexpr):
+    tl.store(base + (i_r * 16 + o_c[:, None]) * BT + i_c * 16 + o_c[None, :], x)
 
 
 @triton.jit
-def _store_rows(p, x, o_r, m_r, o_k, m_k, i_hv, HV: tl.constexpr, K: tl.constexpr):
-    tl.store(p + (o_r[:, None] * HV + i_hv) * K + o_k[None, :], x.to(p.dtype.element_ty),
-             mask=m_r[:, None] & m_k[None, :])
-
-
-@triton.jit
-def _a_row_block(q, k, G, beta, Aqk, Akk, qg, kd, bos, eos, i_b: tl.constexpr, b_Gl, scale, o_c, o_k, m_k,
-                 i_h, i_hv, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
-                 BC: tl.constexpr, USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr):
-    """Row block I of A_qk / A_kk (stored), and qg, kd of its rows."""
-    o_r = bos + i_b * BC + o_c
-    m_r = o_r < eos
-    b_q = _qk_rows(q, o_r, m_r, o_k, m_k, i_h, H, K, USE_L2) * scale
-    b_k = _qk_rows(k, o_r, m_r, o_k, m_k, i_h, H, K, USE_L2)
-    b_G = _rows(G, o_r, m_r, o_k, m_k, i_hv, HV, K)
-    b_b = _beta_rows(beta, o_r, m_r, i_hv, HV, USE_SIGMOID)
-    _store_rows(qg, b_q * tl.exp(b_G), o_r, m_r, o_k, m_k, i_hv, HV, K)
-    _store_rows(kd, b_k * tl.exp(tl.where(m_r[:, None], b_Gl[None, :] - b_G, float("-inf"))),
-                o_r, m_r, o_k, m_k, i_hv, HV, K)
-    b_aqk, b_akk = _diag_block(q, k, G, bos, i_b, eos, b_q, b_k, b_G, b_b, o_c, o_k, m_k, i_h, i_hv,
-                               H, HV, K, BC, USE_L2)
-    _store_tile(Aqk, b_aqk, o_r, m_r, i_b * BC, o_c, i_hv, HV, BT)
-    _store_tile(Akk, b_akk, o_r, m_r, i_b * BC, o_c, i_hv, HV, BT)
-    zero = tl.zeros([BC, BC], dtype=tl.float32)
-    for j_b in tl.static_range(i_b + 1, BT // BC):
-        _store_tile(Aqk, zero, o_r, m_r, j_b * BC, o_c, i_hv, HV, BT)
-    if i_b > 0:
-        b_Ga = _row(G, bos + i_b * BC, bos + i_b * BC < eos, o_k, m_k, i_hv, HV, K)
-        b_e = tl.exp(tl.where(m_r[:, None], b_G - b_Ga[None, :], float("-inf")))
-        b_qs = b_q * b_e
-        b_ks = b_k * b_e
-        for j_b in tl.static_range(i_b):
-            b_oqk, b_okk = _off_block(k, G, bos, i_b, j_b, eos, b_qs, b_ks, b_Ga, o_c, o_k, m_k, i_h, i_hv,
-                                      H, HV, K, BC, USE_L2, PREC)
-            _store_tile(Aqk, b_oqk, o_r, m_r, j_b * BC, o_c, i_hv, HV, BT)
-            _store_tile(Akk, b_okk * b_b[:, None], o_r, m_r, j_b * BC, o_c, i_hv, HV, BT)
-
-
-@triton.jit
-def _wu_rows(x, y, G, k, v, beta, M0, M1, M2, M3, bos, eos, n_b: tl.constexpr, o_c, o_k, m_k, o_v, m_v,
-             i_h, i_hv, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr,
-             USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr):
-    """Row block n_b of w = M (beta k exp(G)) and u = M (beta v); M0..M3 are that block row of M."""
-    b_w = tl.zeros([BC, o_k.shape[0]], dtype=tl.float32)
-    b_u = tl.zeros([BC, o_v.shape[0]], dtype=tl.float32)
-    for j_b in tl.static_range(n_b + 1):
-        o_j = bos + j_b * BC + o_c
-        m_j = o_j < eos
-        b_bj = _beta_rows(beta, o_j, m_j, i_hv, HV, USE_SIGMOID)
-        b_X = _qk_rows(k, o_j, m_j, o_k, m_k, i_h, H, K, USE_L2) * tl.exp(_rows(G, o_j, m_j, o_k, m_k, i_hv, HV, K))
-        b_Y = _rows(v, o_j, m_j, o_v, m_v, i_hv, HV, V).to(tl.float32)
-        if j_b == 0:
-            b_m = M0
-        elif j_b == 1:
-            b_m = M1
-        elif j_b == 2:
-            b_m = M2
-        else:
-            b_m = M3
-        b_m = b_m * b_bj[None, :]
-        b_w += tl.dot(b_m, b_X, input_precision=PREC)
-        b_u += tl.dot(b_m, b_Y, input_precision=PREC)
-    o_r = bos + n_b * BC + o_c
-    m_r = o_r < eos
-    _store_rows(x, b_w, o_r, m_r, o_k, m_k, i_hv, HV, K)
-    _store_rows(y, b_u, o_r, m_r, o_v, m_v, i_hv, HV, V)
+def _beta16(beta_base, i_r: tl.constexpr, o_c, n_rows, SB: tl.constexpr, USE_SIGMOID: tl.constexpr):
+    r = i_r * 16 + o_c
+    b = tl.load(beta_base + r * SB, mask=r < n_rows, other=0.0).to(tl.float32)
+    if USE_SIGMOID:
+        b = tl.where(r < n_rows, tl.sigmoid(b), 0.0)
+    return b
 
 
 @triton.jit
 def kda_intra_fwd_kernel(
-    q, k, v, g, beta, A_log, dt_bias, G, Akk, Aqk, w, u, qg, kd, dl, chunk_bounds,
+    q, k, g, beta, A_log, dt_bias, Aqk, w, qg, kd, dl, Pbuf, chunk_bounds,
     scale, lower_bound,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+    BK: tl.constexpr, BT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
-    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC_INV: tl.constexpr, PREC: tl.constexpr,
+    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr,
+    SAFE_SPAN: tl.constexpr,
 ):
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
-    eos = tl.load(chunk_bounds + 2 * i_c + 1).to(tl.int64)
-    o_c = tl.arange(0, BC)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
+    n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
+    # int64 scalar bases, int32 tile offsets: keeps pointer tiles at one register per element.
+    q_base = q + (bos * H + i_h) * K
+    k_base = k + (bos * H + i_h) * K
+    g_base = g + (bos * HV + i_hv) * K
+    hk_base = (bos * HV + i_hv) * K  # qg, kd, w
+    a_base = Aqk + (bos * HV + i_hv) * BT
+    s_base = (i_c * HV + i_hv).to(tl.int64) * BT * BT  # P scratch
+    SQ: tl.constexpr = H * K
+    SG: tl.constexpr = HV * K
+    SA: tl.constexpr = HV * BT
+    o_t = tl.arange(0, BT)
+    m_t = o_t < n_rows
 
-    # Phase 1: gate and in-chunk cumsum, block by block, into the G scratch (fp32).
-    b_p = tl.zeros([BK], dtype=tl.float32)
-    for i_b in tl.static_range(BT // BC):
-        o_r = bos + i_b * BC + o_c
-        m_r = o_r < eos
-        b_g = _gate_rows(g, A_log, dt_bias, lower_bound, o_r, m_r, o_k, m_k, i_hv, HV, K, HAS_GATE, HAS_BIAS, HAS_LB)
-        _store_rows(G, b_p[None, :] + tl.cumsum(b_g, axis=0), o_r, m_r, o_k, m_k, i_hv, HV, K)
-        b_p += tl.sum(b_g, axis=0)
-    b_Gl = b_p  # Gamma at the chunk's last row (padding rows carry g = 0)
-    tl.store(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.exp(b_Gl), mask=m_k)
-    tl.debug_barrier()  # G rows written by other threads of this program are read below
+    if USE_L2:
+        b_nq = tl.zeros([BT], dtype=tl.float32)
+        b_nk = tl.zeros([BT], dtype=tl.float32)
+        for i_k in range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = m_t[:, None] & (o_k < K)[None, :]
+            b_x = tl.load(q_base + o_t[:, None] * SQ + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_nq += tl.sum(b_x * b_x, axis=1)
+            b_x = tl.load(k_base + o_t[:, None] * SQ + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_nk += tl.sum(b_x * b_x, axis=1)
+        b_rq = scale / tl.sqrt(b_nq + 1e-6)
+        b_rk = 1.0 / tl.sqrt(b_nk + 1e-6)
+    else:
+        b_rq = tl.zeros([BT], dtype=tl.float32) + scale
+        b_rk = tl.zeros([BT], dtype=tl.float32) + 1.0
 
-    # Phase 2: A_qk, A_kk, qg, kd, one 16-row block at a time.
-    for i_b in tl.static_range(BT // BC):
-        _a_row_block(q, k, G, beta, Aqk, Akk, qg, kd, bos, eos, i_b, b_Gl, scale, o_c, o_k, m_k, i_h, i_hv,
-                     H, HV, K, BT, BC, USE_L2, USE_SIGMOID, PREC)
-    tl.debug_barrier()
+    # Phase 1: A_qk and P, one K block at a time; qg, kd, dl stored on the way.
+    b_aqk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_p = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m_k = o_k < K
+        m = m_t[:, None] & m_k[None, :]
+        p_tk = o_t[:, None] * SQ + o_k[None, :]
+        p_hk = o_t[:, None] * SG + o_k[None, :]
+        b_q = tl.load(q_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rq[:, None]
+        b_k = tl.load(k_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rk[:, None]
+        b_G = _load_gamma(g_base, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
+                          HAS_GATE, HAS_BIAS, HAS_LB)
+        # padding rows carry g = 0, so the last row holds Gamma at the chunk's last token
+        b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
+        b_eG = tl.exp(b_G)
+        tl.store(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.exp(b_Gl), mask=m_k)
+        tl.store((qg + hk_base) + p_hk, (b_q * b_eG).to(qg.dtype.element_ty), mask=m)
+        tl.store((kd + hk_base) + p_hk, (b_k * tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))).to(kd.dtype.element_ty), mask=m)
+        # k exp(Gamma), parked in w's buffer until phase 3 turns it into w
+        tl.store((w + hk_base) + p_hk, (b_k * b_eG).to(w.dtype.element_ty), mask=m)
+        b_Ga = tl.sum(tl.where(o_t[:, None] == BT // 2 - 1, b_G, 0.0), axis=0)
+        span = tl.max(tl.maximum(-b_Ga, b_Ga - b_Gl), axis=0)
+        if span <= SAFE_SPAN:
+            # Fast path: one anchor (row BT/2 - 1) for every pair; the factors stay within
+            # exp(+-SAFE_SPAN), finite in fp32 and bf16, and exact up to rounding.
+            b_eq = tl.exp(b_G - b_Ga[None, :])
+            b_ek = tl.exp(b_Ga[None, :] - b_G)
+            b_kc = tl.trans((b_k * b_ek).to(q.dtype.element_ty))
+            b_aqk += tl.where(o_t[:, None] >= o_t[None, :],
+                              tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+            b_p += tl.where(o_t[:, None] > o_t[None, :],
+                            tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+        else:
+            b_aqk += tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.0)
+            for lvl in range(6):
+                S = (BT // 2) >> lvl
+                blk = o_t // S
+                up = (blk % 2) == 1
+                anchor = tl.where(up, blk * S - 1, blk * S + S - 1)
+                b_Gx = tl.gather(b_G, tl.broadcast_to(anchor[:, None], [BT, BK]), 0)
+                b_e = tl.exp(tl.minimum(tl.where(up[:, None], b_G - b_Gx, b_Gx - b_G), 0.0))
+                b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(q.dtype.element_ty)
+                b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty)
+                b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty))
+                pair = (o_t[:, None] // (2 * S)) == (o_t[None, :] // (2 * S))
+                b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
+                b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
+    tl.store(a_base + o_t[:, None] * SA + o_t[None, :], b_aqk, mask=m_t[:, None])
+    tl.store(Pbuf + s_base + o_t[:, None] * BT + o_t[None, :], b_p)
 
-    # Phase 3: M = (I + A_kk)^-1 by blocks, then w and u.
-    r0 = bos + o_c
-    r1 = r0 + BC
-    r2 = r1 + BC
-    r3 = r2 + BC
-    m0, m1, m2, m3 = r0 < eos, r1 < eos, r2 < eos, r3 < eos
-    D0 = _inv_unit_lower(_tile(Akk, r0, m0, 0, o_c, i_hv, HV, BT), o_c, PREC_INV)
-    D1 = _inv_unit_lower(_tile(Akk, r1, m1, BC, o_c, i_hv, HV, BT), o_c, PREC_INV)
-    D2 = _inv_unit_lower(_tile(Akk, r2, m2, 2 * BC, o_c, i_hv, HV, BT), o_c, PREC_INV)
-    D3 = _inv_unit_lower(_tile(Akk, r3, m3, 3 * BC, o_c, i_hv, HV, BT), o_c, PREC_INV)
-    A10 = _tile(Akk, r1, m1, 0, o_c, i_hv, HV, BT)
-    A20 = _tile(Akk, r2, m2, 0, o_c, i_hv, HV, BT)
-    A21 = _tile(Akk, r2, m2, BC, o_c, i_hv, HV, BT)
-    A30 = _tile(Akk, r3, m3, 0, o_c, i_hv, HV, BT)
-    A31 = _tile(Akk, r3, m3, BC, o_c, i_hv, HV, BT)
-    A32 = _tile(Akk, r3, m3, 2 * BC, o_c, i_hv, HV, BT)
+
+@triton.jit
+def kda_intra_solve_kernel(
+    v, beta, w, u, Pbuf, Mbuf, chunk_bounds,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr,
+):
+    """Second launch of stage 1 (its own registers, so more programs fit per SM): M from P, then
+    w = M diag(beta) (k exp(Gamma)) in place over w's buffer and u = M diag(beta) v."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
+    n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
+    hk_base = (bos * HV + i_hv) * K
+    u_base = u + (bos * HV + i_hv) * V
+    v_base = v + (bos * HV + i_hv) * V
+    s_base = (i_c * HV + i_hv).to(tl.int64) * BT * BT
+    SG: tl.constexpr = HV * K
+    SV: tl.constexpr = HV * V
+    o_t = tl.arange(0, BT)
+    m_t = o_t < n_rows
+    b_beta = tl.load(beta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
+    if USE_SIGMOID:
+        b_beta = tl.where(m_t, tl.sigmoid(b_beta), 0.0)
+
+    # Phase 2: M = (I + diag(beta) P)^-1 by 16x16 blocks, into the M scratch.
+    o_c = tl.arange(0, 16)
+    p_base = Pbuf + s_base
+    m_base = Mbuf + s_base
+    b0 = _beta16(beta + bos * HV + i_hv, 0, o_c, n_rows, HV, USE_SIGMOID)
+    b1 = _beta16(beta + bos * HV + i_hv, 1, o_c, n_rows, HV, USE_SIGMOID)
+    b2 = _beta16(beta + bos * HV + i_hv, 2, o_c, n_rows, HV, USE_SIGMOID)
+    b3 = _beta16(beta + bos * HV + i_hv, 3, o_c, n_rows, HV, USE_SIGMOID)
+    D0 = _inv_unit_lower(_tile16(p_base, b0, 0, 0, o_c, BT), o_c, PREC_INV)
+    D1 = _inv_unit_lower(_tile16(p_base, b1, 1, 1, o_c, BT), o_c, PREC_INV)
+    D2 = _inv_unit_lower(_tile16(p_base, b2, 2, 2, o_c, BT), o_c, PREC_INV)
+    D3 = _inv_unit_lower(_tile16(p_base, b3, 3, 3, o_c, BT), o_c, PREC_INV)
+    A10 = _tile16(p_base, b1, 1, 0, o_c, BT)
+    A20 = _tile16(p_base, b2, 2, 0, o_c, BT)
+    A21 = _tile16(p_base, b2, 2, 1, o_c, BT)
+    A30 = _tile16(p_base, b3, 3, 0, o_c, BT)
+    A31 = _tile16(p_base, b3, 3, 1, o_c, BT)
+    A32 = _tile16(p_base, b3, 3, 2, o_c, BT)
     M10 = -tl.dot(D1, tl.dot(A10, D0, input_precision=PREC_INV), input_precision=PREC_INV)
     M21 = -tl.dot(D2, tl.dot(A21, D1, input_precision=PREC_INV), input_precision=PREC_INV)
     M20 = -tl.dot(D2, tl.dot(A20, D0, input_precision=PREC_INV) + tl.dot(A21, M10, input_precision=PREC_INV),
@@ -270,17 +240,38 @@ def kda_intra_fwd_kernel(
                   input_precision=PREC_INV)
     M30 = -tl.dot(D3, tl.dot(A30, D0, input_precision=PREC_INV) + tl.dot(A31, M10, input_precision=PREC_INV)
                   + tl.dot(A32, M20, input_precision=PREC_INV), input_precision=PREC_INV)
-    o_v = tl.arange(0, BV)
-    m_v = o_v < V
-    z = tl.zeros([BC, BC], dtype=tl.float32)
-    _wu_rows(w, u, G, k, v, beta, D0, z, z, z, bos, eos, 0, o_c, o_k, m_k, o_v, m_v, i_h, i_hv,
-             H, HV, K, V, BC, USE_L2, USE_SIGMOID, PREC)
-    _wu_rows(w, u, G, k, v, beta, M10, D1, z, z, bos, eos, 1, o_c, o_k, m_k, o_v, m_v, i_h, i_hv,
-             H, HV, K, V, BC, USE_L2, USE_SIGMOID, PREC)
-    _wu_rows(w, u, G, k, v, beta, M20, M21, D2, z, bos, eos, 2, o_c, o_k, m_k, o_v, m_v, i_h, i_hv,
-             H, HV, K, V, BC, USE_L2, USE_SIGMOID, PREC)
-    _wu_rows(w, u, G, k, v, beta, M30, M31, M32, D3, bos, eos, 3, o_c, o_k, m_k, o_v, m_v, i_h, i_hv,
-             H, HV, K, V, BC, USE_L2, USE_SIGMOID, PREC)
+    z = tl.zeros([16, 16], dtype=tl.float32)
+    _store16(m_base, D0, 0, 0, o_c, BT)
+    _store16(m_base, z, 0, 1, o_c, BT)
+    _store16(m_base, z, 0, 2, o_c, BT)
+    _store16(m_base, z, 0, 3, o_c, BT)
+    _store16(m_base, M10, 1, 0, o_c, BT)
+    _store16(m_base, D1, 1, 1, o_c, BT)
+    _store16(m_base, z, 1, 2, o_c, BT)
+    _store16(m_base, z, 1, 3, o_c, BT)
+    _store16(m_base, M20, 2, 0, o_c, BT)
+    _store16(m_base, M21, 2, 1, o_c, BT)
+    _store16(m_base, D2, 2, 2, o_c, BT)
+    _store16(m_base, z, 2, 3, o_c, BT)
+    _store16(m_base, M30, 3, 0, o_c, BT)
+    _store16(m_base, M31, 3, 1, o_c, BT)
+    _store16(m_base, M32, 3, 2, o_c, BT)
+    _store16(m_base, D3, 3, 3, o_c, BT)
+    tl.debug_barrier()
+
+    # Phase 3: w = M (beta k exp(Gamma)), u = M (beta v): one [BT, BT] product per block of columns.
+    b_m = tl.load(m_base + o_t[:, None] * BT + o_t[None, :]) * b_beta[None, :]
+    for i_v in range(0, V, BV):
+        o_v = i_v + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v_base + o_t[:, None] * SV + o_v[None, :], mask=m, other=0.0).to(tl.float32)
+        tl.store(u_base + o_t[:, None] * SV + o_v[None, :], tl.dot(b_m, b_v, input_precision=PREC), mask=m)
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        p_w = (w + hk_base) + o_t[:, None] * SG + o_k[None, :]
+        b_x = tl.load(p_w, mask=m, other=0.0).to(tl.float32)
+        tl.store(p_w, tl.dot(b_m, b_x, input_precision=PREC).to(w.dtype.element_ty), mask=m)
 
 
 def kda_intra_fwd(
@@ -298,36 +289,49 @@ def kda_intra_fwd(
     use_qk_l2norm: bool,
     use_beta_sigmoid: bool,
     chunk_size: int = 64,
+    num_warps: int = 4,
+    block_k: int = 32,
+    prec_inv: str = "ieee",
+    solve_warps: int = 4,
+    safe_span: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """q, k ``[TT, H, K]``, v ``[TT, HV, V]``, g ``[TT, HV, K]`` (raw when A_log), beta ``[TT, HV]``
-    (flattened tokens) -> dict: Aqk ``[TT, HV, 64]`` fp32, w / qg / kd ``[TT, HV, K]`` in v.dtype,
-    u ``[TT, HV, V]`` fp32, dl ``[NC, HV, K]`` fp32;
-    G (cumulative gate) and Akk are the kernel's scratch."""
+    (flattened tokens), chunk_bounds int32 ``[NC, 2]`` -> dict: Aqk ``[TT, HV, 64]`` fp32 (zero above
+    the diagonal), w / qg / kd ``[TT, HV, K]`` in v.dtype, u ``[TT, HV, V]`` fp32, dl ``[NC, HV, K]``
+    fp32, and per chunk-head P (the unscaled strictly-lower key-key products) and M = (I + diag(beta)
+    P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them)."""
     if chunk_size != 64:
         raise ValueError(f"chunk_size: the triton backend supports 64, got {chunk_size}")
     TT, H, K = q.shape
     HV, V = v.shape[-2], v.shape[-1]
     NC = chunk_bounds.shape[0]
-    dev = q.device
+    dev, f32 = q.device, torch.float32
     out = dict(
-        G=torch.empty(TT, HV, K, device=dev, dtype=torch.float32),
-        Akk=torch.empty(TT, HV, 64, device=dev, dtype=torch.float32),
-        Aqk=torch.empty(TT, HV, 64, device=dev, dtype=torch.float32),
+        Aqk=torch.empty(TT, HV, 64, device=dev, dtype=f32),
         w=torch.empty(TT, HV, K, device=dev, dtype=v.dtype),
-        u=torch.empty(TT, HV, V, device=dev, dtype=torch.float32),
+        u=torch.empty(TT, HV, V, device=dev, dtype=f32),
         qg=torch.empty(TT, HV, K, device=dev, dtype=v.dtype),
         kd=torch.empty(TT, HV, K, device=dev, dtype=v.dtype),
-        dl=torch.empty(NC, HV, K, device=dev, dtype=torch.float32),
+        dl=torch.empty(NC, HV, K, device=dev, dtype=f32),
+        P=torch.empty(NC, HV, 64, 64, device=dev, dtype=f32),
+        M=torch.empty(NC, HV, 64, 64, device=dev, dtype=f32),
     )
     has_gate = A_log is not None
+    BK = min(block_k, next_pow2(K))
     kda_intra_fwd_kernel[(NC, HV)](
-        q, k, v, g, beta, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
-        out["G"], out["Akk"], out["Aqk"], out["w"], out["u"], out["qg"], out["kd"], out["dl"], chunk_bounds,
+        q, k, g, beta, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
+        out["Aqk"], out["w"], out["qg"], out["kd"], out["dl"], out["P"], chunk_bounds,
         float(scale), float(lower_bound) if lower_bound is not None else 0.0,
-        H=H, HV=HV, K=K, V=V, BK=next_pow2(K), BV=next_pow2(V), BT=64, BC=16,
+        H=H, HV=HV, K=K, BK=BK, BT=64,
         HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid,
-        PREC_INV="ieee", PREC="ieee" if INTERPRET else "tf32",
-        num_warps=4, num_stages=1,
+        PREC="ieee" if INTERPRET else "tf32", SAFE_SPAN=_current_safe_span() if safe_span is None else safe_span,
+        num_warps=num_warps, num_stages=1,
+    )
+    kda_intra_solve_kernel[(NC, HV)](
+        v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
+        HV=HV, K=K, V=V, BK=BK, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
+        PREC="ieee" if INTERPRET else "tf32", PREC_INV="ieee" if INTERPRET else prec_inv,
+        num_warps=solve_warps, num_stages=1,
     )
     return out

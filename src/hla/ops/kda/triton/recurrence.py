@@ -30,48 +30,66 @@ def kda_recurrence_fwd_kernel(
     w, u, qg, kd, dl, Aqk, h0, o, ht, h, vnew, cu_seqlens, chunk_offsets,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_H: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_H: tl.constexpr, WRITE_O: tl.constexpr,
+    SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
     seq_bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    seq_len = tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)
     c_lo = tl.load(chunk_offsets + i_n).to(tl.int64)
-    NT = tl.cdiv(seq_eos - seq_bos, BT)
+    NT = tl.cdiv(seq_len, BT)
     o_i = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_s = m_k[:, None] & m_v[None, :]
-    p_s = (o_k[:, None] * V + o_v[None, :])
+    # int64 scalar bases + int32 tile offsets (int64 [64, 128] offset tiles made this kernel spill)
+    p_s = o_k[:, None] * V + o_v[None, :]
+    p_tk = o_i[:, None] * (HV * K) + o_k[None, :]
+    p_tv = o_i[:, None] * (HV * V) + o_v[None, :]
+    p_tt = o_i[:, None] * (HV * BT) + o_i[None, :]
     if HAS_H0:
         b_s = tl.load(h0 + (i_n * HV + i_hv).to(tl.int64) * K * V + p_s, mask=m_s, other=0.0).to(tl.float32)
     else:
         b_s = tl.zeros([BK, BV], dtype=tl.float32)
 
-    for i_t in range(NT):
+    for i_t in tl.range(0, NT, num_stages=NUM_STAGES):
         i_c = c_lo + i_t
-        o_t = seq_bos + i_t * BT + o_i
-        m_t = o_t < seq_eos
+        tok = seq_bos + i_t * BT
+        m_t = (i_t * BT + o_i) < seq_len
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        p_tk = (o_t[:, None] * HV + i_hv) * K + o_k[None, :]
-        p_tv = (o_t[:, None] * HV + i_hv) * V + o_v[None, :]
-        if STORE_H:
-            tl.store(h + (i_c * HV + i_hv) * K * V + p_s, b_s, mask=m_s)
-        b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        b_kd = tl.load(kd + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        b_qg = tl.load(qg + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        b_u = tl.load(u + p_tv, mask=m_tv, other=0.0)
-        b_A = tl.load(Aqk + (o_t[:, None] * HV + i_hv) * BT + o_i[None, :], mask=m_t[:, None], other=0.0)
+        off_k = (tok * HV + i_hv) * K  # int64 scalars; the tiles below stay int32
+        off_v = (tok * HV + i_hv) * V
+        # everything that does not depend on the state is loaded first
+        b_w = tl.load((w + off_k) + p_tk, mask=m_tk, other=0.0)
+        b_kd = tl.load((kd + off_k) + p_tk, mask=m_tk, other=0.0)
+        b_u = tl.load((u + off_v) + p_tv, mask=m_tv, other=0.0)
         b_dl = tl.load(dl + (i_c * HV + i_hv) * K + o_k, mask=m_k, other=0.0)
-        # fp32 operands: the state never drops to bf16 (tf32 products keep 10 mantissa bits).
-        b_vn = b_u - tl.dot(b_w, b_s)  # [BT, BV]
+        if WRITE_O:
+            b_qg = tl.load((qg + off_k) + p_tk, mask=m_tk, other=0.0)
+            b_A = tl.load((Aqk + (tok * HV + i_hv) * BT) + p_tt, mask=m_t[:, None], other=0.0)
         if STORE_H:
-            tl.store(vnew + p_tv, b_vn, mask=m_tv)
-        b_o = tl.dot(b_qg, b_s) + tl.dot(b_A, b_vn)
-        tl.store(o + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
-        b_s = b_s * b_dl[:, None] + tl.dot(tl.trans(b_kd), b_vn)
+            tl.store((h + (i_c * HV + i_hv) * K * V) + p_s, b_s, mask=m_s)
+        # Products in the operands' dtype (bf16 tensor cores, fp32 accumulation). The state itself
+        # stays fp32; with SPLIT it enters the products as hi + lo halves (two bf16 products, ~16
+        # mantissa bits) where v_new = u - w S can cancel.
+        b_sh = b_s.to(b_w.dtype)
+        b_ws = tl.dot(b_w, b_sh)
+        if SPLIT:
+            b_sl = (b_s - b_sh.to(tl.float32)).to(b_w.dtype)
+            b_ws += tl.dot(b_w, b_sl)
+        b_vn = b_u - b_ws  # [BT, BV] fp32
+        if STORE_H:
+            tl.store((vnew + off_v) + p_tv, b_vn, mask=m_tv)
+        b_vnc = b_vn.to(b_w.dtype)
+        if WRITE_O:
+            b_o = tl.dot(b_qg, b_sh) + tl.dot(b_A.to(b_w.dtype), b_vnc)
+            if SPLIT:
+                b_o += tl.dot(b_qg, b_sl)
+            tl.store((o + off_v) + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
+        b_s = b_s * b_dl[:, None] + tl.dot(tl.trans(b_kd), b_vnc)
 
     if STORE_FINAL:
         tl.store(ht + (i_n * HV + i_hv).to(tl.int64) * K * V + p_s, b_s, mask=m_s)
@@ -149,7 +167,8 @@ def _pick_bv(n_programs_per_block: int, V: int) -> int:
 def kda_recurrence_fwd(
     st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, *,
     initial_state: torch.Tensor | None, output_final_state: bool, out_dtype: torch.dtype,
-    store_h: bool = False, block_v: int | None = None,
+    store_h: bool = False, write_o: bool = True, block_v: int | None = None, num_warps: int = 4,
+    num_stages: int = 3, split: bool = True,
 ):
     """st: the intra stage's dict (w, u, qg, kd, dl, Aqk) -> (o ``[TT, HV, V]``, final ``[N, HV, K, V]``
     or None, h ``[NC, HV, K, V]`` or None, v_new ``[TT, HV, V]`` fp32 or None); h, v_new for the backward."""
@@ -159,19 +178,19 @@ def kda_recurrence_fwd(
     NC = st["dl"].shape[0]
     BV = block_v or _pick_bv(N * HV, V)
     dev = st["w"].device
-    o = torch.empty(TT, HV, V, device=dev, dtype=out_dtype)
+    o = torch.empty(TT, HV, V, device=dev, dtype=out_dtype) if write_o else None
     ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     h = torch.empty(NC, HV, K, V, device=dev, dtype=torch.float32) if store_h else None
     vnew = torch.empty(TT, HV, V, device=dev, dtype=torch.float32) if store_h else None
     dummy = st["u"]
     kda_recurrence_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
         st["w"], st["u"], st["qg"], st["kd"], st["dl"], st["Aqk"],
-        initial_state if initial_state is not None else dummy, o,
+        initial_state if initial_state is not None else dummy, o if o is not None else dummy,
         ht if ht is not None else dummy, h if h is not None else dummy, vnew if vnew is not None else dummy,
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=64,
-        HAS_H0=initial_state is not None, STORE_FINAL=output_final_state, STORE_H=store_h,
-        num_warps=4,
+        HAS_H0=initial_state is not None, STORE_FINAL=output_final_state, STORE_H=store_h, WRITE_O=write_o,
+        SPLIT=split, NUM_STAGES=num_stages, num_warps=num_warps,
     )
     return o, ht, h, vnew
 

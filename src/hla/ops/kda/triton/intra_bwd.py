@@ -1,0 +1,290 @@
+"""Backward of stage 1 (intra.py): from the gradients of w, u, qg, kd, A_qk and exp(Gamma_last) to
+those of q, k, v, the raw gate (and A_log, dt_bias) and beta. One program per (chunk, value head).
+
+With X = diag(beta) k exp(Gamma), w = M X, u = M diag(beta) v and M = (I + diag(beta) P)^-1:
+
+    dX = M^T dw,  d(beta v) = M^T du
+    dA_kk = -(dX w^T + d(beta v) u^T), strictly lower        (the inverse's gradient, M never inverted again)
+    dP = diag(beta) dA_kk,  dbeta_i += sum_j dA_kk[i, j] P[i, j]
+
+The pair sums A[i, j] = sum_d x_id y_jd exp(Gamma_id - Gamma_jd) (x, y = q, k for A_qk; k, k for P)
+have gradients of the same form, dx = (dA * E) y and dy = (dA * E)^T x per channel, and
+dGamma = x dx - y dy. They are computed with the forward's exponent split (one anchor when its
+factors stay within exp(+-SAFE_SPAN), the six-level split otherwise), so no positive exponent is
+taken. dGamma then goes through the in-chunk cumsum (a reverse cumsum), the gate, the l2norm and
+the beta sigmoid, all fused. dq and dk are written per value head; the caller sums grouped heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hla.ops.kda.triton import intra as _intra
+from hla.ops.kda.triton.common import INTERPRET, next_pow2, softplus_f32
+
+
+@triton.jit
+def _gate_fwd_bwd(raw, a, bias, lower_bound, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr):
+    """-> g, dg/draw, dg/dA_log for raw [BT, BK] fp32 (a = exp(A_log), bias [BK])."""
+    x = raw
+    if HAS_BIAS:
+        x = x + bias[None, :]
+    if HAS_LB:
+        s = tl.sigmoid(a * x)
+        ds = lower_bound * s * (1.0 - s)
+        return lower_bound * s, ds * a, ds * a * x
+    g = -a * softplus_f32(x)
+    return g, -a * tl.sigmoid(x), g
+
+
+@triton.jit
+def kda_intra_bwd_kernel(
+    q, k, v, g, beta, A_log, dt_bias, w, u, M, P,
+    du, dqg, dw, dkd, dA, ddl,
+    dq, dk, dv, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
+    scale, lower_bound,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
+    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr,
+):
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
+    n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
+    q_base = q + (bos * H + i_h) * K
+    k_base = k + (bos * H + i_h) * K
+    hk = (bos * HV + i_hv) * K  # g, w, dqg, dw, dkd, dq, dk, dg
+    hv = (bos * HV + i_hv) * V  # v, u, du, dv
+    s_base = (i_c * HV + i_hv).to(tl.int64) * BT * BT
+    SQ: tl.constexpr = H * K
+    SG: tl.constexpr = HV * K
+    SV: tl.constexpr = HV * V
+    o_t = tl.arange(0, BT)
+    m_t = o_t < n_rows
+    lower = o_t[:, None] > o_t[None, :]
+    b_braw = tl.load(beta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
+    if USE_SIGMOID:
+        b_beta = tl.where(m_t, tl.sigmoid(b_braw), 0.0)
+    else:
+        b_beta = b_braw
+    if HAS_GATE:
+        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+    if USE_L2:
+        b_nq = tl.zeros([BT], dtype=tl.float32)
+        b_nk = tl.zeros([BT], dtype=tl.float32)
+        for i_k in range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = m_t[:, None] & (o_k < K)[None, :]
+            b_x = tl.load(q_base + o_t[:, None] * SQ + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_nq += tl.sum(b_x * b_x, axis=1)
+            b_x = tl.load(k_base + o_t[:, None] * SQ + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+            b_nk += tl.sum(b_x * b_x, axis=1)
+        b_iq = 1.0 / tl.sqrt(b_nq + 1e-6)
+        b_ik = 1.0 / tl.sqrt(b_nk + 1e-6)
+    else:
+        b_iq = tl.zeros([BT], dtype=tl.float32) + 1.0
+        b_ik = tl.zeros([BT], dtype=tl.float32) + 1.0
+
+    b_mt = tl.trans(tl.load(M + s_base + o_t[:, None] * BT + o_t[None, :]))  # M^T
+    b_dakk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    # Pass A (value blocks): d(beta v) = M^T du -> dv, dbeta, dA_kk.
+    for i_v in range(0, V, BV):
+        o_v = i_v + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        p_tv = hv + o_t[:, None] * SV + o_v[None, :]
+        b_du = tl.load(du + p_tv, mask=m, other=0.0)
+        b_dvb = tl.dot(b_mt, b_du, input_precision=PREC)
+        b_v = tl.load(v + p_tv, mask=m, other=0.0).to(tl.float32)
+        tl.store(dv + p_tv, (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m)
+        b_db += tl.sum(b_dvb * b_v, axis=1)
+        b_u = tl.load(u + p_tv, mask=m, other=0.0)
+        b_dakk -= tl.dot(b_dvb, tl.trans(b_u), input_precision=PREC)
+    # Pass B (key blocks): dX = M^T dw -> dA_kk.
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        p_tk = hk + o_t[:, None] * SG + o_k[None, :]
+        b_dx = tl.dot(b_mt, tl.load(dw + p_tk, mask=m, other=0.0), input_precision=PREC)
+        b_w = tl.load(w + p_tk, mask=m, other=0.0).to(tl.float32)
+        b_dakk -= tl.dot(b_dx, tl.trans(b_w), input_precision=PREC)
+    b_dakk = tl.where(lower, b_dakk, 0.0)
+    b_db += tl.sum(b_dakk * tl.load(P + s_base + o_t[:, None] * BT + o_t[None, :]), axis=1)
+    b_dp = (b_dakk * b_beta[:, None]).to(q.dtype.element_ty)
+    b_daqk = tl.load(dA + (bos * HV + i_hv) * BT + o_t[:, None] * (HV * BT) + o_t[None, :], mask=m_t[:, None],
+                     other=0.0)
+    b_daqk = tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0).to(q.dtype.element_ty)
+
+    # Pass C (key blocks): everything per channel, then dGamma -> dg (reverse cumsum, gate).
+    b_cq = tl.zeros([BT], dtype=tl.float32)  # sum_d y dy for the l2norm backward
+    b_ck = tl.zeros([BT], dtype=tl.float32)
+    b_dalog = tl.zeros([BK], dtype=tl.float32)
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m_k = o_k < K
+        m = m_t[:, None] & m_k[None, :]
+        p_qk = o_t[:, None] * SQ + o_k[None, :]
+        p_tk = hk + o_t[:, None] * SG + o_k[None, :]
+        b_yq = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_iq[:, None]  # unit q
+        b_yk = tl.load(k_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_ik[:, None]
+        b_q = b_yq * scale
+        b_graw = tl.load(g + p_tk, mask=m, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            if HAS_BIAS:
+                b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            else:
+                b_bias = tl.zeros([BK], dtype=tl.float32)
+            b_gg, b_gx, b_ga = _gate_fwd_bwd(b_graw, b_a, b_bias, lower_bound, HAS_BIAS, HAS_LB)
+            b_gg = tl.where(m, b_gg, 0.0)
+        else:
+            b_gg = b_graw
+        b_G = tl.cumsum(b_gg, axis=0)
+        b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
+        b_eG = tl.exp(b_G)
+        b_ed = tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))
+        b_dx = tl.dot(b_mt, tl.load(dw + p_tk, mask=m, other=0.0), input_precision=PREC)
+        b_dqg = tl.load(dqg + p_tk, mask=m, other=0.0)
+        b_dkd = tl.load(dkd + p_tk, mask=m, other=0.0)
+        b_kd = b_yk * b_ed
+        b_xb = b_yk * b_eG  # X / beta
+        b_db += tl.sum(b_dx * b_xb, axis=1)
+        b_dq = b_dqg * b_eG
+        b_dk = b_dx * b_eG * b_beta[:, None] + b_dkd * b_ed
+        b_dG = b_dqg * b_q * b_eG + b_dx * b_xb * b_beta[:, None] - b_dkd * b_kd
+        b_dGl = tl.sum(b_dkd * b_kd, axis=0) + tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k,
+                                                       other=0.0) * tl.exp(b_Gl)
+        # pair sums: row side (x dx) and column side (y dy) kept apart for dGamma
+        b_Ga = tl.sum(tl.where(o_t[:, None] == BT // 2 - 1, b_G, 0.0), axis=0)
+        span = tl.max(tl.maximum(-b_Ga, b_Ga - b_Gl), axis=0)
+        if span <= SAFE_SPAN:
+            b_eq = tl.exp(b_G - b_Ga[None, :])
+            b_ek = tl.exp(b_Ga[None, :] - b_G)
+            b_qa = (b_q * b_eq).to(q.dtype.element_ty)
+            b_ka = (b_yk * b_eq).to(q.dtype.element_ty)
+            b_kb = (b_yk * b_ek).to(q.dtype.element_ty)
+            b_dqr = b_eq * tl.dot(b_daqk, b_kb, input_precision=PREC)
+            b_dkr = b_eq * tl.dot(b_dp, b_kb, input_precision=PREC)
+            b_dkc = b_ek * (tl.dot(tl.trans(b_daqk), b_qa, input_precision=PREC)
+                            + tl.dot(tl.trans(b_dp), b_ka, input_precision=PREC))
+        else:
+            b_dd = tl.sum(tl.where(o_t[:, None] == o_t[None, :], b_daqk.to(tl.float32), 0.0), axis=1)
+            # the diagonal of A_qk (factor 1), as a row and a column term
+            b_dqr = b_dd[:, None] * b_yk
+            b_dkr = tl.zeros([BT, BK], dtype=tl.float32)
+            b_dkc = b_dd[:, None] * b_q
+            for lvl in range(6):
+                S = (BT // 2) >> lvl
+                blk = o_t // S
+                up = (blk % 2) == 1
+                anchor = tl.where(up, blk * S - 1, blk * S + S - 1)
+                b_Gx = tl.gather(b_G, tl.broadcast_to(anchor[:, None], [BT, BK]), 0)
+                b_e = tl.exp(tl.minimum(tl.where(up[:, None], b_G - b_Gx, b_Gx - b_G), 0.0))
+                pair = (o_t[:, None] // (2 * S)) == (o_t[None, :] // (2 * S))
+                d_qk = tl.where(pair, b_daqk, 0.0).to(q.dtype.element_ty)
+                d_p = tl.where(pair, b_dp, 0.0).to(q.dtype.element_ty)
+                b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(q.dtype.element_ty)
+                b_kr = tl.where(up[:, None], b_yk * b_e, 0.0).to(q.dtype.element_ty)
+                b_kc = tl.where(up[:, None], 0.0, b_yk * b_e).to(q.dtype.element_ty)
+                b_dqr += tl.where(up[:, None], b_e * tl.dot(d_qk, b_kc, input_precision=PREC), 0.0)
+                b_dkr += tl.where(up[:, None], b_e * tl.dot(d_p, b_kc, input_precision=PREC), 0.0)
+                b_dkc += tl.where(up[:, None], 0.0, b_e * (tl.dot(tl.trans(d_qk), b_qs, input_precision=PREC)
+                                                           + tl.dot(tl.trans(d_p), b_kr, input_precision=PREC)))
+        b_dq += b_dqr
+        b_dk += b_dkr + b_dkc
+        b_dG += b_q * b_dqr + b_yk * (b_dkr - b_dkc)
+        # Gamma = cumsum(g): dg_i = sum_{r >= i} dGamma_r, plus dGamma_last for every valid row
+        b_dg = tl.where(m, tl.cumsum(b_dG, axis=0, reverse=True) + b_dGl[None, :], 0.0)
+        if HAS_GATE:
+            b_dx_raw = b_dg * b_gx
+            b_dalog += tl.sum(b_dg * b_ga, axis=0)
+            tl.store(dg + p_tk, b_dx_raw.to(dg.dtype.element_ty), mask=m)
+            if HAS_BIAS:
+                tl.store(dbias_part + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.sum(b_dx_raw, axis=0), mask=m_k)
+        else:
+            tl.store(dg + p_tk, b_dg.to(dg.dtype.element_ty), mask=m)
+        # q = scale y: dy = scale dq; the l2norm backward needs sum_d y dy over all key blocks
+        b_dyq = b_dq * scale
+        b_cq += tl.sum(b_dyq * b_yq, axis=1)
+        b_ck += tl.sum(b_dk * b_yk, axis=1)
+        tl.store(dq + p_tk, b_dyq, mask=m)
+        tl.store(dk + p_tk, b_dk, mask=m)
+    if HAS_GATE:
+        tl.store(dalog_part + i_c * HV + i_hv, tl.sum(b_dalog, axis=0))
+    if USE_SIGMOID:
+        b_db = b_db * b_beta * (1.0 - b_beta)
+    tl.store(dbeta + (bos * HV + i_hv) + o_t * HV, b_db.to(dbeta.dtype.element_ty), mask=m_t)
+    if USE_L2:
+        tl.debug_barrier()  # dq / dk rows written by other threads are read back below
+        for i_k in range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = m_t[:, None] & (o_k < K)[None, :]
+            p_qk = o_t[:, None] * SQ + o_k[None, :]
+            p_tk = hk + o_t[:, None] * SG + o_k[None, :]
+            b_yq = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_iq[:, None]
+            b_yk = tl.load(k_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_ik[:, None]
+            b_dyq = tl.load(dq + p_tk, mask=m, other=0.0)
+            b_dyk = tl.load(dk + p_tk, mask=m, other=0.0)
+            tl.store(dq + p_tk, (b_dyq - b_yq * b_cq[:, None]) * b_iq[:, None], mask=m)
+            tl.store(dk + p_tk, (b_dyk - b_yk * b_ck[:, None]) * b_ik[:, None], mask=m)
+
+
+def kda_intra_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    chunk_bounds: torch.Tensor,
+    st: dict[str, torch.Tensor],
+    gr: dict[str, torch.Tensor],
+    *,
+    scale: float,
+    A_log: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
+    lower_bound: float | None,
+    use_qk_l2norm: bool,
+    use_beta_sigmoid: bool,
+    block_k: int = 32,
+    num_warps: int = 4,
+    safe_span: float | None = None,
+) -> dict[str, torch.Tensor | None]:
+    """Flattened inputs as in ``kda_intra_fwd``; st: its outputs (w, u, M, P); gr: the stage-3
+    gradients (du, dqg, dw, dkd: fp32 token tensors, dA ``[TT, HV, 64]``, ddl ``[NC, HV, K]``).
+
+    Returns dq, dk ``[TT, H, K]`` fp32 (grouped value heads summed), dv ``[TT, HV, V]`` fp32, dg
+    ``[TT, HV, K]`` fp32 (of the raw gate when A_log is given), dbeta ``[TT, HV]`` fp32, dA_log
+    ``[HV]`` and ddt_bias ``[HV * K]`` fp32 (or None)."""
+    TT, H, K = q.shape
+    HV, V = v.shape[-2], v.shape[-1]
+    NC = chunk_bounds.shape[0]
+    dev, f32 = q.device, torch.float32
+    dq = torch.empty(TT, HV, K, device=dev, dtype=f32)
+    dk = torch.empty(TT, HV, K, device=dev, dtype=f32)
+    dv = torch.empty(TT, HV, V, device=dev, dtype=f32)
+    dg = torch.empty(TT, HV, K, device=dev, dtype=f32)
+    dbeta = torch.empty(TT, HV, device=dev, dtype=f32)
+    has_gate = A_log is not None
+    has_bias = has_gate and dt_bias is not None
+    dbias_part = torch.empty(NC, HV, K, device=dev, dtype=f32) if has_bias else dq
+    dalog_part = torch.empty(NC, HV, device=dev, dtype=f32) if has_gate else dq
+    kda_intra_bwd_kernel[(NC, HV)](
+        q, k, v, g, beta, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
+        st["w"], st["u"], st["M"], st["P"],
+        gr["du"], gr["dqg"], gr["dw"], gr["dkd"], gr["dA"], gr["ddl"],
+        dq, dk, dv, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
+        float(scale), float(lower_bound) if lower_bound is not None else 0.0,
+        H=H, HV=HV, K=K, V=V, BK=min(block_k, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64,
+        HAS_GATE=has_gate, HAS_BIAS=has_bias, HAS_LB=has_gate and lower_bound is not None,
+        USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else "tf32",
+        SAFE_SPAN=_intra.SAFE_SPAN if safe_span is None else safe_span,
+        num_warps=num_warps, num_stages=1,
+    )
+    if HV != H:
+        dq = dq.view(TT, H, HV // H, K).sum(2)
+        dk = dk.view(TT, H, HV // H, K).sum(2)
+    return dict(dq=dq, dk=dk, dv=dv, dg=dg, dbeta=dbeta,
+                dA_log=dalog_part.sum(0) if has_gate else None,
+                ddt_bias=dbias_part.sum(0).reshape(-1) if has_bias else None)
