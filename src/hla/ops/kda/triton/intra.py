@@ -97,15 +97,20 @@ def _beta16(beta_base, i_r: tl.constexpr, o_c, n_rows, SB: tl.constexpr, USE_SIG
 
 @triton.jit
 def kda_intra_fwd_kernel(
-    q, k, g, beta, A_log, dt_bias, Aqk, w, qg, kd, dl, Pbuf, chunk_bounds,
+    q, k, g, A_log, dt_bias, Aqk, w, qg, kd, dl, Pbuf, exact_flag, chunk_bounds,
     scale, lower_bound,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
     BK: tl.constexpr, BT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
-    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr,
-    SAFE_SPAN: tl.constexpr,
+    USE_L2: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr, EXACT: tl.constexpr,
 ):
+    """EXACT=False: everything, with the one-anchor product where the span allows, flagging the
+    chunk-heads where it did not. EXACT=True (second launch): only the flagged chunk-heads, A_qk and
+    P again by the six-level split; every other program returns at once."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    if EXACT:
+        if tl.load(exact_flag + i_c * HV + i_hv) == 0:
+            return
     i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
     n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
@@ -141,6 +146,7 @@ def kda_intra_fwd_kernel(
     # Phase 1: A_qk and P, one K block at a time; qg, kd, dl stored on the way.
     b_aqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_p = tl.zeros([BT, BT], dtype=tl.float32)
+    n_exact = tl.zeros([1], dtype=tl.int32)
     for i_k in range(0, K, BK):
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
@@ -153,25 +159,7 @@ def kda_intra_fwd_kernel(
                           HAS_GATE, HAS_BIAS, HAS_LB)
         # padding rows carry g = 0, so the last row holds Gamma at the chunk's last token
         b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
-        b_eG = tl.exp(b_G)
-        tl.store(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.exp(b_Gl), mask=m_k)
-        tl.store((qg + hk_base) + p_hk, (b_q * b_eG).to(qg.dtype.element_ty), mask=m)
-        tl.store((kd + hk_base) + p_hk, (b_k * tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))).to(kd.dtype.element_ty), mask=m)
-        # k exp(Gamma), parked in w's buffer until phase 3 turns it into w
-        tl.store((w + hk_base) + p_hk, (b_k * b_eG).to(w.dtype.element_ty), mask=m)
-        b_Ga = tl.sum(tl.where(o_t[:, None] == BT // 2 - 1, b_G, 0.0), axis=0)
-        span = tl.max(tl.maximum(-b_Ga, b_Ga - b_Gl), axis=0)
-        if span <= SAFE_SPAN:
-            # Fast path: one anchor (row BT/2 - 1) for every pair; the factors stay within
-            # exp(+-SAFE_SPAN), finite in fp32 and bf16, and exact up to rounding.
-            b_eq = tl.exp(b_G - b_Ga[None, :])
-            b_ek = tl.exp(b_Ga[None, :] - b_G)
-            b_kc = tl.trans((b_k * b_ek).to(q.dtype.element_ty))
-            b_aqk += tl.where(o_t[:, None] >= o_t[None, :],
-                              tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
-            b_p += tl.where(o_t[:, None] > o_t[None, :],
-                            tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
-        else:
+        if EXACT:
             b_aqk += tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.0)
             for lvl in range(6):
                 S = (BT // 2) >> lvl
@@ -186,8 +174,41 @@ def kda_intra_fwd_kernel(
                 pair = (o_t[:, None] // (2 * S)) == (o_t[None, :] // (2 * S))
                 b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
                 b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
+        else:
+            b_eG = tl.exp(b_G)
+            tl.store(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.exp(b_Gl), mask=m_k)
+            tl.store((qg + hk_base) + p_hk, (b_q * b_eG).to(qg.dtype.element_ty), mask=m)
+            tl.store((kd + hk_base) + p_hk, (b_k * tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))).to(kd.dtype.element_ty),
+                     mask=m)
+            # k exp(Gamma), parked in w's buffer until the solve kernel turns it into w
+            tl.store((w + hk_base) + p_hk, (b_k * b_eG).to(w.dtype.element_ty), mask=m)
+            # Fast path, two products. Pairs across the two halves (i >= 32 > j): the level-32 anchor
+            # (row 31), both factors <= 1, always exact. Pairs inside a half: one anchor per half (rows
+            # 15 and 47), exact up to rounding when no factor exceeds exp(SAFE_SPAN), which also keeps
+            # the masked-out products finite. Otherwise the chunk-head is flagged for the exact launch.
+            HB: tl.constexpr = BT // 2
+            lo = o_t < HB
+            b_G1 = tl.sum(tl.where(o_t[:, None] == HB // 2 - 1, b_G, 0.0), axis=0)
+            b_G2 = tl.sum(tl.where(o_t[:, None] == HB - 1, b_G, 0.0), axis=0)
+            b_G3 = tl.sum(tl.where(o_t[:, None] == HB + HB // 2 - 1, b_G, 0.0), axis=0)
+            span = tl.max(tl.maximum(tl.maximum(-b_G1, b_G1 - b_G2), tl.maximum(b_G2 - b_G3, b_G3 - b_Gl)), axis=0)
+            n_exact += (span > SAFE_SPAN).to(tl.int32)
+            b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
+            b_kc = tl.trans(tl.where(lo[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty))
+            b_aqk += tl.dot(tl.where(lo[:, None], 0.0, b_q * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
+            b_p += tl.dot(tl.where(lo[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
+            b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
+            b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
+            b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))).to(q.dtype.element_ty))
+            same = lo[:, None] == lo[None, :]
+            b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
+                              tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+            b_p += tl.where(same & (o_t[:, None] > o_t[None, :]),
+                            tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
     tl.store(a_base + o_t[:, None] * SA + o_t[None, :], b_aqk, mask=m_t[:, None])
     tl.store(Pbuf + s_base + o_t[:, None] * BT + o_t[None, :], b_p)
+    if not EXACT:
+        tl.store(exact_flag + i_c * HV + i_hv + tl.arange(0, 1), n_exact)
 
 
 @triton.jit
@@ -290,16 +311,17 @@ def kda_intra_fwd(
     use_beta_sigmoid: bool,
     chunk_size: int = 64,
     num_warps: int = 4,
-    block_k: int = 32,
+    block_k: int = 64,
     prec_inv: str = "ieee",
-    solve_warps: int = 4,
+    solve_warps: int = 2,
     safe_span: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """q, k ``[TT, H, K]``, v ``[TT, HV, V]``, g ``[TT, HV, K]`` (raw when A_log), beta ``[TT, HV]``
     (flattened tokens), chunk_bounds int32 ``[NC, 2]`` -> dict: Aqk ``[TT, HV, 64]`` fp32 (zero above
     the diagonal), w / qg / kd ``[TT, HV, K]`` in v.dtype, u ``[TT, HV, V]`` fp32, dl ``[NC, HV, K]``
     fp32, and per chunk-head P (the unscaled strictly-lower key-key products) and M = (I + diag(beta)
-    P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them)."""
+    P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them), and exact_flag ``[NC, HV]`` int32
+    (> 0 where the chunk-head needed the six-level split)."""
     if chunk_size != 64:
         raise ValueError(f"chunk_size: the triton backend supports 64, got {chunk_size}")
     TT, H, K = q.shape
@@ -318,16 +340,19 @@ def kda_intra_fwd(
     )
     has_gate = A_log is not None
     BK = min(block_k, next_pow2(K))
-    kda_intra_fwd_kernel[(NC, HV)](
-        q, k, g, beta, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
-        out["Aqk"], out["w"], out["qg"], out["kd"], out["dl"], out["P"], chunk_bounds,
-        float(scale), float(lower_bound) if lower_bound is not None else 0.0,
-        H=H, HV=HV, K=K, BK=BK, BT=64,
-        HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
-        USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid,
-        PREC="ieee" if INTERPRET else "tf32", SAFE_SPAN=_current_safe_span() if safe_span is None else safe_span,
-        num_warps=num_warps, num_stages=1,
-    )
+    flag = torch.empty(NC, HV, device=dev, dtype=torch.int32)
+    for exact in (False, True):
+        kda_intra_fwd_kernel[(NC, HV)](
+            q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
+            out["Aqk"], out["w"], out["qg"], out["kd"], out["dl"], out["P"], flag, chunk_bounds,
+            float(scale), float(lower_bound) if lower_bound is not None else 0.0,
+            H=H, HV=HV, K=K, BK=BK, BT=64,
+            HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
+            USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
+            SAFE_SPAN=_current_safe_span() if safe_span is None else safe_span, EXACT=exact,
+            num_warps=num_warps, num_stages=1,
+        )
+    out["exact_flag"] = flag
     kda_intra_solve_kernel[(NC, HV)](
         v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
         HV=HV, K=K, V=V, BK=BK, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,

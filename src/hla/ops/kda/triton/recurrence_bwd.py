@@ -175,13 +175,10 @@ def kda_state_grad_products_kernel(
 
 
 def _chain_bv(n_programs_per_block: int, K: int, V: int) -> int:
-    # One sequential walk per program: at small batch, more value blocks keep more SMs busy. With
-    # K = 256 the dS tile doubles; 16 columns keep the spill at 160 B (8 warps, sm_90a).
-    if K > 128:
-        return min(16, next_pow2(V))
-    if n_programs_per_block >= 256:
-        return min(64, next_pow2(V))
-    return min(32, next_pow2(V))
+    # 64 value columns, 8 warps, one stage is the only launch shape that ran clean on the H200
+    # (2026-11-26): 16 and 32 columns (4 or 8 warps, 1 or 2 stages) faulted with an illegal address at
+    # T=8192 H=32 although the interpreter and small GPU shapes were fine; see benchmarks/kda_notes.md.
+    return min(64, next_pow2(V))
 
 
 def kda_state_grad_chain(
@@ -210,12 +207,10 @@ def kda_state_grad_chain(
     if dht is not None and dht.shape != (N, HV, K, V):
         raise ValueError(f"dht: expected [N, HV, K, V] = {[N, HV, K, V]}, got {list(dht.shape)}")
     BV = block_v or _chain_bv(N * HV, K, V)
-    # Spill-free at K = V = 128 on sm_90a (ptxas, benchmarks/kda_recurrence_bwd_regs.py): two stages
-    # for bf16 at BV <= 32 (fp32 inputs would ask for 279 KB of shared memory, over the 227 KB; fp16
-    # spills 292 B there), else 8 warps and one stage. K = 256 spills 160 B.
-    two_stage = BV <= 32 and K <= 128 and st["w"].dtype == torch.bfloat16
-    num_warps = num_warps or (4 if two_stage else 8)
-    num_stages = num_stages or (2 if two_stage else 1)
+    # 8 warps, one stage: spill-free at K = V = 128 on sm_90a (benchmarks/kda_recurrence_bwd_regs.py)
+    # and the one launch shape that ran clean on the GPU (see _chain_bv).
+    num_warps = num_warps or 8
+    num_stages = num_stages or 1
     dev, f32 = do.device, torch.float32
     dh = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
     dvnew = torch.empty(TT, HV, V, device=dev, dtype=f32)
