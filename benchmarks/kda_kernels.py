@@ -209,24 +209,36 @@ def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
 
 
 def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
-    """The reverse recurrence alone, called the way ``chunk.py``'s backward calls it (inputs from
-    one forward with stored states). Adapt this function (only) when the backward changes."""
-    from hla.ops.kda.triton.chunk import _ChunkMeta, _forward_stages
-    from hla.ops.kda.triton.recurrence import kda_recurrence_bwd
+    """The backward's launches alone, called the way ``chunk.py``'s backward calls them (inputs from
+    one recomputed forward). Adapt this function (only) when the backward changes."""
+    from hla.ops.kda.triton.chunk import _ChunkMeta
+    from hla.ops.kda.triton.intra import kda_intra_fwd
+    from hla.ops.kda.triton.intra_bwd import kda_intra_bwd
+    from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
+    from hla.ops.kda.triton.recurrence_bwd import kda_state_grad, kda_state_grad_chain, kda_state_grad_products
 
     B, T, H, K = x["q"].shape
     meta = _ChunkMeta(B, T, None, chunk_size, DEV)
     q, k, v, g, beta = (x[n].reshape(B * T, *x[n].shape[2:]) for n in ("q", "k", "v", "g", "beta"))
-    st = _forward_stages(q, k, v, g, beta, meta, scale=K**-0.5, A_log=x["A_log"], dt_bias=x["dt_bias"],
-                         lower_bound=x["lower_bound"], use_qk_l2norm=True, use_beta_sigmoid=True,
-                         initial_state=None, output_final_state=False, store_h=True)
+    kw = dict(scale=K**-0.5, A_log=x["A_log"], dt_bias=x["dt_bias"], lower_bound=x["lower_bound"],
+              use_qk_l2norm=True, use_beta_sigmoid=True)
+    st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw)
+
+    def states():
+        return kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False,
+                                  out_dtype=v.dtype, store_h=True, write_o=False)
+
+    _, _, h, vnew = states()
     do = torch.randn_like(v)
-
-    def recurrence_bwd():
-        return kda_recurrence_bwd(st["st"], st["h"], st["vnew"], do, None, meta.cu, meta.chunk_offsets,
-                                  need_dh0=False)
-
-    return {"recurrence_bwd": recurrence_bwd}
+    dh, dvnew, _ = kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, need_dh0=False)
+    gr = kda_state_grad(st, h, vnew, do, None, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=False)
+    return {
+        "bwd: states (recurrence storing h, v_new)": states,
+        "bwd: state-grad chain": lambda: kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets,
+                                                              need_dh0=False),
+        "bwd: state-grad products": lambda: kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds),
+        "bwd: intra backward": lambda: kda_intra_bwd(q, k, v, g, beta, meta.chunk_bounds, st, gr, **kw),
+    }
 
 
 def decode_launch_us(B: int, bv: int, nw: int, maxnreg: int | None, H: int = 32, D: int = 128) -> float:

@@ -20,7 +20,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from hla.ops.kda.triton.recurrence import kda_recurrence_bwd_kernel  # noqa: E402
 from hla.ops.kda.triton.recurrence_bwd import (  # noqa: E402
     kda_state_grad_chain_kernel,
     kda_state_grad_products_kernel,
@@ -56,8 +55,6 @@ def main():
                        dh0=f32, cu_seqlens=i32, chunk_offsets=i32)
     prod_types = dict(h=f32, vnew=f32, dh=f32, dvnew=f32, do=bf16, dqg=f32, dw=f32, dkd=f32, dA=f32, ddl=f32,
                       chunk_bounds=i32)
-    old_types = dict(chain_types, h=f32, vnew=f32, du=f32, dqg=f32, dw=f32, dkd=f32, dA=f32, ddl=f32,
-                     TT="i32", NC="i32")
     for bv in (32, 64):
         for nw in (4, 8):
             for ns in (1, 2):
@@ -83,10 +80,6 @@ def main():
                          dict(HV=HV, K=256, V=V, BK=256, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True,
                               NUM_STAGES=ns, EMULATE=False), nw, ns)
         print(f"chain    K=256 V=128 BV={bv:3d} warps={nw} stages={ns}: {r}")
-    for bv in (32, 64):  # launched with the CUDA default of 3 stages
-        r = ptxas_report(kda_recurrence_bwd_kernel, old_types,
-                         dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True), 4, 3)
-        print(f"old single-kernel bwd K=V=128 BV={bv:3d} warps=4 stages=3: {r}")
 
 
 if __name__ == "__main__":

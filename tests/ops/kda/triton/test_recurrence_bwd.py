@@ -113,7 +113,7 @@ def test_state_grad_chain_and_products_match_float64_autograd(nan_empty, B, T, H
 
 def test_state_grad_k256_uses_two_key_blocks():
     # K = 256: the products kernel splits K into two 128-wide blocks (a grid axis); dA comes from block 0.
-    # Through kda_state_grad, the drop-in for kda_recurrence_bwd.
+    # Through kda_state_grad, the one call chunk.py makes.
     meta, st, s0, h, vnew, do, dS = _stages(1, 80, 1, 1, 256, 32, h0=True, dht=True)
     ref = _walk_reference(meta, st, s0, do, dS)
     out = kda_state_grad(st, h, vnew, do, dS, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=True)

@@ -1,11 +1,12 @@
 """Chunked KDA in Triton: host side, launch order and the autograd wiring.
 
-Forward, two launches: the intra-chunk stage with the gate, l2norm and beta fused (intra.py:
-A_qk, w, u, qg, kd, exp(Gamma_last)), then the recurrence that also writes the output
-(recurrence.py).
-Saved for the backward: only the inputs. The backward recomputes stage 1 and re-runs the
-recurrence storing each chunk's entry state and v_new, walks the chunks in reverse in Triton, and
-differentiates the intra-chunk stage with autograd through intra_torch.py, slice by slice.
+Forward, four launches: the intra-chunk stage (intra.py: a fast pass with the gate, l2norm and beta
+fused, an exact pass only for the chunk-heads it flagged, and the solve for w, u), then the
+recurrence that also writes the output (recurrence.py).
+Saved for the backward: only the inputs. The backward recomputes stage 1, re-runs the recurrence
+storing each chunk's entry state and v_new, walks the chunks in reverse for the state gradients and
+forms the per-chunk products (recurrence_bwd.py), then differentiates stage 1 (intra_bwd.py). No
+torch autograd inside.
 """
 
 from __future__ import annotations

@@ -26,11 +26,11 @@ import triton
 import triton.language as tl
 
 from hla.ops.kda.triton import intra as _intra
+from hla.ops.kda.triton.common import INTERPRET, next_pow2, softplus_f32
 
 # Products of the intra backward on the GPU. "tf32x3" (three tf32 products, ~fp32 accuracy): with plain
 # tf32 the H200 check gave dA_log errors of 5e-2 at ~-100 per token gates (threshold 1e-2).
 PRODUCT_PRECISION = "tf32x3"
-from hla.ops.kda.triton.common import INTERPRET, next_pow2, softplus_f32
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Stage 3: the state recurrence across chunks, forward and backward.
+"""Stage 2: the state recurrence across chunks (forward; the backward is recurrence_bwd.py).
 
 One program per (sequence, value head, value block) walks its chunks in order, keeping the fp32
 state block ``S: [K, BV]`` in registers. Per chunk (Gamma_last = the chunk's last cumulative gate):
@@ -95,68 +95,6 @@ def kda_recurrence_fwd_kernel(
         tl.store(ht + (i_n * HV + i_hv).to(tl.int64) * K * V + p_s, b_s, mask=m_s)
 
 
-@triton.jit
-def kda_recurrence_bwd_kernel(
-    w, qg, kd, dl, Aqk, h, vnew, do, dht, dh0, du, dqg, dw, dkd, dA, ddl, cu_seqlens, chunk_offsets,
-    TT, NC,
-    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-):
-    """Partial gradients of one value block; the callers sum dqg, dw, dkd, dA, ddl over value blocks."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_hv = i_nh // HV, i_nh % HV
-    seq_bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    c_lo = tl.load(chunk_offsets + i_n).to(tl.int64)
-    NT = tl.cdiv(seq_eos - seq_bos, BT)
-    o_i = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_s = m_k[:, None] & m_v[None, :]
-    p_s = (o_k[:, None] * V + o_v[None, :])
-    if HAS_DHT:
-        b_ds = tl.load(dht + (i_n * HV + i_hv).to(tl.int64) * K * V + p_s, mask=m_s, other=0.0)
-    else:
-        b_ds = tl.zeros([BK, BV], dtype=tl.float32)
-    # Partial-sum buffers carry a leading value-block axis.
-    off_tk = i_v.to(tl.int64) * TT * HV * K
-    off_tt = i_v.to(tl.int64) * TT * HV * BT
-    off_ck = i_v.to(tl.int64) * NC * HV * K
-
-    for i_r in range(NT):
-        i_t = NT - 1 - i_r
-        i_c = c_lo + i_t
-        o_t = seq_bos + i_t * BT + o_i
-        m_t = o_t < seq_eos
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        p_tk = (o_t[:, None] * HV + i_hv) * K + o_k[None, :]
-        p_tv = (o_t[:, None] * HV + i_hv) * V + o_v[None, :]
-        p_tt = (o_t[:, None] * HV + i_hv) * BT + o_i[None, :]
-        b_s = tl.load(h + (i_c * HV + i_hv) * K * V + p_s, mask=m_s, other=0.0)  # [BK, BV]
-        b_vn = tl.load(vnew + p_tv, mask=m_tv, other=0.0)
-        b_do = tl.load(do + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        b_w = tl.load(w + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        b_qg = tl.load(qg + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        b_kd = tl.load(kd + p_tk, mask=m_tk, other=0.0).to(tl.float32)
-        b_A = tl.load(Aqk + p_tt, mask=m_t[:, None], other=0.0)
-        b_dl = tl.load(dl + (i_c * HV + i_hv) * K + o_k, mask=m_k, other=0.0)
-        b_dvn = tl.dot(tl.trans(b_A), b_do) + tl.dot(b_kd, b_ds)  # [BT, BV]
-        tl.store(du + p_tv, b_dvn, mask=m_tv)
-        tl.store(dqg + off_tk + p_tk, tl.dot(b_do, tl.trans(b_s)), mask=m_tk)
-        tl.store(dw + off_tk + p_tk, -tl.dot(b_dvn, tl.trans(b_s)), mask=m_tk)
-        tl.store(dkd + off_tk + p_tk, tl.dot(b_vn, tl.trans(b_ds)), mask=m_tk)
-        b_dA = tl.where(o_i[:, None] >= o_i[None, :], tl.dot(b_do, tl.trans(b_vn)), 0.0)
-        tl.store(dA + off_tt + p_tt, b_dA, mask=m_t[:, None])
-        tl.store(ddl + off_ck + (i_c * HV + i_hv) * K + o_k, tl.sum(b_s * b_ds, axis=1), mask=m_k)
-        b_ds = b_ds * b_dl[:, None] + tl.dot(tl.trans(b_qg), b_do) - tl.dot(tl.trans(b_w), b_dvn)
-
-    if STORE_DH0:
-        tl.store(dh0 + (i_n * HV + i_hv).to(tl.int64) * K * V + p_s, b_ds, mask=m_s)
-
-
 def _pick_bv(n_programs_per_block: int, V: int) -> int:
     # A sequential walk over chunks: at small batch, more value blocks keep more SMs busy.
     if n_programs_per_block >= 256:
@@ -194,34 +132,3 @@ def kda_recurrence_fwd(
     )
     return o, ht, h, vnew
 
-
-def kda_recurrence_bwd(
-    st: dict[str, torch.Tensor], h: torch.Tensor, vnew: torch.Tensor, do: torch.Tensor, dht: torch.Tensor | None,
-    cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, *, need_dh0: bool, block_v: int | None = None,
-):
-    """-> dict of du, dqg, dw, dkd ``[TT, HV, *]``, dA ``[TT, HV, 64]``, ddl ``[NC, HV, K]`` (fp32,
-    summed over value blocks) and dh0 ``[N, HV, K, V]`` or None."""
-    TT, HV, K = st["w"].shape
-    V = do.shape[-1]
-    N = cu_seqlens.shape[0] - 1
-    NC = st["dl"].shape[0]
-    BT = 64
-    BV = block_v or _pick_bv(N * HV, V)
-    NV = triton.cdiv(V, BV)
-    dev, f32 = do.device, torch.float32
-    du = torch.empty(TT, HV, V, device=dev, dtype=f32)
-    dqg = torch.empty(NV, TT, HV, K, device=dev, dtype=f32)
-    dw = torch.empty(NV, TT, HV, K, device=dev, dtype=f32)
-    dkd = torch.empty(NV, TT, HV, K, device=dev, dtype=f32)
-    dA = torch.empty(NV, TT, HV, BT, device=dev, dtype=f32)
-    ddl = torch.empty(NV, NC, HV, K, device=dev, dtype=f32)
-    dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32) if need_dh0 else None
-    kda_recurrence_bwd_kernel[(NV, N * HV)](
-        st["w"], st["qg"], st["kd"], st["dl"], st["Aqk"], h, vnew, do.contiguous(),
-        dht.contiguous() if dht is not None else du, dh0 if dh0 is not None else du,
-        du, dqg, dw, dkd, dA, ddl, cu_seqlens, chunk_offsets, TT, NC,
-        HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=BT,
-        HAS_DHT=dht is not None, STORE_DH0=need_dh0,
-        num_warps=4,
-    )
-    return dict(du=du, dqg=dqg.sum(0), dw=dw.sum(0), dkd=dkd.sum(0), dA=dA.sum(0), ddl=ddl.sum(0), dh0=dh0)

@@ -276,7 +276,7 @@ def kda_state_grad(
     st: dict[str, torch.Tensor], h: torch.Tensor, vnew: torch.Tensor, do: torch.Tensor, dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, chunk_bounds: torch.Tensor, *, need_dh0: bool,
 ) -> dict[str, torch.Tensor | None]:
-    """The chain, then the products: the same dict as recurrence.kda_recurrence_bwd (du, dqg, dw, dkd
+    """The chain, then the products: one dict (du, dqg, dw, dkd
     ``[TT, HV, *]``, dA ``[TT, HV, 64]``, ddl ``[NC, HV, K]`` fp32, dh0 ``[N, HV, K, V]`` or None), with the
     chunks' ``[NC, 2]`` token bounds as one more argument. The ``[NC, HV, K, V]`` fp32 dh lives in between."""
     dh, dvnew, dh0 = kda_state_grad_chain(st, do, dht, cu_seqlens, chunk_offsets, need_dh0=need_dh0)
