@@ -57,6 +57,23 @@ def ptxas_report(ptx: str) -> dict:
     return dict(regs=regs, spill_stores=spill_st, spill_loads=spill_ld)
 
 
+def compile_report(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 1,
+                   align: bool = True, maxnreg: int | None = None) -> dict:
+    """Compile any @triton.jit kernel for sm_90a and return ptxas' registers / spills plus shared memory.
+
+    types: the non-constexpr arguments ("*bf16", "*fp32", "i32", "fp32", ...); every other argument
+    must be in constexprs. With align, pointers carry the 16-byte divisibility hint the launcher
+    gives torch allocations (without it no load is vectorised and the counts are not the GPU's)."""
+    sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    attrs = ({(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+              if types.get(n, "").startswith("*")} if align else {})
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    options = {"num_warps": num_warps, "num_stages": num_stages} | ({"maxnreg": maxnreg} if maxnreg else {})
+    compiled = triton.compile(src, target=SM90, options=options)
+    return ptxas_report(compiled.asm["ptx"]) | dict(shared=compiled.metadata.shared)
+
+
 def blocks_per_sm(regs: int, num_warps: int) -> int:
     per_warp = -(-regs * 32 // 256) * 256
     return min(REGS_PER_SM // (per_warp * num_warps), MAX_THREADS_PER_SM // (32 * num_warps), MAX_BLOCKS_PER_SM)
@@ -66,16 +83,11 @@ def compile_decode(bv: int, num_warps: int, t_const: bool, align: bool, H: int =
                    maxnreg: int | None = None) -> dict:
     consts = dict(H=H, HV=H, K=K, V=K, BK=triton.next_power_of_2(K), BV=bv, HAS_GATE=True, HAS_BIAS=True,
                   HAS_LB=False, USE_L2=True, USE_SIGMOID=True)
+    types = dict(SIGNATURE)
     if t_const:
         consts["T"] = 1
-    sig = dict(SIGNATURE)
-    sig.update({name: "constexpr" for name in consts})
-    n_ptr = sum(t.startswith("*") for t in SIGNATURE.values())
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(n_ptr)} if align else {}
-    src = ASTSource(fn=kda_decode_kernel, signature=sig, constexprs=consts, attrs=attrs)
-    options = {"num_warps": num_warps} | ({"maxnreg": maxnreg} if maxnreg else {})
-    compiled = triton.compile(src, target=SM90, options=options)
-    return ptxas_report(compiled.asm["ptx"])
+        del types["T"]
+    return compile_report(kda_decode_kernel, types, consts, num_warps, align=align, maxnreg=maxnreg)
 
 
 def main() -> int:

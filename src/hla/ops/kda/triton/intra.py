@@ -10,24 +10,24 @@ One program per (chunk of BT = 64 tokens, value head). With Gamma the in-chunk c
 plus what the recurrence needs without touching Gamma again: qg = scale q exp(Gamma),
 kd = k exp(Gamma_last - Gamma) and dl = exp(Gamma_last).
 
-Pair decays on tensor cores, exactly, with no exponential of a positive number (FLA #1240 is what
-goes wrong otherwise). Every pair j < i of a chunk is split at the highest bit where i and j
-differ: at level s (s = 32, 16, ..., 1) row i lies in an odd block of s rows, column j in the even
-block just before it, and a = the last row of that even block satisfies j <= a < i. Then
+Pair decays on tensor cores, exactly, with no exponential that can overflow (FLA #1240 is what goes
+wrong otherwise). Three launches:
 
-    exp(Gamma_i - Gamma_j) = exp(Gamma_i - Gamma_a) * exp(Gamma_a - Gamma_j),   both factors <= 1,
-
-so each level is one product of row-scaled tiles, ``(q e_s)(k e_s)^T``, kept where i and j fall in
-the same pair of blocks. Six levels plus the diagonal (factor 1) cover every causal pair once. One
-exponential per element and level (6 per element in all) instead of one per pair and channel, and
-the diagonal blocks cost tensor-core products instead of per-pair CUDA-core loops. Underflow is
-harmless: the true product is smaller than either factor.
-
-M comes from the 16x16 diagonal inverses (product form ``(I + N)^-1 = (I - N)(I + N^2)(I + N^4)
-(I + N^8)``, N strictly lower so N^16 = 0, fp32) and the block recursion
-``M_IJ = -D_I sum_{J <= L < I} A_IL M_LJ``; P and M pass through a per-chunk scratch so the 16x16
-tiles can be read back (Triton has no register-tile slicing). w and u are then one [64, 64] product
-each; the gate and cumsum are recomputed for w rather than stored.
+1. Fast pass (every chunk-head): gate, cumsum, l2norm, qg, kd, dl and k exp(Gamma) (parked in w's
+   buffer), and A_qk, P from two products per key block: pairs across the two 32-row halves use
+   the anchor a = 31, ``exp(G_i - G_j) = exp(G_i - G_a) exp(G_a - G_j)`` with both factors <= 1;
+   pairs inside a half use one anchor per half (rows 15, 47), exact up to rounding when no factor
+   exceeds exp(SAFE_SPAN) (then even the masked-out products stay finite). A chunk-head where some
+   key block exceeds it is flagged.
+2. Exact pass (flagged chunk-heads only; the others return at once): A_qk and P again by the
+   six-level split: every pair j < i is split at the highest bit where i and j differ; at level s
+   row i lies in an odd block of s rows, column j in the even block before it, and their anchor is
+   the last row of that even block, so both factors are <= 1. One product per level (six) plus the
+   diagonal; underflow is harmless, the true product being smaller than either factor.
+3. Solve: M = (I + diag(beta) P)^-1 from the 16x16 diagonal inverses (product form ``(I + N)^-1 =
+   (I - N)(I + N^2)(I + N^4)(I + N^8)``, N^16 = 0, fp32) and ``M_IJ = -D_I sum_{J <= L < I} A_IL M_LJ``,
+   then w = M diag(beta) (k exp(Gamma)) and u = M diag(beta) v as one [64, 64] product each. P and M
+   go through per-chunk buffers (Triton cannot slice register tiles); the backward reads both.
 """
 
 from __future__ import annotations

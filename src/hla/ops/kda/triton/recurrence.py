@@ -106,7 +106,7 @@ def kda_recurrence_fwd(
     st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, *,
     initial_state: torch.Tensor | None, output_final_state: bool, out_dtype: torch.dtype,
     store_h: bool = False, write_o: bool = True, block_v: int | None = None, num_warps: int = 4,
-    num_stages: int = 3, split: bool = True,
+    num_stages: int | None = None, split: bool = True,
 ):
     """st: the intra stage's dict (w, u, qg, kd, dl, Aqk) -> (o ``[TT, HV, V]``, final ``[N, HV, K, V]``
     or None, h ``[NC, HV, K, V]`` or None, v_new ``[TT, HV, V]`` fp32 or None); h, v_new for the backward."""
@@ -121,6 +121,10 @@ def kda_recurrence_fwd(
     h = torch.empty(NC, HV, K, V, device=dev, dtype=torch.float32) if store_h else None
     vnew = torch.empty(TT, HV, V, device=dev, dtype=torch.float32) if store_h else None
     dummy = st["u"]
+    if num_stages is None:
+        # 3 stages of bf16/fp16 tiles take 213 KB of shared memory at BV=32 (sm_90a, 227 KB limit);
+        # fp32 tiles are twice as large, so they go unpipelined.
+        num_stages = 3 if st["w"].element_size() == 2 else 1
     kda_recurrence_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
         st["w"], st["u"], st["qg"], st["kd"], st["dl"], st["Aqk"],
         initial_state if initial_state is not None else dummy, o if o is not None else dummy,

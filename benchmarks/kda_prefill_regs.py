@@ -1,0 +1,93 @@
+"""Registers, spills and shared memory of the chunked-KDA kernels, compiled for sm_90a on a machine
+without a GPU (triton.compile + the ptxas bundled with triton, through kda_regs.compile_report).
+
+    PYTHONPATH=src python3 benchmarks/kda_prefill_regs.py [--only intra,solve,recurrence,chain,products,intra_bwd]
+
+Shapes as in the benchmark: H = HV = 32, K = V = 128, bf16 inputs, Kimi gate with dt_bias, l2norm
+and beta-sigmoid fused; each kernel at its launched settings and a few alternatives. Blocks per SM
+from the register count (64K registers, 2048 threads per SM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(__file__))
+
+from hla.ops.kda.triton.intra import kda_intra_fwd_kernel, kda_intra_solve_kernel  # noqa: E402
+from hla.ops.kda.triton.intra_bwd import kda_intra_bwd_kernel  # noqa: E402
+from hla.ops.kda.triton.recurrence import kda_recurrence_fwd_kernel  # noqa: E402
+from hla.ops.kda.triton.recurrence_bwd import (  # noqa: E402
+    kda_state_grad_chain_kernel,
+    kda_state_grad_products_kernel,
+)
+from kda_regs import blocks_per_sm, compile_report  # noqa: E402
+
+HV, K, V, BT = 32, 128, 128, 64
+F32, BF16, I32 = "*fp32", "*bf16", "*i32"
+GATE = dict(HAS_GATE=True, HAS_BIAS=True, HAS_LB=False)
+
+
+def cases():
+    intra_t = dict(q=BF16, k=BF16, g=BF16, A_log=F32, dt_bias=F32, Aqk=F32, w=BF16, qg=BF16, kd=BF16, dl=F32,
+                   Pbuf=F32, exact_flag=I32, chunk_bounds=I32, scale="fp32", lower_bound="fp32")
+    for exact in (False, True):
+        for bk, nw in ((64, 4), (32, 4), (64, 8)):
+            yield (f"intra {'exact' if exact else 'fast'} BK={bk}", kda_intra_fwd_kernel, intra_t,
+                   dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=40.0, EXACT=exact,
+                        **GATE), nw, 1)
+    solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32)
+    for nw in (1, 2, 4):
+        yield ("solve", kda_intra_solve_kernel, solve_t,
+               dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee"), nw, 1)
+    rec_t = dict(w=BF16, u=F32, qg=BF16, kd=BF16, dl=F32, Aqk=F32, h0=F32, o=BF16, ht=F32, h=F32, vnew=F32,
+                 cu_seqlens=I32, chunk_offsets=I32)
+    for bv, split in ((32, True), (32, False), (64, True)):
+        yield (f"recurrence BV={bv} split={split}", kda_recurrence_fwd_kernel, rec_t,
+               dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_H0=False, STORE_FINAL=False, STORE_H=False,
+                    WRITE_O=True, SPLIT=split, NUM_STAGES=3), 4, 3)
+    chain_t = dict(w=BF16, qg=BF16, kd=BF16, dl=F32, Aqk=F32, do=BF16, dht=F32, dh=F32, dvnew=F32, dh0=F32,
+                   cu_seqlens=I32, chunk_offsets=I32)
+    for bv, nw in ((64, 8), (32, 4)):
+        yield (f"chain BV={bv}", kda_state_grad_chain_kernel, chain_t,
+               dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True, NUM_STAGES=1,
+                    EMULATE=False), nw, 1)
+    prod_t = dict(w=BF16, qg=BF16, kd=BF16, h=F32, vnew=F32, dh=F32, dvnew=F32, do=BF16, dqg=F32, dw=F32,
+                  dkd=F32, dA=F32, ddl=F32, chunk_bounds=I32)
+    yield ("products BK=128 BV=32", kda_state_grad_products_kernel, prod_t,
+           dict(HV=HV, K=K, V=V, BK=K, BV=32, BT=BT), 8, 2)
+    bwd_t = dict(q=BF16, k=BF16, v=BF16, g=BF16, beta=BF16, A_log=F32, dt_bias=F32, w=BF16, u=F32, M=F32, P=F32,
+                 du=F32, dqg=F32, dw=F32, dkd=F32, dA=F32, ddl=F32, dq=F32, dk=F32, dv=F32, dg=F32, dbeta=F32,
+                 dbias_part=F32, dalog_part=F32, chunk_bounds=I32, scale="fp32", lower_bound="fp32")
+    for bk, nw, prec in ((32, 4, "tf32x3"), (32, 8, "tf32x3"), (32, 4, "tf32")):
+        yield (f"intra_bwd BK={bk} {prec}", kda_intra_bwd_kernel, bwd_t,
+               dict(H=HV, HV=HV, K=K, V=V, BK=bk, BV=64, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec,
+                    SAFE_SPAN=40.0, **GATE), nw, 1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default=None, help="comma list of name prefixes")
+    args = ap.parse_args()
+    only = args.only.split(",") if args.only else None
+    print("| kernel | warps | stages | registers | spill stores B | spill loads B | shared KB | blocks/SM |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, fn, types, consts, nw, ns in cases():
+        if only and not any(name.startswith(o) for o in only):
+            continue
+        consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+        try:
+            r = compile_report(fn, types, consts, nw, ns)
+        except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a row, not a crash
+            print(f"| {name} | {nw} | {ns} | error: {type(e).__name__}: {str(e)[:80]} | | | | |", flush=True)
+            continue
+        print(f"| {name} | {nw} | {ns} | {r['regs']} | {r['spill_stores']} | {r['spill_loads']} | "
+              f"{r['shared'] / 1024:.0f} | {blocks_per_sm(r['regs'], nw)} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
