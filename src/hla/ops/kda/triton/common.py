@@ -31,6 +31,48 @@ def kda_gate_f32(raw, a, bias, lower_bound, HAS_BIAS: tl.constexpr, HAS_LB: tl.c
     return -a * softplus_f32(x)
 
 
+@triton.jit
+def qk_row_sumsq(q_base, k_base, o_t, m_t, SQ: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
+    """Sum of squares of the chunk's q and k rows ([BT] fp32 each), read in key blocks of BK."""
+    b_nq = tl.zeros([o_t.shape[0]], dtype=tl.float32)
+    b_nk = tl.zeros([o_t.shape[0]], dtype=tl.float32)
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        b_x = tl.load(q_base + o_t[:, None] * SQ + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        b_nq += tl.sum(b_x * b_x, axis=1)
+        b_x = tl.load(k_base + o_t[:, None] * SQ + o_k[None, :], mask=m, other=0.0).to(tl.float32)
+        b_nk += tl.sum(b_x * b_x, axis=1)
+    return b_nq, b_nk
+
+
+@triton.jit
+def half_anchors(b_G, b_Gl, o_t, BT: tl.constexpr):
+    """The fast path's anchors: Gamma at rows BT/4 - 1, BT/2 - 1, 3BT/4 - 1 ([BK] each) and the span,
+    the largest exponent its factors would take (a scalar; Gamma is non-increasing down the rows)."""
+    HB: tl.constexpr = BT // 2
+    b_G1 = tl.sum(tl.where(o_t[:, None] == HB // 2 - 1, b_G, 0.0), axis=0)
+    b_G2 = tl.sum(tl.where(o_t[:, None] == HB - 1, b_G, 0.0), axis=0)
+    b_G3 = tl.sum(tl.where(o_t[:, None] == HB + HB // 2 - 1, b_G, 0.0), axis=0)
+    span = tl.max(tl.maximum(tl.maximum(-b_G1, b_G1 - b_G2), tl.maximum(b_G2 - b_G3, b_G3 - b_Gl)), axis=0)
+    return b_G1, b_G2, b_G3, span
+
+
+@triton.jit
+def level_factors(b_G, o_t, lvl, BT: tl.constexpr, BK: tl.constexpr):
+    """Level lvl of the six-level split (blocks of S = BT/2 >> lvl rows): up [BT] marks the rows of odd
+    blocks, e [BT, BK] = exp(Gamma_i - Gamma_a) on them and exp(Gamma_a - Gamma_j) on even-block rows
+    (a = the last row of the even block; both <= 1), pair [BT, BT] the (i, j) in one pair of blocks."""
+    S = (BT // 2) >> lvl
+    blk = o_t // S
+    up = (blk % 2) == 1
+    anchor = tl.where(up, blk * S - 1, blk * S + S - 1)
+    b_Gx = tl.gather(b_G, tl.broadcast_to(anchor[:, None], [BT, BK]), 0)
+    b_e = tl.exp(tl.minimum(tl.where(up[:, None], b_G - b_Gx, b_Gx - b_G), 0.0))
+    pair = (o_t[:, None] // (2 * S)) == (o_t[None, :] // (2 * S))
+    return up, b_e, pair
+
+
 def next_pow2(x: int) -> int:
     return triton.next_power_of_2(int(x))
 

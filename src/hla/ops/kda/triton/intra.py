@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hla.ops.kda.triton.common import INTERPRET, kda_gate_f32, next_pow2
+from hla.ops.kda.triton.common import INTERPRET, half_anchors, kda_gate_f32, level_factors, next_pow2, qk_row_sumsq
 
 # A chunk's K block takes the one-anchor fast path when no factor exceeds exp(SAFE_SPAN): then even the
 # masked-out products (up to exp(2 SAFE_SPAN)) stay finite in fp32 and bf16. Tests set it to -1 to force
@@ -128,15 +128,7 @@ def kda_intra_fwd_kernel(
     m_t = o_t < n_rows
 
     if USE_L2:
-        b_nq = tl.zeros([BT], dtype=tl.float32)
-        b_nk = tl.zeros([BT], dtype=tl.float32)
-        for i_k in range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = m_t[:, None] & (o_k < K)[None, :]
-            b_x = tl.load(q_base + o_t[:, None] * SQ + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_nq += tl.sum(b_x * b_x, axis=1)
-            b_x = tl.load(k_base + o_t[:, None] * SQ + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_nk += tl.sum(b_x * b_x, axis=1)
+        b_nq, b_nk = qk_row_sumsq(q_base, k_base, o_t, m_t, SQ, K, BK)
         b_rq = scale / tl.sqrt(b_nq + 1e-6)
         b_rk = 1.0 / tl.sqrt(b_nk + 1e-6)
     else:
@@ -162,16 +154,10 @@ def kda_intra_fwd_kernel(
         if EXACT:
             b_aqk += tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.0)
             for lvl in range(6):
-                S = (BT // 2) >> lvl
-                blk = o_t // S
-                up = (blk % 2) == 1
-                anchor = tl.where(up, blk * S - 1, blk * S + S - 1)
-                b_Gx = tl.gather(b_G, tl.broadcast_to(anchor[:, None], [BT, BK]), 0)
-                b_e = tl.exp(tl.minimum(tl.where(up[:, None], b_G - b_Gx, b_Gx - b_G), 0.0))
+                up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
                 b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(q.dtype.element_ty)
                 b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty)
                 b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty))
-                pair = (o_t[:, None] // (2 * S)) == (o_t[None, :] // (2 * S))
                 b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
                 b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
         else:
@@ -186,12 +172,8 @@ def kda_intra_fwd_kernel(
             # (row 31), both factors <= 1, always exact. Pairs inside a half: one anchor per half (rows
             # 15 and 47), exact up to rounding when no factor exceeds exp(SAFE_SPAN), which also keeps
             # the masked-out products finite. Otherwise the chunk-head is flagged for the exact launch.
-            HB: tl.constexpr = BT // 2
-            lo = o_t < HB
-            b_G1 = tl.sum(tl.where(o_t[:, None] == HB // 2 - 1, b_G, 0.0), axis=0)
-            b_G2 = tl.sum(tl.where(o_t[:, None] == HB - 1, b_G, 0.0), axis=0)
-            b_G3 = tl.sum(tl.where(o_t[:, None] == HB + HB // 2 - 1, b_G, 0.0), axis=0)
-            span = tl.max(tl.maximum(tl.maximum(-b_G1, b_G1 - b_G2), tl.maximum(b_G2 - b_G3, b_G3 - b_Gl)), axis=0)
+            lo = o_t < BT // 2
+            b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
             n_exact += (span > SAFE_SPAN).to(tl.int32)
             b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
             b_kc = tl.trans(tl.where(lo[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty))

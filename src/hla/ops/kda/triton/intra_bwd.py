@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from hla.ops.kda.triton import intra as _intra
-from hla.ops.kda.triton.common import INTERPRET, next_pow2, softplus_f32
+from hla.ops.kda.triton.common import INTERPRET, half_anchors, level_factors, next_pow2, qk_row_sumsq, softplus_f32
 
 # Products of the intra backward on the GPU. "tf32x3" (three tf32 products, ~fp32 accuracy): with plain
 # tf32 the H200 check gave dA_log errors of 5e-2 at ~-100 per token gates (threshold 1e-2).
@@ -81,15 +81,7 @@ def kda_intra_bwd_kernel(
     if HAS_GATE:
         b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
     if USE_L2:
-        b_nq = tl.zeros([BT], dtype=tl.float32)
-        b_nk = tl.zeros([BT], dtype=tl.float32)
-        for i_k in range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = m_t[:, None] & (o_k < K)[None, :]
-            b_x = tl.load(q_base + o_t[:, None] * SQ + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_nq += tl.sum(b_x * b_x, axis=1)
-            b_x = tl.load(k_base + o_t[:, None] * SQ + o_k[None, :], mask=m, other=0.0).to(tl.float32)
-            b_nk += tl.sum(b_x * b_x, axis=1)
+        b_nq, b_nk = qk_row_sumsq(q_base, k_base, o_t, m_t, SQ, K, BK)
         b_iq = 1.0 / tl.sqrt(b_nq + 1e-6)
         b_ik = 1.0 / tl.sqrt(b_nk + 1e-6)
     else:
@@ -166,12 +158,8 @@ def kda_intra_bwd_kernel(
                                                        other=0.0) * tl.exp(b_Gl)
         # pair sums: row side (x dx) and column side (y dy) kept apart for dGamma
         # the forward's fast path: a level-32 product across the halves, one anchor inside each half
-        HB: tl.constexpr = BT // 2
-        lo = o_t < HB
-        b_G1 = tl.sum(tl.where(o_t[:, None] == HB // 2 - 1, b_G, 0.0), axis=0)
-        b_G2 = tl.sum(tl.where(o_t[:, None] == HB - 1, b_G, 0.0), axis=0)
-        b_G3 = tl.sum(tl.where(o_t[:, None] == HB + HB // 2 - 1, b_G, 0.0), axis=0)
-        span = tl.max(tl.maximum(tl.maximum(-b_G1, b_G1 - b_G2), tl.maximum(b_G2 - b_G3, b_G3 - b_Gl)), axis=0)
+        lo = o_t < BT // 2
+        b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
         if span <= SAFE_SPAN:
             b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
             b_qc = tl.where(lo[:, None], 0.0, b_q * b_e)
@@ -199,13 +187,7 @@ def kda_intra_bwd_kernel(
             b_dkr = tl.zeros([BT, BK], dtype=tl.float32)
             b_dkc = b_dd[:, None] * b_q
             for lvl in range(6):
-                S = (BT // 2) >> lvl
-                blk = o_t // S
-                up = (blk % 2) == 1
-                anchor = tl.where(up, blk * S - 1, blk * S + S - 1)
-                b_Gx = tl.gather(b_G, tl.broadcast_to(anchor[:, None], [BT, BK]), 0)
-                b_e = tl.exp(tl.minimum(tl.where(up[:, None], b_G - b_Gx, b_Gx - b_G), 0.0))
-                pair = (o_t[:, None] // (2 * S)) == (o_t[None, :] // (2 * S))
+                up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
                 d_qk = tl.where(pair, b_daqk, 0.0)
                 d_p = tl.where(pair, b_dp, 0.0)
                 b_qs = tl.where(up[:, None], b_q * b_e, 0.0)
