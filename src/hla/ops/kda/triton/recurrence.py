@@ -122,9 +122,11 @@ def kda_recurrence_fwd(
     vnew = torch.empty(TT, HV, V, device=dev, dtype=torch.float32) if store_h else None
     dummy = st["u"]
     if num_stages is None:
-        # 3 stages of bf16/fp16 tiles take 213 KB of shared memory at BV=32 (sm_90a, 227 KB limit);
-        # fp32 tiles are twice as large, so they go unpipelined.
-        num_stages = 3 if st["w"].element_size() == 2 else 1
+        # Each pipeline stage holds one chunk's w, kd, qg [64, K], u [64, BV] and A_qk [64, 64]: 72 KB
+        # for bf16 at K=128, BV=32 (3 stages measured at 213 KB of the 227 KB of an sm_90 SM). fp32
+        # inputs or K=256 fit one stage only.
+        per_stage = 64 * (3 * K * st["w"].element_size() + 4 * BV + 4 * 64)
+        num_stages = max(1, min(3, (220 * 1024) // per_stage))
     kda_recurrence_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
         st["w"], st["u"], st["qg"], st["kd"], st["dl"], st["Aqk"],
         initial_state if initial_state is not None else dummy, o if o is not None else dummy,
