@@ -181,7 +181,7 @@ def bench_decode(B, H, D, block_v=None):
 
 def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     """Zero-argument callables, one per stage of our chunked forward, each called the way
-    ``chunk.py:_forward_stages`` calls it; the inputs of each stage are produced once here, so a
+    ``chunk.py``'s forward calls it; the inputs of each stage are produced once here, so a
     callable times its stage alone. Adapt this function (only) when the stage functions change."""
     from hla.ops.kda.triton.chunk import _ChunkMeta
     from hla.ops.kda.triton.intra import kda_intra_fwd

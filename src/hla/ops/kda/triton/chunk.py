@@ -48,24 +48,11 @@ class _ChunkMeta:
         self.chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
         self.cu = torch.tensor(cu, dtype=torch.int32, device=device)
 
-    def gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """[NC, BT] token index of each chunk row (padding rows -> TT, a zero row), and validity."""
-        dev = self.chunk_bounds.device
-        s = self.chunk_bounds[: self.NC, 0:1].long()
-        e = self.chunk_bounds[: self.NC, 1:2].long()
-        idx = s + torch.arange(self.BT, device=dev)[None, :]
-        valid = idx < e
-        return torch.where(valid, idx, torch.full_like(idx, self.TT)), valid
 
-
-def _forward_stages(q, k, v, g, beta, meta, *, scale, A_log, dt_bias, lower_bound, use_qk_l2norm,
-                    use_beta_sigmoid, initial_state, output_final_state, store_h):
-    st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, scale=scale, A_log=A_log, dt_bias=dt_bias,
-                       lower_bound=lower_bound, use_qk_l2norm=use_qk_l2norm, use_beta_sigmoid=use_beta_sigmoid,
-                       chunk_size=meta.BT)
-    o, ht, h, vnew = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=initial_state,
-                                        output_final_state=output_final_state, out_dtype=v.dtype, store_h=store_h)
-    return dict(st=st, o=o, ht=ht, h=h, vnew=vnew)
+def _intra_kwargs(opts: dict, A_log: torch.Tensor | None, dt_bias: torch.Tensor | None) -> dict:
+    """The stage-1 options, as the forward and the backward's recompute both pass them."""
+    return dict(scale=opts["scale"], A_log=A_log, dt_bias=dt_bias, lower_bound=opts["lower_bound"],
+                use_qk_l2norm=opts["use_qk_l2norm"], use_beta_sigmoid=opts["use_beta_sigmoid"])
 
 
 class KDAChunkTriton(torch.autograd.Function):
@@ -83,13 +70,12 @@ class KDAChunkTriton(torch.autograd.Function):
             return v.new_empty(B, T, HV, V), ht
         flat = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta)]
         h0 = initial_state.contiguous() if initial_state is not None else None
-        out = _forward_stages(*flat, meta, scale=opts["scale"], A_log=A_log, dt_bias=dt_bias,
-                              lower_bound=opts["lower_bound"], use_qk_l2norm=opts["use_qk_l2norm"],
-                              use_beta_sigmoid=opts["use_beta_sigmoid"], initial_state=h0,
-                              output_final_state=opts["output_final_state"], store_h=False)
+        st = kda_intra_fwd(*flat, meta.chunk_bounds, chunk_size=meta.BT, **_intra_kwargs(opts, A_log, dt_bias))
+        o, ht, _, _ = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=h0,
+                                         output_final_state=opts["output_final_state"], out_dtype=v.dtype)
         ctx.save_for_backward(*flat, A_log, dt_bias, h0)
         ctx.meta, ctx.opts, ctx.shape = meta, opts, (B, T, H, K, HV, V)
-        return out["o"].view(B, T, HV, V), out["ht"]
+        return o.view(B, T, HV, V), ht
 
     @staticmethod
     def backward(ctx, do, dht):
@@ -97,8 +83,7 @@ class KDAChunkTriton(torch.autograd.Function):
         meta, opts = ctx.meta, ctx.opts
         B, T, H, K, HV, V = ctx.shape
         TT = meta.TT
-        kw = dict(scale=opts["scale"], A_log=A_log, dt_bias=dt_bias, lower_bound=opts["lower_bound"],
-                  use_qk_l2norm=opts["use_qk_l2norm"], use_beta_sigmoid=opts["use_beta_sigmoid"])
+        kw = _intra_kwargs(opts, A_log, dt_bias)
         # Recompute stage 1 and the states (h at each chunk's entry, v_new); no output this time.
         st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw)
         _, _, h, vnew = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=h0,

@@ -32,6 +32,20 @@ def kda_gate_f32(raw, a, bias, lower_bound, HAS_BIAS: tl.constexpr, HAS_LB: tl.c
 
 
 @triton.jit
+def kda_gate_f32_and_grads(raw, a, bias, lower_bound, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr):
+    """``kda_gate_f32`` for the backward: -> (g, dg/draw, dg/dA_log), all shaped like raw."""
+    x = raw
+    if HAS_BIAS:
+        x = x + bias
+    if HAS_LB:
+        s = tl.sigmoid(a * x)
+        ds = lower_bound * s * (1.0 - s)
+        return lower_bound * s, ds * a, ds * a * x
+    g = -a * softplus_f32(x)
+    return g, -a * tl.sigmoid(x), g
+
+
+@triton.jit
 def qk_row_sumsq(q_base, k_base, o_t, m_t, SQ: tl.constexpr, K: tl.constexpr, BK: tl.constexpr):
     """Sum of squares of the chunk's q and k rows ([BT] fp32 each), read in key blocks of BK."""
     b_nq = tl.zeros([o_t.shape[0]], dtype=tl.float32)

@@ -38,14 +38,10 @@ import triton.language as tl
 
 from hla.ops.kda.triton.common import INTERPRET, half_anchors, kda_gate_f32, level_factors, next_pow2, qk_row_sumsq
 
-# A chunk's K block takes the one-anchor fast path when no factor exceeds exp(SAFE_SPAN): then even the
-# masked-out products (up to exp(2 SAFE_SPAN)) stay finite in fp32 and bf16. Tests set it to -1 to force
-# the exact per-level path everywhere.
+# A chunk's K block takes the two-product fast path when no factor exceeds exp(SAFE_SPAN): then even the
+# masked-out products (up to exp(2 SAFE_SPAN)) stay finite in fp32 and bf16. Read at each call; tests set
+# it to -1 to force the exact six-level path everywhere.
 SAFE_SPAN = 40.0
-
-
-def _current_safe_span() -> float:
-    return SAFE_SPAN
 
 
 @triton.jit
@@ -104,7 +100,7 @@ def kda_intra_fwd_kernel(
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
     USE_L2: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr, EXACT: tl.constexpr,
 ):
-    """EXACT=False: everything, with the one-anchor product where the span allows, flagging the
+    """EXACT=False: everything, with the two-product fast path where the span allows, flagging the
     chunk-heads where it did not. EXACT=True (second launch): only the flagged chunk-heads, A_qk and
     P again by the six-level split; every other program returns at once."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
@@ -331,7 +327,7 @@ def kda_intra_fwd(
             H=H, HV=HV, K=K, BK=BK, BT=64,
             HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
-            SAFE_SPAN=_current_safe_span() if safe_span is None else safe_span, EXACT=exact,
+            SAFE_SPAN=SAFE_SPAN if safe_span is None else safe_span, EXACT=exact,
             num_warps=num_warps, num_stages=1,
         )
     out["exact_flag"] = flag

@@ -26,25 +26,18 @@ import triton
 import triton.language as tl
 
 from hla.ops.kda.triton import intra as _intra
-from hla.ops.kda.triton.common import INTERPRET, half_anchors, level_factors, next_pow2, qk_row_sumsq, softplus_f32
+from hla.ops.kda.triton.common import (
+    INTERPRET,
+    half_anchors,
+    kda_gate_f32_and_grads,
+    level_factors,
+    next_pow2,
+    qk_row_sumsq,
+)
 
 # Products of the intra backward on the GPU. "tf32x3" (three tf32 products, ~fp32 accuracy): with plain
 # tf32 the H200 check gave dA_log errors of 5e-2 at ~-100 per token gates (threshold 1e-2).
 PRODUCT_PRECISION = "tf32x3"
-
-
-@triton.jit
-def _gate_fwd_bwd(raw, a, bias, lower_bound, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr):
-    """-> g, dg/draw, dg/dA_log for raw [BT, BK] fp32 (a = exp(A_log), bias [BK])."""
-    x = raw
-    if HAS_BIAS:
-        x = x + bias[None, :]
-    if HAS_LB:
-        s = tl.sigmoid(a * x)
-        ds = lower_bound * s * (1.0 - s)
-        return lower_bound * s, ds * a, ds * a * x
-    g = -a * softplus_f32(x)
-    return g, -a * tl.sigmoid(x), g
 
 
 @triton.jit
@@ -137,7 +130,7 @@ def kda_intra_bwd_kernel(
                 b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
             else:
                 b_bias = tl.zeros([BK], dtype=tl.float32)
-            b_gg, b_gx, b_ga = _gate_fwd_bwd(b_graw, b_a, b_bias, lower_bound, HAS_BIAS, HAS_LB)
+            b_gg, b_gx, b_ga = kda_gate_f32_and_grads(b_graw, b_a, b_bias[None, :], lower_bound, HAS_BIAS, HAS_LB)
             b_gg = tl.where(m, b_gg, 0.0)
         else:
             b_gg = b_graw

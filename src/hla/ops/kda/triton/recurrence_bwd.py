@@ -174,7 +174,7 @@ def kda_state_grad_products_kernel(
         tl.store(dA + row * BT + o_i[:, None] * (HV * BT) + o_i[None, :], b_dA, mask=m_t[:, None])
 
 
-def _chain_bv(n_programs_per_block: int, K: int, V: int) -> int:
+def _chain_bv(V: int) -> int:
     # 64 value columns, 8 warps, one stage is the only launch shape that ran clean on the H200
     # (2026-11-26): 16 and 32 columns (4 or 8 warps, 1 or 2 stages) faulted with an illegal address at
     # T=8192 H=32 although the interpreter and small GPU shapes were fine; see benchmarks/kda_notes.md.
@@ -206,7 +206,7 @@ def kda_state_grad_chain(
         raise ValueError(f"do: expected [TT, HV, V] = {[TT, HV, V]}, got {list(do.shape)}")
     if dht is not None and dht.shape != (N, HV, K, V):
         raise ValueError(f"dht: expected [N, HV, K, V] = {[N, HV, K, V]}, got {list(dht.shape)}")
-    BV = block_v or _chain_bv(N * HV, K, V)
+    BV = block_v or _chain_bv(V)
     # 8 warps, one stage: spill-free at K = V = 128 on sm_90a (benchmarks/kda_recurrence_bwd_regs.py)
     # and the one launch shape that ran clean on the GPU (see _chain_bv).
     num_warps = num_warps or 8
