@@ -108,8 +108,13 @@ def kda_intra_fwd_kernel(
     chunk-heads where it did not. EXACT=True (second launch): only the flagged chunk-heads, A_qk and
     P again by the six-level split; every other program returns at once."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    QB: tl.constexpr = BT // 4
     if EXACT:
-        if tl.load(exact_flag + i_c * HV + i_hv) == 0:
+        n_flag = tl.load(exact_flag + (i_c * HV + i_hv) * NK)
+        for i_f in range(1, NK):
+            n_flag += tl.load(exact_flag + (i_c * HV + i_hv) * NK + i_f)
+        if n_flag == 0:
             return
     i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
@@ -135,32 +140,59 @@ def kda_intra_fwd_kernel(
         b_rq = tl.zeros([BT], dtype=tl.float32) + scale
         b_rk = tl.zeros([BT], dtype=tl.float32) + 1.0
 
-    # Phase 1: A_qk and P, one K block at a time; qg, kd, dl stored on the way.
+    # Phase 1: A_qk and P, one K block at a time; qg, kd, dl stored on the way. The exact launch
+    # accumulates only what the fast launch left out (flagged key blocks) and adds it to the stored A, P.
     b_aqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_p = tl.zeros([BT, BT], dtype=tl.float32)
-    n_exact = tl.zeros([1], dtype=tl.int32)
+    f_base = exact_flag + (i_c * HV + i_hv) * NK
     for i_k in range(0, K, BK):
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
         m = m_t[:, None] & m_k[None, :]
         p_tk = o_t[:, None] * SQ + o_k[None, :]
         p_hk = o_t[:, None] * SG + o_k[None, :]
-        b_q = tl.load(q_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rq[:, None]
-        b_k = tl.load(k_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rk[:, None]
-        b_G = _load_gamma(g_base, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
-                          HAS_GATE, HAS_BIAS, HAS_LB)
-        # padding rows carry g = 0, so the last row holds Gamma at the chunk's last token
-        b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
         if EXACT:
-            b_aqk += tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.0)
-            for lvl in range(6):
-                up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
+            if tl.load(f_base + i_k // BK) != 0:
+                b_q = tl.load(q_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rq[:, None]
+                b_k = tl.load(k_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rk[:, None]
+                b_G = _load_gamma(g_base, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
+                                  HAS_GATE, HAS_BIAS, HAS_LB)
+                # the fast launch added the level-32 product; the diagonal and the pairs inside each
+                # half are left, through the level-16 product and one anchor per quarter (row 7 of it)
+                # when no factor exceeds exp(SAFE_SPAN), else through the five levels 16 .. 1
+                b_aqk += tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.0)
+                up, b_e, pair = level_factors(b_G, o_t, 1, BT, BK)
                 b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(q.dtype.element_ty)
                 b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty)
                 b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty))
                 b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
                 b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
+                b_Ga = tl.gather(b_G, tl.broadcast_to((o_t // QB * QB + QB // 2 - 1)[:, None], [BT, BK]), 0)
+                if tl.max(tl.max(tl.abs(b_G - b_Ga), axis=1), axis=0) <= SAFE_SPAN:
+                    b_eq = tl.exp(tl.minimum(b_G - b_Ga, SAFE_SPAN))
+                    b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Ga - b_G, SAFE_SPAN))).to(q.dtype.element_ty))
+                    low = ((o_t[:, None] // QB) == (o_t[None, :] // QB)) & (o_t[:, None] > o_t[None, :])
+                    b_aqk += tl.where(low, tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC),
+                                      0.0)
+                    b_p += tl.where(low, tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC),
+                                    0.0)
+                    tl.store(f_base + i_k // BK + tl.arange(0, 1), tl.full([1], 1, tl.int32))
+                else:
+                    for lvl in range(2, 6):
+                        up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
+                        b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(q.dtype.element_ty)
+                        b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty)
+                        b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty))
+                        b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
+                        b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
+                    tl.store(f_base + i_k // BK + tl.arange(0, 1), tl.full([1], 2, tl.int32))
         else:
+            b_q = tl.load(q_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rq[:, None]
+            b_k = tl.load(k_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rk[:, None]
+            b_G = _load_gamma(g_base, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
+                              HAS_GATE, HAS_BIAS, HAS_LB)
+            # padding rows carry g = 0, so the last row holds Gamma at the chunk's last token
+            b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
             b_eG = tl.exp(b_G)
             tl.store(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.exp(b_Gl), mask=m_k)
             tl.store((qg + hk_base) + p_hk, (b_q * b_eG).to(qg.dtype.element_ty), mask=m)
@@ -168,29 +200,34 @@ def kda_intra_fwd_kernel(
                      mask=m)
             # k exp(Gamma), parked in w's buffer until the solve kernel turns it into w
             tl.store((w + hk_base) + p_hk, (b_k * b_eG).to(w.dtype.element_ty), mask=m)
-            # Fast path, two products. Pairs across the two halves (i >= 32 > j): the level-32 anchor
-            # (row 31), both factors <= 1, always exact. Pairs inside a half: one anchor per half (rows
-            # 15 and 47), exact up to rounding when no factor exceeds exp(SAFE_SPAN), which also keeps
-            # the masked-out products finite. Otherwise the chunk-head is flagged for the exact launch.
+            # Pairs across the two halves (i >= 32 > j): the level-32 anchor (row 31), both factors <= 1,
+            # always exact. Pairs inside a half (and the diagonal): one anchor per half (rows 15 and 47),
+            # exact up to rounding when no factor exceeds exp(SAFE_SPAN), which also keeps the masked-out
+            # products finite; otherwise this key block is flagged and left to the exact launch.
             lo = o_t < BT // 2
             b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
-            n_exact += (span > SAFE_SPAN).to(tl.int32)
+            tl.store(f_base + i_k // BK + tl.arange(0, 1), tl.full([1], 0, tl.int32) + (span > SAFE_SPAN).to(tl.int32))
             b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
             b_kc = tl.trans(tl.where(lo[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty))
             b_aqk += tl.dot(tl.where(lo[:, None], 0.0, b_q * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
             b_p += tl.dot(tl.where(lo[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
-            b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
-            b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
-            b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))).to(q.dtype.element_ty))
-            same = lo[:, None] == lo[None, :]
-            b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
-                              tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
-            b_p += tl.where(same & (o_t[:, None] > o_t[None, :]),
-                            tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
-    tl.store(a_base + o_t[:, None] * SA + o_t[None, :], b_aqk, mask=m_t[:, None])
-    tl.store(Pbuf + s_base + o_t[:, None] * BT + o_t[None, :], b_p)
-    if not EXACT:
-        tl.store(exact_flag + i_c * HV + i_hv + tl.arange(0, 1), n_exact)
+            if span <= SAFE_SPAN:
+                b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
+                b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
+                b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))).to(q.dtype.element_ty))
+                same = lo[:, None] == lo[None, :]
+                b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
+                                  tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+                b_p += tl.where(same & (o_t[:, None] > o_t[None, :]),
+                                tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+    p_a = a_base + o_t[:, None] * SA + o_t[None, :]
+    p_p = Pbuf + s_base + o_t[:, None] * BT + o_t[None, :]
+    if EXACT:
+        # read-modify-write: the fast launch (earlier on the stream) stored its partial sums here
+        b_aqk += tl.load(p_a, mask=m_t[:, None], other=0.0)
+        b_p += tl.load(p_p)
+    tl.store(p_a, b_aqk, mask=m_t[:, None])
+    tl.store(p_p, b_p)
 
 
 @triton.jit
@@ -322,7 +359,7 @@ def kda_intra_fwd(
     )
     has_gate = A_log is not None
     BK = min(block_k, next_pow2(K))
-    flag = torch.empty(NC, HV, device=dev, dtype=torch.int32)
+    flag = torch.empty(NC, HV, triton.cdiv(K, BK), device=dev, dtype=torch.int32)
     for exact in (False, True):
         kda_intra_fwd_kernel[(NC, HV)](
             q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
