@@ -100,7 +100,7 @@ def kda_intra_fwd_kernel(
     q, k, g, A_log, dt_bias, Aqk, w, qg, kd, dl, Pbuf, exact_flag, chunk_bounds,
     scale, lower_bound,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
-    BK: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, FBK: tl.constexpr, BT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
     USE_L2: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr, EXACT: tl.constexpr,
 ):
@@ -108,7 +108,7 @@ def kda_intra_fwd_kernel(
     chunk-heads where it did not. EXACT=True (second launch): only the flagged chunk-heads, A_qk and
     P again by the six-level split; every other program returns at once."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    NK: tl.constexpr = (K + BK - 1) // BK
+    NK: tl.constexpr = (K + FBK - 1) // FBK
     QB: tl.constexpr = BT // 4
     if EXACT:
         n_flag = tl.load(exact_flag + (i_c * HV + i_hv) * NK)
@@ -152,7 +152,7 @@ def kda_intra_fwd_kernel(
         p_tk = o_t[:, None] * SQ + o_k[None, :]
         p_hk = o_t[:, None] * SG + o_k[None, :]
         if EXACT:
-            if tl.load(f_base + i_k // BK) != 0:
+            if tl.load(f_base + i_k // FBK) != 0:
                 b_q = tl.load(q_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rq[:, None]
                 b_k = tl.load(k_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rk[:, None]
                 b_G = _load_gamma(g_base, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
@@ -176,7 +176,6 @@ def kda_intra_fwd_kernel(
                                       0.0)
                     b_p += tl.where(low, tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC),
                                     0.0)
-                    tl.store(f_base + i_k // BK + tl.arange(0, 1), tl.full([1], 1, tl.int32))
                 else:
                     for lvl in range(2, 6):
                         up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
@@ -185,7 +184,7 @@ def kda_intra_fwd_kernel(
                         b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty))
                         b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
                         b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
-                    tl.store(f_base + i_k // BK + tl.arange(0, 1), tl.full([1], 2, tl.int32))
+                    tl.store(f_base + i_k // FBK + tl.arange(0, 1), tl.full([1], 2, tl.int32))
         else:
             b_q = tl.load(q_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rq[:, None]
             b_k = tl.load(k_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rk[:, None]
@@ -206,7 +205,7 @@ def kda_intra_fwd_kernel(
             # products finite; otherwise this key block is flagged and left to the exact launch.
             lo = o_t < BT // 2
             b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
-            tl.store(f_base + i_k // BK + tl.arange(0, 1), tl.full([1], 0, tl.int32) + (span > SAFE_SPAN).to(tl.int32))
+            tl.store(f_base + i_k // FBK + tl.arange(0, 1), tl.full([1], 0, tl.int32) + (span > SAFE_SPAN).to(tl.int32))
             b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
             b_kc = tl.trans(tl.where(lo[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty))
             b_aqk += tl.dot(tl.where(lo[:, None], 0.0, b_q * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
@@ -331,6 +330,8 @@ def kda_intra_fwd(
     chunk_size: int = 64,
     num_warps: int = 4,
     block_k: int = 64,
+    exact_block_k: int = 32,
+    exact_warps: int = 4,
     prec_inv: str = "ieee",
     solve_warps: int = 2,
     safe_span: float | None = None,
@@ -360,16 +361,17 @@ def kda_intra_fwd(
     has_gate = A_log is not None
     BK = min(block_k, next_pow2(K))
     flag = torch.empty(NC, HV, triton.cdiv(K, BK), device=dev, dtype=torch.int32)
-    for exact in (False, True):
+    # the exact launch may use narrower key blocks than the flags' (fewer spills, see the docstring)
+    for exact, bk, nw in ((False, BK, num_warps), (True, min(exact_block_k, BK), exact_warps)):
         kda_intra_fwd_kernel[(NC, HV)](
             q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
             out["Aqk"], out["w"], out["qg"], out["kd"], out["dl"], out["P"], flag, chunk_bounds,
             float(scale), float(lower_bound) if lower_bound is not None else 0.0,
-            H=H, HV=HV, K=K, BK=BK, BT=64,
+            H=H, HV=HV, K=K, BK=bk, FBK=BK, BT=64,
             HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
             SAFE_SPAN=_current_safe_span() if safe_span is None else safe_span, EXACT=exact,
-            num_warps=num_warps, num_stages=1,
+            num_warps=nw, num_stages=1,
         )
     out["exact_flag"] = flag
     kda_intra_solve_kernel[(NC, HV)](
