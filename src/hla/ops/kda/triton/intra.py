@@ -14,16 +14,33 @@ Pair decays on tensor cores, exactly, with no exponential that can overflow (FLA
 wrong otherwise). Three launches:
 
 1. Fast pass (every chunk-head): gate, cumsum, l2norm, qg, kd, dl and k exp(Gamma) (parked in w's
-   buffer), and A_qk, P from two products per key block: pairs across the two 32-row halves use
-   the anchor a = 31, ``exp(G_i - G_j) = exp(G_i - G_a) exp(G_a - G_j)`` with both factors <= 1;
-   pairs inside a half use one anchor per half (rows 15, 47), exact up to rounding when no factor
-   exceeds exp(SAFE_SPAN) (then even the masked-out products stay finite). A chunk-head where some
-   key block exceeds it is flagged.
-2. Exact pass (flagged chunk-heads only; the others return at once): A_qk and P again by the
-   six-level split: every pair j < i is split at the highest bit where i and j differ; at level s
-   row i lies in an odd block of s rows, column j in the even block before it, and their anchor is
-   the last row of that even block, so both factors are <= 1. One product per level (six) plus the
-   diagonal; underflow is harmless, the true product being smaller than either factor.
+   buffer), and A_qk, P from two products per key block (BK = 64 channels): pairs across the two
+   32-row halves use the anchor a = 31, ``exp(G_i - G_j) = exp(G_i - G_a) exp(G_a - G_j)`` with both
+   factors <= 1 (always exact, always added); pairs inside a half and the diagonal use one anchor per
+   half (rows 15, 47), exact up to rounding when no factor exceeds exp(SAFE_SPAN) (then even the
+   masked-out products, up to exp(2 SAFE_SPAN), stay finite). A key block where some factor would
+   exceed it gets no within-half product and is flagged (exact_flag[c, h, key block] = 1).
+2. Exact pass (chunk-heads with a flagged key block; the others return at once): for the flagged
+   key blocks only, the within-half pairs and the diagonal, by the level-16 product (anchors 15, 47:
+   exact) plus one anchor per 16-row quarter (row 7 of it) when max |Gamma_i - Gamma_anchor| <=
+   SAFE_SPAN over the key block, else by the five levels 16, 8, 4, 2, 1 of the six-level split (every
+   pair j < i split at the highest bit where i and j differ; at level s row i lies in an odd block
+   of s rows, column j in the even block before it, their anchor is the last row of that even block,
+   so both factors are <= 1 and underflow is harmless). It adds these to the A_qk and P the fast
+   launch stored (read-modify-write: the two launches run one after the other on the stream and each
+   program owns its chunk-head's rows, so there is no race) and marks key blocks that needed the five
+   levels with exact_flag = 2. It reads the flags in its own key-block width (32 by default: 20 B of
+   spills at sm_90a against 288 B at 64).
+
+   Why these tiers (benchmarks/kda_gate_spans.py, the benchmark's Kimi gate: A_log = log U(1, 16),
+   dt_bias ~ N(-3, 0.5), raw gate ~ N(0, 1); float64, 8 draws of T 1024 H 32 D 128): 45% of the
+   (chunk, head, key block)s fail the fast test (51% of chunk-heads, 42-67% per draw); 12.6% of
+   all key blocks also fail the quarter-anchor test, 1.1% the next (eighth-row anchors) and none the
+   finer ones. Counting [64, 64]-sized tensor-core products per key block (not the gathers, nor the
+   exact launch's reloads of q, k and the gate): 5.0 on average before (2 + 6 for every key block of
+   a flagged chunk-head), 2.8 with these tiers, 2.6 with every tier (not worth more code and
+   registers). Per-key-block flags alone give most of it; the quarter tier takes 3 products instead
+   of 6 for the 31% of key blocks that need it. The bounded gate (lower_bound = -5) flags nothing.
 3. Solve: M = (I + diag(beta) P)^-1 from the 16x16 diagonal inverses (product form ``(I + N)^-1 =
    (I - N)(I + N^2)(I + N^4)(I + N^8)``, N^16 = 0, fp32) and ``M_IJ = -D_I sum_{J <= L < I} A_IL M_LJ``,
    then w = M diag(beta) (k exp(Gamma)) and u = M diag(beta) v as one [64, 64] product each. P and M
@@ -38,9 +55,9 @@ import triton.language as tl
 
 from hla.ops.kda.triton.common import INTERPRET, half_anchors, kda_gate_f32, level_factors, next_pow2, qk_row_sumsq
 
-# A chunk's K block takes the one-anchor fast path when no factor exceeds exp(SAFE_SPAN): then even the
-# masked-out products (up to exp(2 SAFE_SPAN)) stay finite in fp32 and bf16. Tests set it to -1 to force
-# the exact per-level path everywhere.
+# A chunk's K block takes the one-anchor fast path (and, in the exact launch, the quarter-anchor tier)
+# when no factor exceeds exp(SAFE_SPAN): then even the masked-out products (up to exp(2 SAFE_SPAN)) stay
+# finite in fp32 and bf16. Tests set it to -1 to force the six-level split everywhere.
 SAFE_SPAN = 40.0
 
 
@@ -104,9 +121,10 @@ def kda_intra_fwd_kernel(
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
     USE_L2: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr, EXACT: tl.constexpr,
 ):
-    """EXACT=False: everything, with the one-anchor product where the span allows, flagging the
-    chunk-heads where it did not. EXACT=True (second launch): only the flagged chunk-heads, A_qk and
-    P again by the six-level split; every other program returns at once."""
+    """EXACT=False: everything, with the one-anchor product where the span allows, flagging the key
+    blocks (of FBK = BK channels) where it did not. EXACT=True (second launch, BK <= FBK): the
+    within-half pairs of the flagged key blocks only, added to the stored A_qk and P; programs with
+    no flagged key block return at once."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + FBK - 1) // FBK
     QB: tl.constexpr = BT // 4
@@ -340,8 +358,9 @@ def kda_intra_fwd(
     (flattened tokens), chunk_bounds int32 ``[NC, 2]`` -> dict: Aqk ``[TT, HV, 64]`` fp32 (zero above
     the diagonal), w / qg / kd ``[TT, HV, K]`` in v.dtype, u ``[TT, HV, V]`` fp32, dl ``[NC, HV, K]``
     fp32, and per chunk-head P (the unscaled strictly-lower key-key products) and M = (I + diag(beta)
-    P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them), and exact_flag ``[NC, HV]`` int32
-    (> 0 where the chunk-head needed the six-level split)."""
+    P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them), and exact_flag ``[NC, HV,
+    cdiv(K, block_k)]`` int32 per key block: 0 fast pass, 1 level-16 + quarter anchors, 2 six levels.
+    exact_block_k / exact_warps: the exact launch's key-block width (<= block_k) and warps."""
     if chunk_size != 64:
         raise ValueError(f"chunk_size: the triton backend supports 64, got {chunk_size}")
     TT, H, K = q.shape
