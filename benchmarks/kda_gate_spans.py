@@ -70,8 +70,9 @@ def main() -> int:
     print(f"T {args.T}, H {args.H}, D {args.D}, {args.seeds} draws of the inputs (new A_log, dt_bias each), "
           f"SAFE_SPAN {SAFE_SPAN:g}\n")
     print("| gate | unit | fast test fails | needs tier >= 2 | >= 3 | >= 4 | >= 5 | = 6 | "
-          "products per key block: now | all tiers | tiers 1, 2, 6 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "products per key block: per chunk-head, six levels | per key block, six levels | "
+          "per key block, tiers 1, 2, 6 | every tier |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for gate in ("kimi", "safe"):
         fast, tiers = [], []
         for seed in range(args.seeds):
@@ -96,14 +97,16 @@ def main() -> int:
                 # and one anchor product (t = 2..5: t products) or levels 16 .. 1 (tier 6: 5 products).
                 now = 2 + 6 * fast_b.any(-1, keepdim=True).expand_as(fast_b).double().mean().item()
                 new = torch.where(n == 1, 2, torch.where(n == 6, 6, 1 + n)).double().mean().item()
-                # what this branch implements: tier 2 or else the six levels
+                # per-key-block flags with the six levels only, then what intra.py implements (tier 2
+                # or else the six levels)
+                six = torch.where(f, 6, 2).double().mean().item()
                 two = torch.where(n == 1, 2, torch.where(n == 2, 3, 6)).double().mean().item()
-                print(f"| {gate} | {unit} | {cells} | {now:.2f} | {new:.2f} | {two:.2f} |")
+                print(f"| {gate} | {unit} | {cells} | {now:.2f} | {six:.2f} | {two:.2f} | {new:.2f} |")
             else:
-                print(f"| {gate} | {unit} | {cells} | | | |")
+                print(f"| {gate} | {unit} | {cells} | | | | |")
         per_draw = fast.view(args.seeds, -1, args.D // BK).any(-1).double().mean(-1)
         print(f"| {gate} | chunk-heads failing the fast test, per draw | "
-              + ", ".join(f"{100 * x:.0f}%" for x in per_draw.tolist()) + " | | | | | | | | |")
+              + ", ".join(f"{100 * x:.0f}%" for x in per_draw.tolist()) + " | | | | | | | | | |")
     return 0
 
 

@@ -38,9 +38,9 @@ wrong otherwise). Three launches:
    all key blocks also fail the quarter-anchor test, 1.1% the next (eighth-row anchors) and none the
    finer ones. Counting [64, 64]-sized tensor-core products per key block (not the gathers, nor the
    exact launch's reloads of q, k and the gate): 5.0 on average before (2 + 6 for every key block of
-   a flagged chunk-head), 2.8 with these tiers, 2.6 with every tier (not worth more code and
-   registers). Per-key-block flags alone give most of it; the quarter tier takes 3 products instead
-   of 6 for the 31% of key blocks that need it. The bounded gate (lower_bound = -5) flags nothing.
+   a flagged chunk-head), 3.8 with per-key-block flags and six levels, 2.8 with the quarter tier
+   added (3 products instead of 6 for the 31% of key blocks that need exactly it), 2.6 with every
+   tier (not worth more code and registers). The bounded gate (lower_bound = -5) flags nothing.
 3. Solve: M = (I + diag(beta) P)^-1 from the 16x16 diagonal inverses (product form ``(I + N)^-1 =
    (I - N)(I + N^2)(I + N^4)(I + N^8)``, N^16 = 0, fp32) and ``M_IJ = -D_I sum_{J <= L < I} A_IL M_LJ``,
    then w = M diag(beta) (k exp(Gamma)) and u = M diag(beta) v as one [64, 64] product each. P and M
