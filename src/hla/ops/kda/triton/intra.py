@@ -14,16 +14,33 @@ Pair decays on tensor cores, exactly, with no exponential that can overflow (FLA
 wrong otherwise). Three launches:
 
 1. Fast pass (every chunk-head): gate, cumsum, l2norm, qg, kd, dl and k exp(Gamma) (parked in w's
-   buffer), and A_qk, P from two products per key block: pairs across the two 32-row halves use
-   the anchor a = 31, ``exp(G_i - G_j) = exp(G_i - G_a) exp(G_a - G_j)`` with both factors <= 1;
-   pairs inside a half use one anchor per half (rows 15, 47), exact up to rounding when no factor
-   exceeds exp(SAFE_SPAN) (then even the masked-out products stay finite). A chunk-head where some
-   key block exceeds it is flagged.
-2. Exact pass (flagged chunk-heads only; the others return at once): A_qk and P again by the
-   six-level split: every pair j < i is split at the highest bit where i and j differ; at level s
-   row i lies in an odd block of s rows, column j in the even block before it, and their anchor is
-   the last row of that even block, so both factors are <= 1. One product per level (six) plus the
-   diagonal; underflow is harmless, the true product being smaller than either factor.
+   buffer), and A_qk, P from two products per key block (BK = 64 channels): pairs across the two
+   32-row halves use the anchor a = 31, ``exp(G_i - G_j) = exp(G_i - G_a) exp(G_a - G_j)`` with both
+   factors <= 1 (always exact, always added); pairs inside a half and the diagonal use one anchor per
+   half (rows 15, 47), exact up to rounding when no factor exceeds exp(SAFE_SPAN) (then even the
+   masked-out products, up to exp(2 SAFE_SPAN), stay finite). A key block where some factor would
+   exceed it gets no within-half product and is flagged (exact_flag[c, h, key block] = 1).
+2. Exact pass (chunk-heads with a flagged key block; the others return at once): for the flagged
+   key blocks only, the within-half pairs and the diagonal, by the level-16 product (anchors 15, 47:
+   exact) plus one anchor per 16-row quarter (row 7 of it) when max |Gamma_i - Gamma_anchor| <=
+   SAFE_SPAN over the key block, else by the five levels 16, 8, 4, 2, 1 of the six-level split (every
+   pair j < i split at the highest bit where i and j differ; at level s row i lies in an odd block
+   of s rows, column j in the even block before it, their anchor is the last row of that even block,
+   so both factors are <= 1 and underflow is harmless). It adds these to the A_qk and P the fast
+   launch stored (read-modify-write: the two launches run one after the other on the stream and each
+   program owns its chunk-head's rows, so there is no race) and marks key blocks that needed the five
+   levels with exact_flag = 2. It reads the flags in its own key-block width (32 by default: no
+   spills at sm_90a, 4 warps, against 512 B at 64).
+
+   Why these tiers (benchmarks/kda_gate_spans.py, the benchmark's Kimi gate: A_log = log U(1, 16),
+   dt_bias ~ N(-3, 0.5), raw gate ~ N(0, 1); float64, 8 draws of T 1024 H 32 D 128): 45% of the
+   (chunk, head, key block)s fail the fast test (51% of chunk-heads, 42-67% per draw); 12.6% of
+   all key blocks also fail the quarter-anchor test, 1.1% the next (eighth-row anchors) and none the
+   finer ones. Counting [64, 64]-sized tensor-core products per key block (not the gathers, nor the
+   exact launch's reloads of q, k and the gate): 5.0 on average before (2 + 6 for every key block of
+   a flagged chunk-head), 3.8 with per-key-block flags and six levels, 2.8 with the quarter tier
+   added (3 products instead of 6 for the 31% of key blocks that need exactly it), 2.6 with every
+   tier (not worth more code and registers). The bounded gate (lower_bound = -5) flags nothing.
 3. Solve: M = (I + diag(beta) P)^-1 from the 16x16 diagonal inverses (product form ``(I + N)^-1 =
    (I - N)(I + N^2)(I + N^4)(I + N^8)``, N^16 = 0, fp32) and ``M_IJ = -D_I sum_{J <= L < I} A_IL M_LJ``,
    then w = M diag(beta) (k exp(Gamma)) and u = M diag(beta) v as one [64, 64] product each. P and M
@@ -38,9 +55,9 @@ import triton.language as tl
 
 from hla.ops.kda.triton.common import INTERPRET, half_anchors, kda_gate_f32, level_factors, next_pow2, qk_row_sumsq
 
-# A chunk's K block takes the two-product fast path when no factor exceeds exp(SAFE_SPAN): then even the
-# masked-out products (up to exp(2 SAFE_SPAN)) stay finite in fp32 and bf16. Read at each call; tests set
-# it to -1 to force the exact six-level path everywhere.
+# A chunk's K block takes the one-anchor fast path (and, in the exact launch, the quarter-anchor tier)
+# when no factor exceeds exp(SAFE_SPAN): then even the masked-out products (up to exp(2 SAFE_SPAN)) stay
+# finite in fp32 and bf16. Tests set it to -1 to force the six-level split everywhere.
 SAFE_SPAN = 40.0
 
 
@@ -96,16 +113,22 @@ def kda_intra_fwd_kernel(
     q, k, g, A_log, dt_bias, Aqk, w, qg, kd, dl, Pbuf, exact_flag, chunk_bounds,
     scale, lower_bound,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
-    BK: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, FBK: tl.constexpr, BT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
     USE_L2: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr, EXACT: tl.constexpr,
 ):
-    """EXACT=False: everything, with the two-product fast path where the span allows, flagging the
-    chunk-heads where it did not. EXACT=True (second launch): only the flagged chunk-heads, A_qk and
-    P again by the six-level split; every other program returns at once."""
+    """EXACT=False: everything, with the one-anchor product where the span allows, flagging the key
+    blocks (of FBK = BK channels) where it did not. EXACT=True (second launch, BK <= FBK): the
+    within-half pairs of the flagged key blocks only, added to the stored A_qk and P; programs with
+    no flagged key block return at once."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    NK: tl.constexpr = (K + FBK - 1) // FBK
+    QB: tl.constexpr = BT // 4
     if EXACT:
-        if tl.load(exact_flag + i_c * HV + i_hv) == 0:
+        n_flag = tl.load(exact_flag + (i_c * HV + i_hv) * NK)
+        for i_f in range(1, NK):
+            n_flag += tl.load(exact_flag + (i_c * HV + i_hv) * NK + i_f)
+        if n_flag == 0:
             return
     i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
@@ -131,32 +154,59 @@ def kda_intra_fwd_kernel(
         b_rq = tl.zeros([BT], dtype=tl.float32) + scale
         b_rk = tl.zeros([BT], dtype=tl.float32) + 1.0
 
-    # Phase 1: A_qk and P, one K block at a time; qg, kd, dl stored on the way.
+    # Phase 1: A_qk and P, one K block at a time; qg, kd, dl stored on the way. The exact launch
+    # accumulates only what the fast launch left out (flagged key blocks) and adds it to the stored A, P.
     b_aqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_p = tl.zeros([BT, BT], dtype=tl.float32)
-    n_exact = tl.zeros([1], dtype=tl.int32)
+    f_base = exact_flag + (i_c * HV + i_hv) * NK
     for i_k in range(0, K, BK):
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
         m = m_t[:, None] & m_k[None, :]
         p_tk = o_t[:, None] * SQ + o_k[None, :]
         p_hk = o_t[:, None] * SG + o_k[None, :]
-        b_q = tl.load(q_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rq[:, None]
-        b_k = tl.load(k_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rk[:, None]
-        b_G = _load_gamma(g_base, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
-                          HAS_GATE, HAS_BIAS, HAS_LB)
-        # padding rows carry g = 0, so the last row holds Gamma at the chunk's last token
-        b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
         if EXACT:
-            b_aqk += tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.0)
-            for lvl in range(6):
-                up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
+            if tl.load(f_base + i_k // FBK) != 0:
+                b_q = tl.load(q_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rq[:, None]
+                b_k = tl.load(k_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rk[:, None]
+                b_G = _load_gamma(g_base, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
+                                  HAS_GATE, HAS_BIAS, HAS_LB)
+                # the fast launch added the level-32 product; the diagonal and the pairs inside each
+                # half are left, through the level-16 product and one anchor per quarter (row 7 of it)
+                # when no factor exceeds exp(SAFE_SPAN) (the diagonal from that product), else through
+                # the five levels 16 .. 1 and the diagonal as a plain row sum
+                up, b_e, pair = level_factors(b_G, o_t, 1, BT, BK)
                 b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(q.dtype.element_ty)
                 b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty)
                 b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty))
                 b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
                 b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
+                b_Ga = tl.gather(b_G, tl.broadcast_to((o_t // QB * QB + QB // 2 - 1)[:, None], [BT, BK]), 0)
+                if tl.max(tl.max(tl.abs(b_G - b_Ga), axis=1), axis=0) <= SAFE_SPAN:
+                    b_eq = tl.exp(tl.minimum(b_G - b_Ga, SAFE_SPAN))
+                    b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Ga - b_G, SAFE_SPAN))).to(q.dtype.element_ty))
+                    same = (o_t[:, None] // QB) == (o_t[None, :] // QB)
+                    b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
+                                      tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+                    b_p += tl.where(same & (o_t[:, None] > o_t[None, :]), tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC),
+                                    0.0)
+                else:
+                    b_aqk += tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.0)
+                    for lvl in range(2, 6):
+                        up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
+                        b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(q.dtype.element_ty)
+                        b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty)
+                        b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty))
+                        b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
+                        b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
+                    tl.store(f_base + i_k // FBK + tl.arange(0, 1), tl.full([1], 2, tl.int32))
         else:
+            b_q = tl.load(q_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rq[:, None]
+            b_k = tl.load(k_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rk[:, None]
+            b_G = _load_gamma(g_base, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
+                              HAS_GATE, HAS_BIAS, HAS_LB)
+            # padding rows carry g = 0, so the last row holds Gamma at the chunk's last token
+            b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
             b_eG = tl.exp(b_G)
             tl.store(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.exp(b_Gl), mask=m_k)
             tl.store((qg + hk_base) + p_hk, (b_q * b_eG).to(qg.dtype.element_ty), mask=m)
@@ -164,29 +214,34 @@ def kda_intra_fwd_kernel(
                      mask=m)
             # k exp(Gamma), parked in w's buffer until the solve kernel turns it into w
             tl.store((w + hk_base) + p_hk, (b_k * b_eG).to(w.dtype.element_ty), mask=m)
-            # Fast path, two products. Pairs across the two halves (i >= 32 > j): the level-32 anchor
-            # (row 31), both factors <= 1, always exact. Pairs inside a half: one anchor per half (rows
-            # 15 and 47), exact up to rounding when no factor exceeds exp(SAFE_SPAN), which also keeps
-            # the masked-out products finite. Otherwise the chunk-head is flagged for the exact launch.
+            # Pairs across the two halves (i >= 32 > j): the level-32 anchor (row 31), both factors <= 1,
+            # always exact. Pairs inside a half (and the diagonal): one anchor per half (rows 15 and 47),
+            # exact up to rounding when no factor exceeds exp(SAFE_SPAN), which also keeps the masked-out
+            # products finite; otherwise this key block is flagged and left to the exact launch.
             lo = o_t < BT // 2
             b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
-            n_exact += (span > SAFE_SPAN).to(tl.int32)
+            tl.store(f_base + i_k // FBK + tl.arange(0, 1), tl.full([1], 0, tl.int32) + (span > SAFE_SPAN).to(tl.int32))
             b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
             b_kc = tl.trans(tl.where(lo[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty))
             b_aqk += tl.dot(tl.where(lo[:, None], 0.0, b_q * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
             b_p += tl.dot(tl.where(lo[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
-            b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
-            b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
-            b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))).to(q.dtype.element_ty))
-            same = lo[:, None] == lo[None, :]
-            b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
-                              tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
-            b_p += tl.where(same & (o_t[:, None] > o_t[None, :]),
-                            tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
-    tl.store(a_base + o_t[:, None] * SA + o_t[None, :], b_aqk, mask=m_t[:, None])
-    tl.store(Pbuf + s_base + o_t[:, None] * BT + o_t[None, :], b_p)
-    if not EXACT:
-        tl.store(exact_flag + i_c * HV + i_hv + tl.arange(0, 1), n_exact)
+            if span <= SAFE_SPAN:
+                b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
+                b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
+                b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))).to(q.dtype.element_ty))
+                same = lo[:, None] == lo[None, :]
+                b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
+                                  tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+                b_p += tl.where(same & (o_t[:, None] > o_t[None, :]),
+                                tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+    p_a = a_base + o_t[:, None] * SA + o_t[None, :]
+    p_p = Pbuf + s_base + o_t[:, None] * BT + o_t[None, :]
+    if EXACT:
+        # read-modify-write: the fast launch (earlier on the stream) stored its partial sums here
+        b_aqk += tl.load(p_a, mask=m_t[:, None], other=0.0)
+        b_p += tl.load(p_p)
+    tl.store(p_a, b_aqk, mask=m_t[:, None])
+    tl.store(p_p, b_p)
 
 
 @triton.jit
@@ -290,6 +345,8 @@ def kda_intra_fwd(
     chunk_size: int = 64,
     num_warps: int = 4,
     block_k: int = 64,
+    exact_block_k: int = 32,
+    exact_warps: int = 4,
     prec_inv: str = "ieee",
     solve_warps: int = 2,
     safe_span: float | None = None,
@@ -298,8 +355,9 @@ def kda_intra_fwd(
     (flattened tokens), chunk_bounds int32 ``[NC, 2]`` -> dict: Aqk ``[TT, HV, 64]`` fp32 (zero above
     the diagonal), w / qg / kd ``[TT, HV, K]`` in v.dtype, u ``[TT, HV, V]`` fp32, dl ``[NC, HV, K]``
     fp32, and per chunk-head P (the unscaled strictly-lower key-key products) and M = (I + diag(beta)
-    P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them), and exact_flag ``[NC, HV]`` int32
-    (> 0 where the chunk-head needed the six-level split)."""
+    P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them), and exact_flag ``[NC, HV,
+    cdiv(K, block_k)]`` int32 per key block: 0 fast pass, 1 level-16 + quarter anchors, 2 six levels.
+    exact_block_k / exact_warps: the exact launch's key-block width (<= block_k) and warps."""
     if chunk_size != 64:
         raise ValueError(f"chunk_size: the triton backend supports 64, got {chunk_size}")
     TT, H, K = q.shape
@@ -318,17 +376,18 @@ def kda_intra_fwd(
     )
     has_gate = A_log is not None
     BK = min(block_k, next_pow2(K))
-    flag = torch.empty(NC, HV, device=dev, dtype=torch.int32)
-    for exact in (False, True):
+    flag = torch.empty(NC, HV, triton.cdiv(K, BK), device=dev, dtype=torch.int32)
+    # the exact launch may use narrower key blocks than the flags' (fewer spills, see the docstring)
+    for exact, bk, nw in ((False, BK, num_warps), (True, min(exact_block_k, BK), exact_warps)):
         kda_intra_fwd_kernel[(NC, HV)](
             q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
             out["Aqk"], out["w"], out["qg"], out["kd"], out["dl"], out["P"], flag, chunk_bounds,
             float(scale), float(lower_bound) if lower_bound is not None else 0.0,
-            H=H, HV=HV, K=K, BK=BK, BT=64,
+            H=H, HV=HV, K=K, BK=bk, FBK=BK, BT=64,
             HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
             SAFE_SPAN=SAFE_SPAN if safe_span is None else safe_span, EXACT=exact,
-            num_warps=num_warps, num_stages=1,
+            num_warps=nw, num_stages=1,
         )
     out["exact_flag"] = flag
     kda_intra_solve_kernel[(NC, HV)](
