@@ -31,6 +31,9 @@ from hla.ops.kda.triton.common import INTERPRET, half_anchors, level_factors, ne
 # Products of the intra backward on the GPU. "tf32x3" (three tf32 products, ~fp32 accuracy): with plain
 # tf32 the H200 check gave dA_log errors of 5e-2 at ~-100 per token gates (threshold 1e-2).
 PRODUCT_PRECISION = "tf32x3"
+# Launch settings (placeholders until the offline compile below picks them).
+BLOCK_K, NUM_WARPS, TILES_IN_LOOP = 32, 4, True
+DKK_BLOCK_K, DKK_NUM_WARPS = 32, 4
 
 
 @triton.jit
@@ -48,45 +51,29 @@ def _gate_fwd_bwd(raw, a, bias, lower_bound, HAS_BIAS: tl.constexpr, HAS_LB: tl.
 
 
 @triton.jit
-def kda_intra_bwd_kernel(
-    q, k, v, g, beta, A_log, dt_bias, w, u, M, P,
-    du, dqg, dw, dkd, dA, ddl,
-    dq, dk, dv, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
-    scale, lower_bound,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
-    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr,
+def kda_intra_bwd_dkk_kernel(
+    v, beta, w, u, M, P, du, dw,
+    dv, dx, dP, dbeta, chunk_bounds,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    USE_SIGMOID: tl.constexpr, PREC: tl.constexpr,
 ):
+    """Launch 1: everything up to dA_kk. Writes dv, dX = M^T dw ([TT, HV, K] fp32, read back by
+    launch 2 instead of a second M^T product), dP = diag(beta) dA_kk ([NC, HV, 64, 64] fp32) and the
+    partial dbeta ([TT, HV] fp32, into dbeta's buffer: sum_v d(beta v) v + sum_j dA_kk P, before the
+    sigmoid backward)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
     n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
-    q_base = q + (bos * H + i_h) * K
-    k_base = k + (bos * H + i_h) * K
-    hk = (bos * HV + i_hv) * K  # g, w, dqg, dw, dkd, dq, dk, dg
+    hk = (bos * HV + i_hv) * K  # w, dw, dx
     hv = (bos * HV + i_hv) * V  # v, u, du, dv
     s_base = (i_c * HV + i_hv).to(tl.int64) * BT * BT
-    SQ: tl.constexpr = H * K
     SG: tl.constexpr = HV * K
     SV: tl.constexpr = HV * V
     o_t = tl.arange(0, BT)
     m_t = o_t < n_rows
-    lower = o_t[:, None] > o_t[None, :]
-    b_braw = tl.load(beta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
     if USE_SIGMOID:
-        b_beta = tl.where(m_t, tl.sigmoid(b_braw), 0.0)
-    else:
-        b_beta = b_braw
-    if HAS_GATE:
-        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
-    if USE_L2:
-        b_nq, b_nk = qk_row_sumsq(q_base, k_base, o_t, m_t, SQ, K, BK)
-        b_iq = 1.0 / tl.sqrt(b_nq + 1e-6)
-        b_ik = 1.0 / tl.sqrt(b_nk + 1e-6)
-    else:
-        b_iq = tl.zeros([BT], dtype=tl.float32) + 1.0
-        b_ik = tl.zeros([BT], dtype=tl.float32) + 1.0
+        b_beta = tl.where(m_t, tl.sigmoid(b_beta), 0.0)
 
     b_mt = tl.trans(tl.load(M + s_base + o_t[:, None] * BT + o_t[None, :]))  # M^T
     b_dakk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -109,16 +96,66 @@ def kda_intra_bwd_kernel(
         m = m_t[:, None] & (o_k < K)[None, :]
         p_tk = hk + o_t[:, None] * SG + o_k[None, :]
         b_dx = tl.dot(b_mt, tl.load(dw + p_tk, mask=m, other=0.0), input_precision=PREC)
+        tl.store(dx + p_tk, b_dx, mask=m)
         b_w = tl.load(w + p_tk, mask=m, other=0.0).to(tl.float32)
         b_dakk -= tl.dot(b_dx, tl.trans(b_w), input_precision=PREC)
-    b_dakk = tl.where(lower, b_dakk, 0.0)
+    b_dakk = tl.where(o_t[:, None] > o_t[None, :], b_dakk, 0.0)
     b_db += tl.sum(b_dakk * tl.load(P + s_base + o_t[:, None] * BT + o_t[None, :]), axis=1)
-    b_dp = (b_dakk * b_beta[:, None])
-    b_daqk = tl.load(dA + (bos * HV + i_hv) * BT + o_t[:, None] * (HV * BT) + o_t[None, :], mask=m_t[:, None],
-                     other=0.0)
+    tl.store(dP + s_base + o_t[:, None] * BT + o_t[None, :], b_dakk * b_beta[:, None])
+    tl.store(dbeta + (bos * HV + i_hv) + o_t * HV, b_db, mask=m_t)
+
+
+@triton.jit
+def _pair_grads(dA, dP, a_base, s_base, o_t, m_t, HV: tl.constexpr, BT: tl.constexpr):
+    """dA_qk (lower with the diagonal) and dP (strictly lower, written so by launch 1): [BT, BT] fp32."""
+    b_daqk = tl.load(dA + a_base + o_t[:, None] * (HV * BT) + o_t[None, :], mask=m_t[:, None], other=0.0)
     b_daqk = tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0)
+    return b_daqk, tl.load(dP + s_base + o_t[:, None] * BT + o_t[None, :])
+
+
+@triton.jit
+def kda_intra_bwd_pair_kernel(
+    q, k, g, beta, A_log, dt_bias, dx, dP, dqg, dkd, dA, ddl,
+    dq, dk, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
+    scale, lower_bound,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
+    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr,
+    TILES_IN_LOOP: tl.constexpr,
+):
+    """Launch 2: the pair-sum gradients per key block (pass C), dGamma -> dg, then the l2norm
+    backward (pass D); finishes dbeta from launch 1's partial. TILES_IN_LOOP: load dA_qk and dP
+    in every key block instead of holding them across the loop (fewer live registers)."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
+    n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
+    q_base = q + (bos * H + i_h) * K
+    k_base = k + (bos * H + i_h) * K
+    hk = (bos * HV + i_hv) * K  # g, dx, dqg, dkd, dq, dk, dg
+    a_base = (bos * HV + i_hv) * BT
+    s_base = (i_c * HV + i_hv).to(tl.int64) * BT * BT
+    SQ: tl.constexpr = H * K
+    SG: tl.constexpr = HV * K
+    o_t = tl.arange(0, BT)
+    m_t = o_t < n_rows
+    b_beta = tl.load(beta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
+    if USE_SIGMOID:
+        b_beta = tl.where(m_t, tl.sigmoid(b_beta), 0.0)
+    if HAS_GATE:
+        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+    if USE_L2:
+        b_nq, b_nk = qk_row_sumsq(q_base, k_base, o_t, m_t, SQ, K, BK)
+        b_iq = 1.0 / tl.sqrt(b_nq + 1e-6)
+        b_ik = 1.0 / tl.sqrt(b_nk + 1e-6)
+    else:
+        b_iq = tl.zeros([BT], dtype=tl.float32) + 1.0
+        b_ik = tl.zeros([BT], dtype=tl.float32) + 1.0
+    if not TILES_IN_LOOP:
+        b_daqk, b_dp = _pair_grads(dA, dP, a_base, s_base, o_t, m_t, HV, BT)
 
     # Pass C (key blocks): everything per channel, then dGamma -> dg (reverse cumsum, gate).
+    b_db = tl.zeros([BT], dtype=tl.float32)
     b_cq = tl.zeros([BT], dtype=tl.float32)  # sum_d y dy for the l2norm backward
     b_ck = tl.zeros([BT], dtype=tl.float32)
     b_dalog = tl.zeros([BK], dtype=tl.float32)
@@ -141,11 +178,13 @@ def kda_intra_bwd_kernel(
             b_gg = tl.where(m, b_gg, 0.0)
         else:
             b_gg = b_graw
+        if TILES_IN_LOOP:
+            b_daqk, b_dp = _pair_grads(dA, dP, a_base, s_base, o_t, m_t, HV, BT)
         b_G = tl.cumsum(b_gg, axis=0)
         b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
         b_eG = tl.exp(b_G)
         b_ed = tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))
-        b_dx = tl.dot(b_mt, tl.load(dw + p_tk, mask=m, other=0.0), input_precision=PREC)
+        b_dx = tl.load(dx + p_tk, mask=m, other=0.0)
         b_dqg = tl.load(dqg + p_tk, mask=m, other=0.0)
         b_dkd = tl.load(dkd + p_tk, mask=m, other=0.0)
         b_kd = b_yk * b_ed
@@ -218,6 +257,7 @@ def kda_intra_bwd_kernel(
         tl.store(dk + p_tk, b_dk, mask=m)
     if HAS_GATE:
         tl.store(dalog_part + i_c * HV + i_hv, tl.sum(b_dalog, axis=0))
+    b_db += tl.load(dbeta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0)
     if USE_SIGMOID:
         b_db = b_db * b_beta * (1.0 - b_beta)
     tl.store(dbeta + (bos * HV + i_hv) + o_t * HV, b_db.to(dbeta.dtype.element_ty), mask=m_t)
@@ -252,12 +292,16 @@ def kda_intra_bwd(
     lower_bound: float | None,
     use_qk_l2norm: bool,
     use_beta_sigmoid: bool,
-    block_k: int = 32,
-    num_warps: int = 4,
+    block_k: int = BLOCK_K,
+    num_warps: int = NUM_WARPS,
+    dkk_block_k: int = DKK_BLOCK_K,
+    dkk_num_warps: int = DKK_NUM_WARPS,
+    tiles_in_loop: bool = TILES_IN_LOOP,
     safe_span: float | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Flattened inputs as in ``kda_intra_fwd``; st: its outputs (w, u, M, P); gr: the stage-3
     gradients (du, dqg, dw, dkd: fp32 token tensors, dA ``[TT, HV, 64]``, ddl ``[NC, HV, K]``).
+    block_k / num_warps: the pair-sum launch; dkk_block_k / dkk_num_warps: the dA_kk launch.
 
     Returns dq, dk ``[TT, H, K]`` fp32 (grouped value heads summed), dv ``[TT, HV, V]`` fp32, dg
     ``[TT, HV, K]`` fp32 (of the raw gate when A_log is given), dbeta ``[TT, HV]`` fp32, dA_log
@@ -271,20 +315,28 @@ def kda_intra_bwd(
     dv = torch.empty(TT, HV, V, device=dev, dtype=f32)
     dg = torch.empty(TT, HV, K, device=dev, dtype=f32)
     dbeta = torch.empty(TT, HV, device=dev, dtype=f32)
+    dx = torch.empty(TT, HV, K, device=dev, dtype=f32)
+    dP = torch.empty(NC, HV, 64, 64, device=dev, dtype=f32)
     has_gate = A_log is not None
     has_bias = has_gate and dt_bias is not None
     dbias_part = torch.empty(NC, HV, K, device=dev, dtype=f32) if has_bias else dq
     dalog_part = torch.empty(NC, HV, device=dev, dtype=f32) if has_gate else dq
-    kda_intra_bwd_kernel[(NC, HV)](
-        q, k, v, g, beta, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
-        st["w"], st["u"], st["M"], st["P"],
-        gr["du"], gr["dqg"], gr["dw"], gr["dkd"], gr["dA"], gr["ddl"],
-        dq, dk, dv, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
+    prec = "ieee" if INTERPRET else PRODUCT_PRECISION
+    kda_intra_bwd_dkk_kernel[(NC, HV)](
+        v, beta, st["w"], st["u"], st["M"], st["P"], gr["du"], gr["dw"],
+        dv, dx, dP, dbeta, chunk_bounds,
+        HV=HV, K=K, V=V, BK=min(dkk_block_k, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64,
+        USE_SIGMOID=use_beta_sigmoid, PREC=prec, num_warps=dkk_num_warps, num_stages=1,
+    )
+    kda_intra_bwd_pair_kernel[(NC, HV)](
+        q, k, g, beta, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
+        dx, dP, gr["dqg"], gr["dkd"], gr["dA"], gr["ddl"],
+        dq, dk, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
         float(scale), float(lower_bound) if lower_bound is not None else 0.0,
-        H=H, HV=HV, K=K, V=V, BK=min(block_k, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64,
+        H=H, HV=HV, K=K, BK=min(block_k, next_pow2(K)), BT=64,
         HAS_GATE=has_gate, HAS_BIAS=has_bias, HAS_LB=has_gate and lower_bound is not None,
-        USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else PRODUCT_PRECISION,
-        SAFE_SPAN=_intra.SAFE_SPAN if safe_span is None else safe_span,
+        USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC=prec,
+        SAFE_SPAN=_intra.SAFE_SPAN if safe_span is None else safe_span, TILES_IN_LOOP=tiles_in_loop,
         num_warps=num_warps, num_stages=1,
     )
     if HV != H:
