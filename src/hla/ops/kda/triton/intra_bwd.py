@@ -32,7 +32,7 @@ from hla.ops.kda.triton.common import INTERPRET, half_anchors, level_factors, ne
 # tf32 the H200 check gave dA_log errors of 5e-2 at ~-100 per token gates (threshold 1e-2).
 PRODUCT_PRECISION = "tf32x3"
 # Launch settings (placeholders until the offline compile below picks them).
-BLOCK_K, NUM_WARPS, TILES_IN_LOOP = 32, 4, True
+BLOCK_K, NUM_WARPS = 32, 4
 DKK_BLOCK_K, DKK_NUM_WARPS = 32, 4
 
 
@@ -106,11 +106,29 @@ def kda_intra_bwd_dkk_kernel(
 
 
 @triton.jit
-def _pair_grads(dA, dP, a_base, s_base, o_t, m_t, HV: tl.constexpr, BT: tl.constexpr):
-    """dA_qk (lower with the diagonal) and dP (strictly lower, written so by launch 1): [BT, BT] fp32."""
-    b_daqk = tl.load(dA + a_base + o_t[:, None] * (HV * BT) + o_t[None, :], mask=m_t[:, None], other=0.0)
-    b_daqk = tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0)
-    return b_daqk, tl.load(dP + s_base + o_t[:, None] * BT + o_t[None, :])
+def _grad_tile(base, stride, o_t, n_rows, DIAG: tl.constexpr, TRANS: tl.constexpr, PART: tl.constexpr,
+               lvl=0):
+    """A [BT, BT] fp32 gradient tile from base[r * stride + c] (dA_qk: DIAG, lower with the diagonal;
+    dP: strictly lower), transposed by the load's addressing with TRANS, restricted to the pairs of
+    one product: PART 0 all, 1 across the halves (r >= BT/2 > c), 2 inside a half, 3 inside one pair
+    of blocks of level lvl of the six-level split. Loaded (from L1/L2) for each product instead of
+    masking a tile held in registers: the held tiles and their masked copies made the kernel spill."""
+    BT: tl.constexpr = o_t.shape[0]
+    if TRANS:
+        r = o_t[None, :]
+        c = o_t[:, None]
+    else:
+        r = o_t[:, None]
+        c = o_t[None, :]
+    keep = ((r >= c) if DIAG else (r > c)) & (r < n_rows)
+    if PART == 1:
+        keep = keep & (r >= BT // 2) & (c < BT // 2)
+    elif PART == 2:
+        keep = keep & ((r < BT // 2) == (c < BT // 2))
+    elif PART == 3:
+        S = (BT // 2) >> lvl
+        keep = keep & ((r // (2 * S)) == (c // (2 * S)))
+    return tl.load(base + r * stride + c, mask=keep, other=0.0)
 
 
 @triton.jit
@@ -121,11 +139,10 @@ def kda_intra_bwd_pair_kernel(
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
     USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr,
-    TILES_IN_LOOP: tl.constexpr,
 ):
     """Launch 2: the pair-sum gradients per key block (pass C), dGamma -> dg, then the l2norm
-    backward (pass D); finishes dbeta from launch 1's partial. TILES_IN_LOOP: load dA_qk and dP
-    in every key block instead of holding them across the loop (fewer live registers)."""
+    backward (pass D); finishes dbeta from launch 1's partial. dA_qk and dP are never held in
+    registers: each product loads the part of the tile it needs (_grad_tile)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
@@ -137,6 +154,7 @@ def kda_intra_bwd_pair_kernel(
     s_base = (i_c * HV + i_hv).to(tl.int64) * BT * BT
     SQ: tl.constexpr = H * K
     SG: tl.constexpr = HV * K
+    SA: tl.constexpr = HV * BT
     o_t = tl.arange(0, BT)
     m_t = o_t < n_rows
     b_beta = tl.load(beta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
@@ -151,8 +169,6 @@ def kda_intra_bwd_pair_kernel(
     else:
         b_iq = tl.zeros([BT], dtype=tl.float32) + 1.0
         b_ik = tl.zeros([BT], dtype=tl.float32) + 1.0
-    if not TILES_IN_LOOP:
-        b_daqk, b_dp = _pair_grads(dA, dP, a_base, s_base, o_t, m_t, HV, BT)
 
     # Pass C (key blocks): everything per channel, then dGamma -> dg (reverse cumsum, gate).
     b_db = tl.zeros([BT], dtype=tl.float32)
@@ -165,23 +181,65 @@ def kda_intra_bwd_pair_kernel(
         m = m_t[:, None] & m_k[None, :]
         p_qk = o_t[:, None] * SQ + o_k[None, :]
         p_tk = hk + o_t[:, None] * SG + o_k[None, :]
-        b_yq = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_iq[:, None]  # unit q
+        # Order chosen for short live ranges: the pair products first (they need only q, k, Gamma),
+        # then the per-token terms, the gate derivatives last (recomputed from the raw gate).
         b_yk = tl.load(k_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_ik[:, None]
-        b_q = b_yq * scale
-        b_graw = tl.load(g + p_tk, mask=m, other=0.0).to(tl.float32)
-        if HAS_GATE:
-            if HAS_BIAS:
-                b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-            else:
-                b_bias = tl.zeros([BK], dtype=tl.float32)
-            b_gg, b_gx, b_ga = _gate_fwd_bwd(b_graw, b_a, b_bias, lower_bound, HAS_BIAS, HAS_LB)
-            b_gg = tl.where(m, b_gg, 0.0)
-        else:
-            b_gg = b_graw
-        if TILES_IN_LOOP:
-            b_daqk, b_dp = _pair_grads(dA, dP, a_base, s_base, o_t, m_t, HV, BT)
-        b_G = tl.cumsum(b_gg, axis=0)
+        b_q = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * (b_iq * scale)[:, None]
+        b_G = _intra._load_gamma(g + hk, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
+                                 HAS_GATE, HAS_BIAS, HAS_LB)
         b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
+        # pair sums: row side (x dx) and column side (y dy) kept apart for dGamma; one [BT, BT]
+        # gradient tile at a time (dA_qk, then dP)
+        # the forward's fast path: a level-32 product across the halves, one anchor inside each half
+        lo = o_t < BT // 2
+        b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
+        if span <= SAFE_SPAN:
+            b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
+            b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
+            b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
+            b_ek = tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))
+            b_kcc = tl.where(lo[:, None], b_yk * b_e, 0.0)
+            b_kb = b_yk * b_ek
+            b_dqr = (tl.where(lo[:, None], 0.0, b_e * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, False, 1),
+                                                             b_kcc, input_precision=PREC))
+                     + b_eq * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, False, 2), b_kb,
+                                     input_precision=PREC))
+            b_dkr = (tl.where(lo[:, None], 0.0, b_e * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, False, 1),
+                                                             b_kcc, input_precision=PREC))
+                     + b_eq * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, False, 2), b_kb,
+                                     input_precision=PREC))
+            b_dkc = (tl.where(lo[:, None], b_e * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, True, 1),
+                                                        tl.where(lo[:, None], 0.0, b_q * b_e), input_precision=PREC),
+                              0.0)
+                     + b_ek * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, True, 2), b_q * b_eq,
+                                     input_precision=PREC))
+            b_dkc += (tl.where(lo[:, None], b_e * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, True, 1),
+                                                         tl.where(lo[:, None], 0.0, b_yk * b_e), input_precision=PREC),
+                               0.0)
+                      + b_ek * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, True, 2), b_yk * b_eq,
+                                      input_precision=PREC))
+        else:
+            # the diagonal of A_qk (factor 1), as a row and a column term
+            b_dd = tl.load(dA + a_base + o_t * (SA + 1), mask=m_t, other=0.0)
+            b_dqr = b_dd[:, None] * b_yk
+            b_dkr = tl.zeros([BT, BK], dtype=tl.float32)
+            b_dkc = b_dd[:, None] * b_q
+            for lvl in range(6):
+                up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
+                b_kc = tl.where(up[:, None], 0.0, b_yk * b_e)
+                b_dqr += tl.where(up[:, None], b_e * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, False, False, 3, lvl),
+                                                            b_kc, input_precision=PREC), 0.0)
+                b_dkr += tl.where(up[:, None], b_e * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, False, 3, lvl),
+                                                            b_kc, input_precision=PREC), 0.0)
+                b_dkc += tl.where(up[:, None], 0.0, b_e * (
+                    tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, False, True, 3, lvl),
+                           tl.where(up[:, None], b_q * b_e, 0.0), input_precision=PREC)
+                    + tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, True, 3, lvl),
+                             tl.where(up[:, None], b_yk * b_e, 0.0), input_precision=PREC)))
+        b_dq = b_dqr
+        b_dk = b_dkr + b_dkc
+        b_dG = b_q * b_dqr + b_yk * (b_dkr - b_dkc)
+        # per-token terms: qg = q exp(Gamma), kd = k exp(Gamma_last - Gamma), X = beta k exp(Gamma)
         b_eG = tl.exp(b_G)
         b_ed = tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))
         b_dx = tl.load(dx + p_tk, mask=m, other=0.0)
@@ -190,58 +248,20 @@ def kda_intra_bwd_pair_kernel(
         b_kd = b_yk * b_ed
         b_xb = b_yk * b_eG  # X / beta
         b_db += tl.sum(b_dx * b_xb, axis=1)
-        b_dq = b_dqg * b_eG
-        b_dk = b_dx * b_eG * b_beta[:, None] + b_dkd * b_ed
-        b_dG = b_dqg * b_q * b_eG + b_dx * b_xb * b_beta[:, None] - b_dkd * b_kd
+        b_dq += b_dqg * b_eG
+        b_dk += b_dx * b_eG * b_beta[:, None] + b_dkd * b_ed
+        b_dG += b_dqg * b_q * b_eG + b_dx * b_xb * b_beta[:, None] - b_dkd * b_kd
         b_dGl = tl.sum(b_dkd * b_kd, axis=0) + tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k,
                                                        other=0.0) * tl.exp(b_Gl)
-        # pair sums: row side (x dx) and column side (y dy) kept apart for dGamma
-        # the forward's fast path: a level-32 product across the halves, one anchor inside each half
-        lo = o_t < BT // 2
-        b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
-        if span <= SAFE_SPAN:
-            b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
-            b_qc = tl.where(lo[:, None], 0.0, b_q * b_e)
-            b_krc = tl.where(lo[:, None], 0.0, b_yk * b_e)
-            b_kcc = tl.where(lo[:, None], b_yk * b_e, 0.0)
-            b_dqr = tl.where(lo[:, None], 0.0, b_e * tl.dot(b_daqk, b_kcc, input_precision=PREC))
-            b_dkr = tl.where(lo[:, None], 0.0, b_e * tl.dot(b_dp, b_kcc, input_precision=PREC))
-            b_dkc = tl.where(lo[:, None], b_e * (tl.dot(tl.trans(b_daqk), b_qc, input_precision=PREC)
-                                                 + tl.dot(tl.trans(b_dp), b_krc, input_precision=PREC)), 0.0)
-            b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
-            b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
-            b_ek = tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))
-            same = lo[:, None] == lo[None, :]
-            d_qk = tl.where(same, b_daqk, 0.0)
-            d_p = tl.where(same, b_dp, 0.0)
-            b_kb = b_yk * b_ek
-            b_dqr += b_eq * tl.dot(d_qk, b_kb, input_precision=PREC)
-            b_dkr += b_eq * tl.dot(d_p, b_kb, input_precision=PREC)
-            b_dkc += b_ek * (tl.dot(tl.trans(d_qk), b_q * b_eq, input_precision=PREC)
-                             + tl.dot(tl.trans(d_p), b_yk * b_eq, input_precision=PREC))
-        else:
-            b_dd = tl.sum(tl.where(o_t[:, None] == o_t[None, :], b_daqk, 0.0), axis=1)
-            # the diagonal of A_qk (factor 1), as a row and a column term
-            b_dqr = b_dd[:, None] * b_yk
-            b_dkr = tl.zeros([BT, BK], dtype=tl.float32)
-            b_dkc = b_dd[:, None] * b_q
-            for lvl in range(6):
-                up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
-                d_qk = tl.where(pair, b_daqk, 0.0)
-                d_p = tl.where(pair, b_dp, 0.0)
-                b_qs = tl.where(up[:, None], b_q * b_e, 0.0)
-                b_kr = tl.where(up[:, None], b_yk * b_e, 0.0)
-                b_kc = tl.where(up[:, None], 0.0, b_yk * b_e)
-                b_dqr += tl.where(up[:, None], b_e * tl.dot(d_qk, b_kc, input_precision=PREC), 0.0)
-                b_dkr += tl.where(up[:, None], b_e * tl.dot(d_p, b_kc, input_precision=PREC), 0.0)
-                b_dkc += tl.where(up[:, None], 0.0, b_e * (tl.dot(tl.trans(d_qk), b_qs, input_precision=PREC)
-                                                           + tl.dot(tl.trans(d_p), b_kr, input_precision=PREC)))
-        b_dq += b_dqr
-        b_dk += b_dkr + b_dkc
-        b_dG += b_q * b_dqr + b_yk * (b_dkr - b_dkc)
         # Gamma = cumsum(g): dg_i = sum_{r >= i} dGamma_r, plus dGamma_last for every valid row
         b_dg = tl.where(m, tl.cumsum(b_dG, axis=0, reverse=True) + b_dGl[None, :], 0.0)
         if HAS_GATE:
+            if HAS_BIAS:
+                b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            else:
+                b_bias = tl.zeros([BK], dtype=tl.float32)
+            b_graw = tl.load(g + p_tk, mask=m, other=0.0).to(tl.float32)
+            _, b_gx, b_ga = _gate_fwd_bwd(b_graw, b_a, b_bias, lower_bound, HAS_BIAS, HAS_LB)
             b_dx_raw = b_dg * b_gx
             b_dalog += tl.sum(b_dg * b_ga, axis=0)
             tl.store(dg + p_tk, b_dx_raw.to(dg.dtype.element_ty), mask=m)
@@ -251,7 +271,7 @@ def kda_intra_bwd_pair_kernel(
             tl.store(dg + p_tk, b_dg.to(dg.dtype.element_ty), mask=m)
         # q = scale y: dy = scale dq; the l2norm backward needs sum_d y dy over all key blocks
         b_dyq = b_dq * scale
-        b_cq += tl.sum(b_dyq * b_yq, axis=1)
+        b_cq += tl.sum(b_dq * b_q, axis=1)  # = sum_d dy * y
         b_ck += tl.sum(b_dk * b_yk, axis=1)
         tl.store(dq + p_tk, b_dyq, mask=m)
         tl.store(dk + p_tk, b_dk, mask=m)
@@ -296,7 +316,6 @@ def kda_intra_bwd(
     num_warps: int = NUM_WARPS,
     dkk_block_k: int = DKK_BLOCK_K,
     dkk_num_warps: int = DKK_NUM_WARPS,
-    tiles_in_loop: bool = TILES_IN_LOOP,
     safe_span: float | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Flattened inputs as in ``kda_intra_fwd``; st: its outputs (w, u, M, P); gr: the stage-3
@@ -336,7 +355,7 @@ def kda_intra_bwd(
         H=H, HV=HV, K=K, BK=min(block_k, next_pow2(K)), BT=64,
         HAS_GATE=has_gate, HAS_BIAS=has_bias, HAS_LB=has_gate and lower_bound is not None,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC=prec,
-        SAFE_SPAN=_intra.SAFE_SPAN if safe_span is None else safe_span, TILES_IN_LOOP=tiles_in_loop,
+        SAFE_SPAN=_intra.SAFE_SPAN if safe_span is None else safe_span,
         num_warps=num_warps, num_stages=1,
     )
     if HV != H:
