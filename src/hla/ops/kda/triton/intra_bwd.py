@@ -1,5 +1,8 @@
 """Backward of stage 1 (intra.py): from the gradients of w, u, qg, kd, A_qk and exp(Gamma_last) to
-those of q, k, v, the raw gate (and A_log, dt_bias) and beta. One program per (chunk, value head).
+those of q, k, v, the raw gate (and A_log, dt_bias) and beta. Two launches, one program per (chunk,
+value head) each, split at dA_kk so that neither holds the other's tiles (the single kernel spilled
+4-5 KB per thread): launch 1 (kda_intra_bwd_dkk_kernel) forms dX, d(beta v), dv, dA_kk and writes
+dX, dP and a partial dbeta; launch 2 (kda_intra_bwd_pair_kernel) does everything per channel.
 
 With X = diag(beta) k exp(Gamma), w = M X, u = M diag(beta) v and M = (I + diag(beta) P)^-1:
 
@@ -31,8 +34,16 @@ from hla.ops.kda.triton.common import INTERPRET, half_anchors, level_factors, ne
 # Products of the intra backward on the GPU. "tf32x3" (three tf32 products, ~fp32 accuracy): with plain
 # tf32 the H200 check gave dA_log errors of 5e-2 at ~-100 per token gates (threshold 1e-2).
 PRODUCT_PRECISION = "tf32x3"
-# Launch settings (placeholders until the offline compile below picks them).
-BLOCK_K, NUM_WARPS = 32, 4
+# Launch settings, from the offline sm_90a compile (benchmarks/kda_prefill_regs.py --only intra_bwd,
+# K = V = 128, tf32x3; registers / spill stores / spill loads in bytes per thread), not timed on a GPU:
+#   dkk launch:  BK 32 4 warps 255 / 0 / 0; BK 16 4 warps 255 / 0 / 0; BK 64 4 warps 8 / 16;
+#                8 warps BK 32 12 / 12, BK 64 28 / 28.
+#   pair launch: BK 16 4 warps 920 / 1008; BK 32 4 warps 2720 / 4036; BK 64 4 warps 4628 / 6568;
+#                8 warps BK 16 988 / 1068, BK 32 1288 / 1576 (plain tf32 at BK 16 4 warps: 220 / 176).
+# The single kernel before the split: 4068 / 4788 at BK 32 4 warps, 1124 / 1616 at 8 warps. The
+# pair launch still spills ~1 KB: each tf32x3 product with a [64, 64] operand splits it into high
+# and low halves in registers, and with M = 64 a second warp group does not halve that operand.
+BLOCK_K, NUM_WARPS = 16, 4
 DKK_BLOCK_K, DKK_NUM_WARPS = 32, 4
 
 
