@@ -307,6 +307,37 @@ def kda_intra_bwd_pair_kernel(
             tl.store(dk + p_tk, (b_dyk - b_yk * b_ck[:, None]) * b_ik[:, None], mask=m)
 
 
+def intra_bwd_dkk(
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    chunk_bounds: torch.Tensor,
+    st: dict[str, torch.Tensor],
+    gr: dict[str, torch.Tensor],
+    *,
+    use_beta_sigmoid: bool,
+    block_k: int = DKK_BLOCK_K,
+    num_warps: int = DKK_NUM_WARPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch 1 of the intra backward alone (the benchmark times it apart) -> dv ``[TT, HV, V]``,
+    dX = M^T dw ``[TT, HV, K]``, dP ``[NC, HV, 64, 64]`` and the partial dbeta ``[TT, HV]``, all fp32."""
+    TT, HV, V = v.shape
+    K = gr["dw"].shape[-1]
+    NC = chunk_bounds.shape[0]
+    dev, f32 = v.device, torch.float32
+    dv = torch.empty(TT, HV, V, device=dev, dtype=f32)
+    dx = torch.empty(TT, HV, K, device=dev, dtype=f32)
+    dP = torch.empty(NC, HV, 64, 64, device=dev, dtype=f32)
+    dbeta = torch.empty(TT, HV, device=dev, dtype=f32)
+    kda_intra_bwd_dkk_kernel[(NC, HV)](
+        v, beta, st["w"], st["u"], st["M"], st["P"], gr["du"], gr["dw"],
+        dv, dx, dP, dbeta, chunk_bounds,
+        HV=HV, K=K, V=V, BK=min(block_k, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64,
+        USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else PRODUCT_PRECISION,
+        num_warps=num_warps, num_stages=1,
+    )
+    return dv, dx, dP, dbeta
+
+
 def kda_intra_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -337,27 +368,18 @@ def kda_intra_bwd(
     ``[TT, HV, K]`` fp32 (of the raw gate when A_log is given), dbeta ``[TT, HV]`` fp32, dA_log
     ``[HV]`` and ddt_bias ``[HV * K]`` fp32 (or None)."""
     TT, H, K = q.shape
-    HV, V = v.shape[-2], v.shape[-1]
+    HV = v.shape[-2]
     NC = chunk_bounds.shape[0]
     dev, f32 = q.device, torch.float32
+    dv, dx, dP, dbeta = intra_bwd_dkk(v, beta, chunk_bounds, st, gr, use_beta_sigmoid=use_beta_sigmoid,
+                                      block_k=dkk_block_k, num_warps=dkk_num_warps)
     dq = torch.empty(TT, HV, K, device=dev, dtype=f32)
     dk = torch.empty(TT, HV, K, device=dev, dtype=f32)
-    dv = torch.empty(TT, HV, V, device=dev, dtype=f32)
     dg = torch.empty(TT, HV, K, device=dev, dtype=f32)
-    dbeta = torch.empty(TT, HV, device=dev, dtype=f32)
-    dx = torch.empty(TT, HV, K, device=dev, dtype=f32)
-    dP = torch.empty(NC, HV, 64, 64, device=dev, dtype=f32)
     has_gate = A_log is not None
     has_bias = has_gate and dt_bias is not None
     dbias_part = torch.empty(NC, HV, K, device=dev, dtype=f32) if has_bias else dq
     dalog_part = torch.empty(NC, HV, device=dev, dtype=f32) if has_gate else dq
-    prec = "ieee" if INTERPRET else PRODUCT_PRECISION
-    kda_intra_bwd_dkk_kernel[(NC, HV)](
-        v, beta, st["w"], st["u"], st["M"], st["P"], gr["du"], gr["dw"],
-        dv, dx, dP, dbeta, chunk_bounds,
-        HV=HV, K=K, V=V, BK=min(dkk_block_k, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64,
-        USE_SIGMOID=use_beta_sigmoid, PREC=prec, num_warps=dkk_num_warps, num_stages=1,
-    )
     kda_intra_bwd_pair_kernel[(NC, HV)](
         q, k, g, beta, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
         dx, dP, gr["dqg"], gr["dkd"], gr["dA"], gr["ddl"],
@@ -365,7 +387,7 @@ def kda_intra_bwd(
         float(scale), float(lower_bound) if lower_bound is not None else 0.0,
         H=H, HV=HV, K=K, BK=min(block_k, next_pow2(K)), BT=64,
         HAS_GATE=has_gate, HAS_BIAS=has_bias, HAS_LB=has_gate and lower_bound is not None,
-        USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC=prec,
+        USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else PRODUCT_PRECISION,
         SAFE_SPAN=_intra.SAFE_SPAN if safe_span is None else safe_span,
         num_warps=num_warps, num_stages=1,
     )
