@@ -195,7 +195,7 @@ def kda_intra_bwd_pair_kernel(
         # Order chosen for short live ranges: the pair products first (they need only q, k, Gamma),
         # then the per-token terms, the gate derivatives last (recomputed from the raw gate).
         b_yk = tl.load(k_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_ik[:, None]
-        b_q = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * (b_iq * scale)[:, None]
+        b_q = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_iq[:, None] * scale
         b_G = _intra._load_gamma(g + hk, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
                                  HAS_GATE, HAS_BIAS, HAS_LB)
         b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
