@@ -38,7 +38,7 @@ PRODUCT_PRECISION = "tf32x3"
 # K = V = 128, tf32x3; registers / spill stores / spill loads in bytes per thread), not timed on a GPU:
 #   dkk launch:  BK 32 4 warps 255 / 0 / 0; BK 16 4 warps 255 / 0 / 0; BK 64 4 warps 8 / 16;
 #                8 warps BK 32 12 / 12, BK 64 28 / 28.
-#   pair launch: BK 16 4 warps 920 / 1008; BK 32 4 warps 2720 / 4036; BK 64 4 warps 4628 / 6568;
+#   pair launch: BK 16 4 warps 920 / 1008; BK 32 4 warps 2740 / 4056; BK 64 4 warps 4612 / 6596;
 #                8 warps BK 16 988 / 1068, BK 32 1288 / 1576 (plain tf32 at BK 16 4 warps: 220 / 176).
 # The single kernel before the split: 4068 / 4788 at BK 32 4 warps, 1124 / 1616 at 8 warps. The
 # pair launch still spills ~1 KB: each tf32x3 product with a [64, 64] operand splits it into high
