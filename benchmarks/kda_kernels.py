@@ -213,7 +213,7 @@ def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     one recomputed forward). Adapt this function (only) when the backward changes."""
     from hla.ops.kda.triton.chunk import _ChunkMeta
     from hla.ops.kda.triton.intra import kda_intra_fwd
-    from hla.ops.kda.triton.intra_bwd import kda_intra_bwd
+    from hla.ops.kda.triton.intra_bwd import intra_bwd_dkk, kda_intra_bwd
     from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
     from hla.ops.kda.triton.recurrence_bwd import kda_state_grad, kda_state_grad_chain, kda_state_grad_products
 
@@ -238,6 +238,8 @@ def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
                                                               need_dh0=False),
         "bwd: state-grad products": lambda: kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds),
         "bwd: intra backward": lambda: kda_intra_bwd(q, k, v, g, beta, meta.chunk_bounds, st, gr, **kw),
+        "bwd: intra backward launch 1 (dA_kk; launch 2 = the row above minus this)":
+            lambda: intra_bwd_dkk(v, beta, meta.chunk_bounds, st, gr, use_beta_sigmoid=True),
     }
 
 

@@ -3,6 +3,9 @@ without a GPU (triton.compile + the ptxas bundled with triton, through kda_regs.
 
     PYTHONPATH=src python3 benchmarks/kda_prefill_regs.py [--only intra,solve,recurrence,chain,products,intra_bwd]
 
+intra_bwd rows: the backward's two launches, 'dkk' (passes A, B up to dA_kk) and 'pair' (pair sums,
+dg, l2norm backward).
+
 Shapes as in the benchmark: H = HV = 32, K = V = 128, bf16 inputs, Kimi gate with dt_bias, l2norm
 and beta-sigmoid fused; each kernel at its launched settings and a few alternatives. Blocks per SM
 from the register count (64K registers, 2048 threads per SM).
@@ -18,7 +21,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(__file__))
 
 from hla.ops.kda.triton.intra import kda_intra_fwd_kernel, kda_intra_solve_kernel  # noqa: E402
-from hla.ops.kda.triton.intra_bwd import kda_intra_bwd_kernel  # noqa: E402
+from hla.ops.kda.triton.intra_bwd import kda_intra_bwd_dkk_kernel, kda_intra_bwd_pair_kernel  # noqa: E402
 from hla.ops.kda.triton.recurrence import kda_recurrence_fwd_kernel  # noqa: E402
 from hla.ops.kda.triton.recurrence_bwd import (  # noqa: E402
     kda_state_grad_chain_kernel,
@@ -61,13 +64,22 @@ def cases():
                   dkd=F32, dA=F32, ddl=F32, chunk_bounds=I32)
     yield ("products BK=128 BV=32", kda_state_grad_products_kernel, prod_t,
            dict(HV=HV, K=K, V=V, BK=K, BV=32, BT=BT), 8, 2)
-    bwd_t = dict(q=BF16, k=BF16, v=BF16, g=BF16, beta=BF16, A_log=F32, dt_bias=F32, w=BF16, u=F32, M=F32, P=F32,
-                 du=F32, dqg=F32, dw=F32, dkd=F32, dA=F32, ddl=F32, dq=F32, dk=F32, dv=F32, dg=F32, dbeta=F32,
-                 dbias_part=F32, dalog_part=F32, chunk_bounds=I32, scale="fp32", lower_bound="fp32")
-    for bk, nw, prec in ((32, 4, "tf32x3"), (32, 8, "tf32x3"), (32, 4, "tf32")):
-        yield (f"intra_bwd BK={bk} {prec}", kda_intra_bwd_kernel, bwd_t,
-               dict(H=HV, HV=HV, K=K, V=V, BK=bk, BV=64, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec,
-                    SAFE_SPAN=40.0, **GATE), nw, 1)
+    dkk_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, M=F32, P=F32, du=F32, dw=F32, dv=F32, dx=F32, dP=F32,
+                 dbeta=F32, chunk_bounds=I32)
+    for bk, nw, prec in ((32, 4, "tf32x3"), (64, 4, "tf32x3"), (16, 4, "tf32x3"), (32, 8, "tf32x3"),
+                         (64, 8, "tf32x3"), (32, 4, "tf32")):
+        yield (f"intra_bwd dkk BK={bk} {prec}", kda_intra_bwd_dkk_kernel, dkk_t,
+               dict(HV=HV, K=K, V=V, BK=bk, BV=64, BT=BT, USE_SIGMOID=True, PREC=prec), nw, 1)
+    pair_t = dict(q=BF16, k=BF16, g=BF16, beta=BF16, A_log=F32, dt_bias=F32, dx=F32, dP=F32, dqg=F32, dkd=F32,
+                  dA=F32, ddl=F32, dq=F32, dk=F32, dg=F32, dbeta=F32, dbias_part=F32, dalog_part=F32,
+                  chunk_bounds=I32, scale="fp32", lower_bound="fp32")
+    for bk, nw in ((16, 4), (32, 4), (64, 4), (16, 8), (32, 8)):
+        yield (f"intra_bwd pair BK={bk} tf32x3", kda_intra_bwd_pair_kernel, pair_t,
+               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC="tf32x3", SAFE_SPAN=40.0,
+                    **GATE), nw, 1)
+    yield ("intra_bwd pair BK=16 tf32", kda_intra_bwd_pair_kernel, pair_t,
+           dict(H=HV, HV=HV, K=K, BK=16, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC="tf32", SAFE_SPAN=40.0,
+                **GATE), 4, 1)
 
 
 def main() -> int:

@@ -1,5 +1,8 @@
 """Backward of stage 1 (intra.py): from the gradients of w, u, qg, kd, A_qk and exp(Gamma_last) to
-those of q, k, v, the raw gate (and A_log, dt_bias) and beta. One program per (chunk, value head).
+those of q, k, v, the raw gate (and A_log, dt_bias) and beta. Two launches, one program per (chunk,
+value head) each, split at dA_kk so that neither holds the other's tiles (the single kernel spilled
+4-5 KB per thread): launch 1 (kda_intra_bwd_dkk_kernel) forms dX, d(beta v), dv, dA_kk and writes
+dX, dP and a partial dbeta; launch 2 (kda_intra_bwd_pair_kernel) does everything per channel.
 
 With X = diag(beta) k exp(Gamma), w = M X, u = M diag(beta) v and M = (I + diag(beta) P)^-1:
 
@@ -38,48 +41,43 @@ from hla.ops.kda.triton.common import (
 # Products of the intra backward on the GPU. "tf32x3" (three tf32 products, ~fp32 accuracy): with plain
 # tf32 the H200 check gave dA_log errors of 5e-2 at ~-100 per token gates (threshold 1e-2).
 PRODUCT_PRECISION = "tf32x3"
+# Launch settings, from the offline sm_90a compile (benchmarks/kda_prefill_regs.py --only intra_bwd,
+# K = V = 128, tf32x3; registers / spill stores / spill loads in bytes per thread), not timed on a GPU:
+#   dkk launch:  BK 32 4 warps 255 / 0 / 0; BK 16 4 warps 255 / 0 / 0; BK 64 4 warps 8 / 16;
+#                8 warps BK 32 12 / 12, BK 64 28 / 28.
+#   pair launch: BK 16 4 warps 920 / 1008; BK 32 4 warps 2740 / 4056; BK 64 4 warps 4612 / 6596;
+#                8 warps BK 16 988 / 1068, BK 32 1288 / 1576 (plain tf32 at BK 16 4 warps: 220 / 176).
+# The single kernel before the split: 4068 / 4788 at BK 32 4 warps, 1124 / 1616 at 8 warps. The
+# pair launch still spills ~1 KB: each tf32x3 product with a [64, 64] operand splits it into high
+# and low halves in registers, and with M = 64 a second warp group does not halve that operand.
+BLOCK_K, NUM_WARPS = 16, 4
+DKK_BLOCK_K, DKK_NUM_WARPS = 32, 4
 
 
 @triton.jit
-def kda_intra_bwd_kernel(
-    q, k, v, g, beta, A_log, dt_bias, w, u, M, P,
-    du, dqg, dw, dkd, dA, ddl,
-    dq, dk, dv, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
-    scale, lower_bound,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
-    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr,
+def kda_intra_bwd_dkk_kernel(
+    v, beta, w, u, M, P, du, dw,
+    dv, dx, dP, dbeta, chunk_bounds,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    USE_SIGMOID: tl.constexpr, PREC: tl.constexpr,
 ):
+    """Launch 1: everything up to dA_kk. Writes dv, dX = M^T dw ([TT, HV, K] fp32, read back by
+    launch 2 instead of a second M^T product), dP = diag(beta) dA_kk ([NC, HV, 64, 64] fp32) and the
+    partial dbeta ([TT, HV] fp32, into dbeta's buffer: sum_v d(beta v) v + sum_j dA_kk P, before the
+    sigmoid backward)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
-    i_h = i_hv // (HV // H)
     bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
     n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
-    q_base = q + (bos * H + i_h) * K
-    k_base = k + (bos * H + i_h) * K
-    hk = (bos * HV + i_hv) * K  # g, w, dqg, dw, dkd, dq, dk, dg
+    hk = (bos * HV + i_hv) * K  # w, dw, dx
     hv = (bos * HV + i_hv) * V  # v, u, du, dv
     s_base = (i_c * HV + i_hv).to(tl.int64) * BT * BT
-    SQ: tl.constexpr = H * K
     SG: tl.constexpr = HV * K
     SV: tl.constexpr = HV * V
     o_t = tl.arange(0, BT)
     m_t = o_t < n_rows
-    lower = o_t[:, None] > o_t[None, :]
-    b_braw = tl.load(beta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
+    b_beta = tl.load(beta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
     if USE_SIGMOID:
-        b_beta = tl.where(m_t, tl.sigmoid(b_braw), 0.0)
-    else:
-        b_beta = b_braw
-    if HAS_GATE:
-        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
-    if USE_L2:
-        b_nq, b_nk = qk_row_sumsq(q_base, k_base, o_t, m_t, SQ, K, BK)
-        b_iq = 1.0 / tl.sqrt(b_nq + 1e-6)
-        b_ik = 1.0 / tl.sqrt(b_nk + 1e-6)
-    else:
-        b_iq = tl.zeros([BT], dtype=tl.float32) + 1.0
-        b_ik = tl.zeros([BT], dtype=tl.float32) + 1.0
+        b_beta = tl.where(m_t, tl.sigmoid(b_beta), 0.0)
 
     b_mt = tl.trans(tl.load(M + s_base + o_t[:, None] * BT + o_t[None, :]))  # M^T
     b_dakk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -102,16 +100,82 @@ def kda_intra_bwd_kernel(
         m = m_t[:, None] & (o_k < K)[None, :]
         p_tk = hk + o_t[:, None] * SG + o_k[None, :]
         b_dx = tl.dot(b_mt, tl.load(dw + p_tk, mask=m, other=0.0), input_precision=PREC)
+        tl.store(dx + p_tk, b_dx, mask=m)
         b_w = tl.load(w + p_tk, mask=m, other=0.0).to(tl.float32)
         b_dakk -= tl.dot(b_dx, tl.trans(b_w), input_precision=PREC)
-    b_dakk = tl.where(lower, b_dakk, 0.0)
+    b_dakk = tl.where(o_t[:, None] > o_t[None, :], b_dakk, 0.0)
     b_db += tl.sum(b_dakk * tl.load(P + s_base + o_t[:, None] * BT + o_t[None, :]), axis=1)
-    b_dp = (b_dakk * b_beta[:, None])
-    b_daqk = tl.load(dA + (bos * HV + i_hv) * BT + o_t[:, None] * (HV * BT) + o_t[None, :], mask=m_t[:, None],
-                     other=0.0)
-    b_daqk = tl.where(o_t[:, None] >= o_t[None, :], b_daqk, 0.0)
+    tl.store(dP + s_base + o_t[:, None] * BT + o_t[None, :], b_dakk * b_beta[:, None])
+    tl.store(dbeta + (bos * HV + i_hv) + o_t * HV, b_db, mask=m_t)
+
+
+@triton.jit
+def _grad_tile(base, stride, o_t, n_rows, DIAG: tl.constexpr, TRANS: tl.constexpr, PART: tl.constexpr,
+               lvl=0):
+    """A [BT, BT] fp32 gradient tile from base[r * stride + c] (dA_qk: DIAG, lower with the diagonal;
+    dP: strictly lower), transposed by the load's addressing with TRANS, restricted to the pairs of
+    one product: PART 0 all, 1 across the halves (r >= BT/2 > c), 2 inside a half, 3 inside one pair
+    of blocks of level lvl of the six-level split. Loaded (from L1/L2) for each product instead of
+    masking a tile held in registers: the held tiles and their masked copies made the kernel spill."""
+    BT: tl.constexpr = o_t.shape[0]
+    if TRANS:
+        r = o_t[None, :]
+        c = o_t[:, None]
+    else:
+        r = o_t[:, None]
+        c = o_t[None, :]
+    keep = ((r >= c) if DIAG else (r > c)) & (r < n_rows)
+    if PART == 1:
+        keep = keep & (r >= BT // 2) & (c < BT // 2)
+    elif PART == 2:
+        keep = keep & ((r < BT // 2) == (c < BT // 2))
+    elif PART == 3:
+        S = (BT // 2) >> lvl
+        keep = keep & ((r // (2 * S)) == (c // (2 * S)))
+    return tl.load(base + r * stride + c, mask=keep, other=0.0)
+
+
+@triton.jit
+def kda_intra_bwd_pair_kernel(
+    q, k, g, beta, A_log, dt_bias, dx, dP, dqg, dkd, dA, ddl,
+    dq, dk, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
+    scale, lower_bound,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
+    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr,
+):
+    """Launch 2: the pair-sum gradients per key block (pass C), dGamma -> dg, then the l2norm
+    backward (pass D); finishes dbeta from launch 1's partial. dA_qk and dP are never held in
+    registers: each product loads the part of the tile it needs (_grad_tile)."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
+    n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
+    q_base = q + (bos * H + i_h) * K
+    k_base = k + (bos * H + i_h) * K
+    hk = (bos * HV + i_hv) * K  # g, dx, dqg, dkd, dq, dk, dg
+    a_base = (bos * HV + i_hv) * BT
+    s_base = (i_c * HV + i_hv).to(tl.int64) * BT * BT
+    SQ: tl.constexpr = H * K
+    SG: tl.constexpr = HV * K
+    SA: tl.constexpr = HV * BT
+    o_t = tl.arange(0, BT)
+    m_t = o_t < n_rows
+    b_beta = tl.load(beta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
+    if USE_SIGMOID:
+        b_beta = tl.where(m_t, tl.sigmoid(b_beta), 0.0)
+    if HAS_GATE:
+        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+    if USE_L2:
+        b_nq, b_nk = qk_row_sumsq(q_base, k_base, o_t, m_t, SQ, K, BK)
+        b_iq = 1.0 / tl.sqrt(b_nq + 1e-6)
+        b_ik = 1.0 / tl.sqrt(b_nk + 1e-6)
+    else:
+        b_iq = tl.zeros([BT], dtype=tl.float32) + 1.0
+        b_ik = tl.zeros([BT], dtype=tl.float32) + 1.0
 
     # Pass C (key blocks): everything per channel, then dGamma -> dg (reverse cumsum, gate).
+    b_db = tl.zeros([BT], dtype=tl.float32)
     b_cq = tl.zeros([BT], dtype=tl.float32)  # sum_d y dy for the l2norm backward
     b_ck = tl.zeros([BT], dtype=tl.float32)
     b_dalog = tl.zeros([BK], dtype=tl.float32)
@@ -121,81 +185,87 @@ def kda_intra_bwd_kernel(
         m = m_t[:, None] & m_k[None, :]
         p_qk = o_t[:, None] * SQ + o_k[None, :]
         p_tk = hk + o_t[:, None] * SG + o_k[None, :]
-        b_yq = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_iq[:, None]  # unit q
+        # Order chosen for short live ranges: the pair products first (they need only q, k, Gamma),
+        # then the per-token terms, the gate derivatives last (recomputed from the raw gate).
         b_yk = tl.load(k_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_ik[:, None]
-        b_q = b_yq * scale
-        b_graw = tl.load(g + p_tk, mask=m, other=0.0).to(tl.float32)
-        if HAS_GATE:
-            if HAS_BIAS:
-                b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-            else:
-                b_bias = tl.zeros([BK], dtype=tl.float32)
-            b_gg, b_gx, b_ga = kda_gate_f32_and_grads(b_graw, b_a, b_bias[None, :], lower_bound, HAS_BIAS, HAS_LB)
-            b_gg = tl.where(m, b_gg, 0.0)
-        else:
-            b_gg = b_graw
-        b_G = tl.cumsum(b_gg, axis=0)
+        b_q = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_iq[:, None] * scale
+        b_G = _intra._load_gamma(g + hk, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
+                                 HAS_GATE, HAS_BIAS, HAS_LB)
         b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
-        b_eG = tl.exp(b_G)
-        b_ed = tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))
-        b_dx = tl.dot(b_mt, tl.load(dw + p_tk, mask=m, other=0.0), input_precision=PREC)
-        b_dqg = tl.load(dqg + p_tk, mask=m, other=0.0)
-        b_dkd = tl.load(dkd + p_tk, mask=m, other=0.0)
-        b_kd = b_yk * b_ed
-        b_xb = b_yk * b_eG  # X / beta
-        b_db += tl.sum(b_dx * b_xb, axis=1)
-        b_dq = b_dqg * b_eG
-        b_dk = b_dx * b_eG * b_beta[:, None] + b_dkd * b_ed
-        b_dG = b_dqg * b_q * b_eG + b_dx * b_xb * b_beta[:, None] - b_dkd * b_kd
-        b_dGl = tl.sum(b_dkd * b_kd, axis=0) + tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k,
-                                                       other=0.0) * tl.exp(b_Gl)
-        # pair sums: row side (x dx) and column side (y dy) kept apart for dGamma
+        # pair sums: row side (x dx) and column side (y dy) kept apart for dGamma; one [BT, BT]
+        # gradient tile at a time (dA_qk, then dP)
         # the forward's fast path: a level-32 product across the halves, one anchor inside each half
         lo = o_t < BT // 2
         b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
         if span <= SAFE_SPAN:
             b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
-            b_qc = tl.where(lo[:, None], 0.0, b_q * b_e)
-            b_krc = tl.where(lo[:, None], 0.0, b_yk * b_e)
-            b_kcc = tl.where(lo[:, None], b_yk * b_e, 0.0)
-            b_dqr = tl.where(lo[:, None], 0.0, b_e * tl.dot(b_daqk, b_kcc, input_precision=PREC))
-            b_dkr = tl.where(lo[:, None], 0.0, b_e * tl.dot(b_dp, b_kcc, input_precision=PREC))
-            b_dkc = tl.where(lo[:, None], b_e * (tl.dot(tl.trans(b_daqk), b_qc, input_precision=PREC)
-                                                 + tl.dot(tl.trans(b_dp), b_krc, input_precision=PREC)), 0.0)
             b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
             b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
             b_ek = tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))
-            same = lo[:, None] == lo[None, :]
-            d_qk = tl.where(same, b_daqk, 0.0)
-            d_p = tl.where(same, b_dp, 0.0)
+            b_kcc = tl.where(lo[:, None], b_yk * b_e, 0.0)
             b_kb = b_yk * b_ek
-            b_dqr += b_eq * tl.dot(d_qk, b_kb, input_precision=PREC)
-            b_dkr += b_eq * tl.dot(d_p, b_kb, input_precision=PREC)
-            b_dkc += b_ek * (tl.dot(tl.trans(d_qk), b_q * b_eq, input_precision=PREC)
-                             + tl.dot(tl.trans(d_p), b_yk * b_eq, input_precision=PREC))
+            b_dqr = (tl.where(lo[:, None], 0.0, b_e * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, False, 1),
+                                                             b_kcc, input_precision=PREC))
+                     + b_eq * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, False, 2), b_kb,
+                                     input_precision=PREC))
+            b_dkr = (tl.where(lo[:, None], 0.0, b_e * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, False, 1),
+                                                             b_kcc, input_precision=PREC))
+                     + b_eq * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, False, 2), b_kb,
+                                     input_precision=PREC))
+            b_dkc = (tl.where(lo[:, None], b_e * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, True, 1),
+                                                        tl.where(lo[:, None], 0.0, b_q * b_e), input_precision=PREC),
+                              0.0)
+                     + b_ek * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, True, 2), b_q * b_eq,
+                                     input_precision=PREC))
+            b_dkc += (tl.where(lo[:, None], b_e * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, True, 1),
+                                                         tl.where(lo[:, None], 0.0, b_yk * b_e), input_precision=PREC),
+                               0.0)
+                      + b_ek * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, True, 2), b_yk * b_eq,
+                                      input_precision=PREC))
         else:
-            b_dd = tl.sum(tl.where(o_t[:, None] == o_t[None, :], b_daqk, 0.0), axis=1)
             # the diagonal of A_qk (factor 1), as a row and a column term
+            b_dd = tl.load(dA + a_base + o_t * (SA + 1), mask=m_t, other=0.0)
             b_dqr = b_dd[:, None] * b_yk
             b_dkr = tl.zeros([BT, BK], dtype=tl.float32)
             b_dkc = b_dd[:, None] * b_q
             for lvl in range(6):
                 up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
-                d_qk = tl.where(pair, b_daqk, 0.0)
-                d_p = tl.where(pair, b_dp, 0.0)
-                b_qs = tl.where(up[:, None], b_q * b_e, 0.0)
-                b_kr = tl.where(up[:, None], b_yk * b_e, 0.0)
                 b_kc = tl.where(up[:, None], 0.0, b_yk * b_e)
-                b_dqr += tl.where(up[:, None], b_e * tl.dot(d_qk, b_kc, input_precision=PREC), 0.0)
-                b_dkr += tl.where(up[:, None], b_e * tl.dot(d_p, b_kc, input_precision=PREC), 0.0)
-                b_dkc += tl.where(up[:, None], 0.0, b_e * (tl.dot(tl.trans(d_qk), b_qs, input_precision=PREC)
-                                                           + tl.dot(tl.trans(d_p), b_kr, input_precision=PREC)))
-        b_dq += b_dqr
-        b_dk += b_dkr + b_dkc
-        b_dG += b_q * b_dqr + b_yk * (b_dkr - b_dkc)
+                b_dqr += tl.where(up[:, None], b_e * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, False, False, 3, lvl),
+                                                            b_kc, input_precision=PREC), 0.0)
+                b_dkr += tl.where(up[:, None], b_e * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, False, 3, lvl),
+                                                            b_kc, input_precision=PREC), 0.0)
+                b_dkc += tl.where(up[:, None], 0.0, b_e * (
+                    tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, False, True, 3, lvl),
+                           tl.where(up[:, None], b_q * b_e, 0.0), input_precision=PREC)
+                    + tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, True, 3, lvl),
+                             tl.where(up[:, None], b_yk * b_e, 0.0), input_precision=PREC)))
+        b_dq = b_dqr
+        b_dk = b_dkr + b_dkc
+        b_dG = b_q * b_dqr + b_yk * (b_dkr - b_dkc)
+        # per-token terms: qg = q exp(Gamma), kd = k exp(Gamma_last - Gamma), X = beta k exp(Gamma)
+        b_eG = tl.exp(b_G)
+        b_ed = tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))
+        b_dx = tl.load(dx + p_tk, mask=m, other=0.0)
+        b_dqg = tl.load(dqg + p_tk, mask=m, other=0.0)
+        b_dkd = tl.load(dkd + p_tk, mask=m, other=0.0)
+        b_kd = b_yk * b_ed
+        b_xb = b_yk * b_eG  # X / beta
+        b_db += tl.sum(b_dx * b_xb, axis=1)
+        b_dq += b_dqg * b_eG
+        b_dk += b_dx * b_eG * b_beta[:, None] + b_dkd * b_ed
+        b_dG += b_dqg * b_q * b_eG + b_dx * b_xb * b_beta[:, None] - b_dkd * b_kd
+        b_dGl = tl.sum(b_dkd * b_kd, axis=0) + tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k,
+                                                       other=0.0) * tl.exp(b_Gl)
         # Gamma = cumsum(g): dg_i = sum_{r >= i} dGamma_r, plus dGamma_last for every valid row
         b_dg = tl.where(m, tl.cumsum(b_dG, axis=0, reverse=True) + b_dGl[None, :], 0.0)
         if HAS_GATE:
+            if HAS_BIAS:
+                b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            else:
+                b_bias = tl.zeros([BK], dtype=tl.float32)
+            b_graw = tl.load(g + p_tk, mask=m, other=0.0).to(tl.float32)
+            _, b_gx, b_ga = kda_gate_f32_and_grads(b_graw, b_a, b_bias[None, :], lower_bound, HAS_BIAS, HAS_LB)
             b_dx_raw = b_dg * b_gx
             b_dalog += tl.sum(b_dg * b_ga, axis=0)
             tl.store(dg + p_tk, b_dx_raw.to(dg.dtype.element_ty), mask=m)
@@ -205,12 +275,13 @@ def kda_intra_bwd_kernel(
             tl.store(dg + p_tk, b_dg.to(dg.dtype.element_ty), mask=m)
         # q = scale y: dy = scale dq; the l2norm backward needs sum_d y dy over all key blocks
         b_dyq = b_dq * scale
-        b_cq += tl.sum(b_dyq * b_yq, axis=1)
+        b_cq += tl.sum(b_dq * b_q, axis=1)  # = sum_d dy * y
         b_ck += tl.sum(b_dk * b_yk, axis=1)
         tl.store(dq + p_tk, b_dyq, mask=m)
         tl.store(dk + p_tk, b_dk, mask=m)
     if HAS_GATE:
         tl.store(dalog_part + i_c * HV + i_hv, tl.sum(b_dalog, axis=0))
+    b_db += tl.load(dbeta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0)
     if USE_SIGMOID:
         b_db = b_db * b_beta * (1.0 - b_beta)
     tl.store(dbeta + (bos * HV + i_hv) + o_t * HV, b_db.to(dbeta.dtype.element_ty), mask=m_t)
@@ -229,6 +300,37 @@ def kda_intra_bwd_kernel(
             tl.store(dk + p_tk, (b_dyk - b_yk * b_ck[:, None]) * b_ik[:, None], mask=m)
 
 
+def intra_bwd_dkk(
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    chunk_bounds: torch.Tensor,
+    st: dict[str, torch.Tensor],
+    gr: dict[str, torch.Tensor],
+    *,
+    use_beta_sigmoid: bool,
+    block_k: int = DKK_BLOCK_K,
+    num_warps: int = DKK_NUM_WARPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch 1 of the intra backward alone (the benchmark times it apart) -> dv ``[TT, HV, V]``,
+    dX = M^T dw ``[TT, HV, K]``, dP ``[NC, HV, 64, 64]`` and the partial dbeta ``[TT, HV]``, all fp32."""
+    TT, HV, V = v.shape
+    K = gr["dw"].shape[-1]
+    NC = chunk_bounds.shape[0]
+    dev, f32 = v.device, torch.float32
+    dv = torch.empty(TT, HV, V, device=dev, dtype=f32)
+    dx = torch.empty(TT, HV, K, device=dev, dtype=f32)
+    dP = torch.empty(NC, HV, 64, 64, device=dev, dtype=f32)
+    dbeta = torch.empty(TT, HV, device=dev, dtype=f32)
+    kda_intra_bwd_dkk_kernel[(NC, HV)](
+        v, beta, st["w"], st["u"], st["M"], st["P"], gr["du"], gr["dw"],
+        dv, dx, dP, dbeta, chunk_bounds,
+        HV=HV, K=K, V=V, BK=min(block_k, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64,
+        USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else PRODUCT_PRECISION,
+        num_warps=num_warps, num_stages=1,
+    )
+    return dv, dx, dP, dbeta
+
+
 def kda_intra_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -245,36 +347,38 @@ def kda_intra_bwd(
     lower_bound: float | None,
     use_qk_l2norm: bool,
     use_beta_sigmoid: bool,
-    block_k: int = 32,
-    num_warps: int = 4,
+    block_k: int = BLOCK_K,
+    num_warps: int = NUM_WARPS,
+    dkk_block_k: int = DKK_BLOCK_K,
+    dkk_num_warps: int = DKK_NUM_WARPS,
     safe_span: float | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Flattened inputs as in ``kda_intra_fwd``; st: its outputs (w, u, M, P); gr: the stage-3
     gradients (du, dqg, dw, dkd: fp32 token tensors, dA ``[TT, HV, 64]``, ddl ``[NC, HV, K]``).
+    block_k / num_warps: the pair-sum launch; dkk_block_k / dkk_num_warps: the dA_kk launch.
 
     Returns dq, dk ``[TT, H, K]`` fp32 (grouped value heads summed), dv ``[TT, HV, V]`` fp32, dg
     ``[TT, HV, K]`` fp32 (of the raw gate when A_log is given), dbeta ``[TT, HV]`` fp32, dA_log
     ``[HV]`` and ddt_bias ``[HV * K]`` fp32 (or None)."""
     TT, H, K = q.shape
-    HV, V = v.shape[-2], v.shape[-1]
+    HV = v.shape[-2]
     NC = chunk_bounds.shape[0]
     dev, f32 = q.device, torch.float32
+    dv, dx, dP, dbeta = intra_bwd_dkk(v, beta, chunk_bounds, st, gr, use_beta_sigmoid=use_beta_sigmoid,
+                                      block_k=dkk_block_k, num_warps=dkk_num_warps)
     dq = torch.empty(TT, HV, K, device=dev, dtype=f32)
     dk = torch.empty(TT, HV, K, device=dev, dtype=f32)
-    dv = torch.empty(TT, HV, V, device=dev, dtype=f32)
     dg = torch.empty(TT, HV, K, device=dev, dtype=f32)
-    dbeta = torch.empty(TT, HV, device=dev, dtype=f32)
     has_gate = A_log is not None
     has_bias = has_gate and dt_bias is not None
     dbias_part = torch.empty(NC, HV, K, device=dev, dtype=f32) if has_bias else dq
     dalog_part = torch.empty(NC, HV, device=dev, dtype=f32) if has_gate else dq
-    kda_intra_bwd_kernel[(NC, HV)](
-        q, k, v, g, beta, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
-        st["w"], st["u"], st["M"], st["P"],
-        gr["du"], gr["dqg"], gr["dw"], gr["dkd"], gr["dA"], gr["ddl"],
-        dq, dk, dv, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
+    kda_intra_bwd_pair_kernel[(NC, HV)](
+        q, k, g, beta, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
+        dx, dP, gr["dqg"], gr["dkd"], gr["dA"], gr["ddl"],
+        dq, dk, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
         float(scale), float(lower_bound) if lower_bound is not None else 0.0,
-        H=H, HV=HV, K=K, V=V, BK=min(block_k, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64,
+        H=H, HV=HV, K=K, BK=min(block_k, next_pow2(K)), BT=64,
         HAS_GATE=has_gate, HAS_BIAS=has_bias, HAS_LB=has_gate and lower_bound is not None,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else PRODUCT_PRECISION,
         SAFE_SPAN=_intra.SAFE_SPAN if safe_span is None else safe_span,
