@@ -73,13 +73,12 @@ def cases():
     pair_t = dict(q=BF16, k=BF16, g=BF16, beta=BF16, A_log=F32, dt_bias=F32, dx=F32, dP=F32, dqg=F32, dkd=F32,
                   dA=F32, ddl=F32, dq=F32, dk=F32, dg=F32, dbeta=F32, dbias_part=F32, dalog_part=F32,
                   chunk_bounds=I32, scale="fp32", lower_bound="fp32")
-    for bk, nw in ((16, 4), (32, 4), (64, 4), (16, 8), (32, 8)):
-        yield (f"intra_bwd pair BK={bk} tf32x3", kda_intra_bwd_pair_kernel, pair_t,
-               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC="tf32x3", SAFE_SPAN=40.0,
-                    **GATE), nw, 1)
-    yield ("intra_bwd pair BK=16 tf32", kda_intra_bwd_pair_kernel, pair_t,
-           dict(H=HV, HV=HV, K=K, BK=16, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC="tf32", SAFE_SPAN=40.0,
-                **GATE), 4, 1)
+    # fast path / six-level path precisions (launched: tf32 / tf32x3)
+    for bk, nw, fast, exact in ((16, 4, "tf32", "tf32x3"), (32, 4, "tf32", "tf32x3"), (32, 8, "tf32", "tf32x3"),
+                                (16, 4, "tf32x3", "tf32x3"), (32, 4, "tf32x3", "tf32x3"), (32, 4, "tf32", "tf32")):
+        yield (f"intra_bwd pair BK={bk} {fast}/{exact}", kda_intra_bwd_pair_kernel, pair_t,
+               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=fast, PREC_EXACT=exact,
+                    SAFE_SPAN=40.0, **GATE), nw, 1)
 
 
 def main() -> int:

@@ -38,9 +38,14 @@ from hla.ops.kda.triton.common import (
     qk_row_sumsq,
 )
 
-# Products of the intra backward on the GPU. "tf32x3" (three tf32 products, ~fp32 accuracy): with plain
-# tf32 the H200 check gave dA_log errors of 5e-2 at ~-100 per token gates (threshold 1e-2).
-PRODUCT_PRECISION = "tf32x3"
+# Products of the intra backward on the GPU ("tf32x3": three tf32 products, ~fp32 accuracy; read at each
+# call). With plain tf32 everywhere the H200 check gave dA_log errors of 5e-2 at ~-100 per token gates:
+# those chunks take the six-level split, where dGamma = x dx - y dy cancels to a small remainder, so the
+# six-level products keep tf32x3. The one-anchor fast path (spans within exp(40)) and the dA_kk launch
+# use plain tf32 (H200, 2026-11-26: pair launch 6.2 -> see benchmarks/kda_notes.md, session 3).
+DKK_PRECISION = "tf32"
+FAST_PRECISION = "tf32"
+EXACT_PRECISION = "tf32x3"
 # Launch settings, from the offline sm_90a compile (benchmarks/kda_prefill_regs.py --only intra_bwd,
 # K = V = 128, tf32x3; registers / spill stores / spill loads in bytes per thread), not timed on a GPU:
 #   dkk launch:  BK 32 4 warps 255 / 0 / 0; BK 16 4 warps 255 / 0 / 0; BK 64 4 warps 8 / 16;
@@ -142,7 +147,8 @@ def kda_intra_bwd_pair_kernel(
     scale, lower_bound,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
-    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr,
+    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, PREC_EXACT: tl.constexpr,
+    SAFE_SPAN: tl.constexpr,
 ):
     """Launch 2: the pair-sum gradients per key block (pass C), dGamma -> dg, then the l2norm
     backward (pass D); finishes dbeta from launch 1's partial. dA_qk and dP are never held in
@@ -179,21 +185,18 @@ def kda_intra_bwd_pair_kernel(
     b_cq = tl.zeros([BT], dtype=tl.float32)  # sum_d y dy for the l2norm backward
     b_ck = tl.zeros([BT], dtype=tl.float32)
     b_dalog = tl.zeros([BK], dtype=tl.float32)
+    # Pass R: the row sides of the pair sums (dq_r from dA_qk, dk_r from dP), parked in dq and dk. Apart
+    # from pass C so that only half the products' operands are live at a time (the single pass spilled).
     for i_k in range(0, K, BK):
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
         m = m_t[:, None] & m_k[None, :]
         p_qk = o_t[:, None] * SQ + o_k[None, :]
         p_tk = hk + o_t[:, None] * SG + o_k[None, :]
-        # Order chosen for short live ranges: the pair products first (they need only q, k, Gamma),
-        # then the per-token terms, the gate derivatives last (recomputed from the raw gate).
         b_yk = tl.load(k_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_ik[:, None]
-        b_q = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_iq[:, None] * scale
         b_G = _intra._load_gamma(g + hk, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
                                  HAS_GATE, HAS_BIAS, HAS_LB)
         b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
-        # pair sums: row side (x dx) and column side (y dy) kept apart for dGamma; one [BT, BT]
-        # gradient tile at a time (dA_qk, then dP)
         # the forward's fast path: a level-32 product across the halves, one anchor inside each half
         lo = o_t < BT // 2
         b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
@@ -201,9 +204,8 @@ def kda_intra_bwd_pair_kernel(
             b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
             b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
             b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
-            b_ek = tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))
             b_kcc = tl.where(lo[:, None], b_yk * b_e, 0.0)
-            b_kb = b_yk * b_ek
+            b_kb = b_yk * tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))
             b_dqr = (tl.where(lo[:, None], 0.0, b_e * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, False, 1),
                                                              b_kcc, input_precision=PREC))
                      + b_eq * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, False, 2), b_kb,
@@ -212,6 +214,41 @@ def kda_intra_bwd_pair_kernel(
                                                              b_kcc, input_precision=PREC))
                      + b_eq * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, False, 2), b_kb,
                                      input_precision=PREC))
+        else:
+            # the diagonal of A_qk (factor 1) as a row term; the six levels, both factors <= 1
+            b_dd = tl.load(dA + a_base + o_t * (SA + 1), mask=m_t, other=0.0)
+            b_dqr = b_dd[:, None] * b_yk
+            b_dkr = tl.zeros([BT, BK], dtype=tl.float32)
+            for lvl in range(6):
+                up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
+                b_kc = tl.where(up[:, None], 0.0, b_yk * b_e)
+                b_dqr += tl.where(up[:, None], b_e * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, False, False, 3, lvl),
+                                                            b_kc, input_precision=PREC_EXACT), 0.0)
+                b_dkr += tl.where(up[:, None], b_e * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, False, 3, lvl),
+                                                            b_kc, input_precision=PREC_EXACT), 0.0)
+        tl.store(dq + p_tk, b_dqr, mask=m)
+        tl.store(dk + p_tk, b_dkr, mask=m)
+    tl.debug_barrier()  # pass C reads back rows stored by other threads
+
+    # Pass C: the column sides (dk_c from dA_qk^T and dP^T), then everything per channel.
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m_k = o_k < K
+        m = m_t[:, None] & m_k[None, :]
+        p_qk = o_t[:, None] * SQ + o_k[None, :]
+        p_tk = hk + o_t[:, None] * SG + o_k[None, :]
+        b_yk = tl.load(k_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_ik[:, None]
+        b_q = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_iq[:, None] * scale
+        b_G = _intra._load_gamma(g + hk, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
+                                 HAS_GATE, HAS_BIAS, HAS_LB)
+        b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
+        lo = o_t < BT // 2
+        b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
+        if span <= SAFE_SPAN:
+            b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
+            b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
+            b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
+            b_ek = tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))
             b_dkc = (tl.where(lo[:, None], b_e * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, True, 1),
                                                         tl.where(lo[:, None], 0.0, b_q * b_e), input_precision=PREC),
                               0.0)
@@ -223,23 +260,17 @@ def kda_intra_bwd_pair_kernel(
                       + b_ek * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, True, 2), b_yk * b_eq,
                                       input_precision=PREC))
         else:
-            # the diagonal of A_qk (factor 1), as a row and a column term
-            b_dd = tl.load(dA + a_base + o_t * (SA + 1), mask=m_t, other=0.0)
-            b_dqr = b_dd[:, None] * b_yk
-            b_dkr = tl.zeros([BT, BK], dtype=tl.float32)
-            b_dkc = b_dd[:, None] * b_q
+            b_dkc = tl.load(dA + a_base + o_t * (SA + 1), mask=m_t, other=0.0)[:, None] * b_q
             for lvl in range(6):
                 up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
-                b_kc = tl.where(up[:, None], 0.0, b_yk * b_e)
-                b_dqr += tl.where(up[:, None], b_e * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, False, False, 3, lvl),
-                                                            b_kc, input_precision=PREC), 0.0)
-                b_dkr += tl.where(up[:, None], b_e * tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, False, 3, lvl),
-                                                            b_kc, input_precision=PREC), 0.0)
                 b_dkc += tl.where(up[:, None], 0.0, b_e * (
                     tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, False, True, 3, lvl),
-                           tl.where(up[:, None], b_q * b_e, 0.0), input_precision=PREC)
+                           tl.where(up[:, None], b_q * b_e, 0.0), input_precision=PREC_EXACT)
                     + tl.dot(_grad_tile(dP + s_base, BT, o_t, n_rows, False, True, 3, lvl),
-                             tl.where(up[:, None], b_yk * b_e, 0.0), input_precision=PREC)))
+                             tl.where(up[:, None], b_yk * b_e, 0.0), input_precision=PREC_EXACT)))
+        b_dqr = tl.load(dq + p_tk, mask=m, other=0.0)
+        b_dkr = tl.load(dk + p_tk, mask=m, other=0.0)
+        tl.debug_barrier()  # this block's dq / dk are rewritten below, possibly by other threads
         b_dq = b_dqr
         b_dk = b_dkr + b_dkc
         b_dG = b_q * b_dqr + b_yk * (b_dkr - b_dkc)
@@ -325,7 +356,7 @@ def intra_bwd_dkk(
         v, beta, st["w"], st["u"], st["M"], st["P"], gr["du"], gr["dw"],
         dv, dx, dP, dbeta, chunk_bounds,
         HV=HV, K=K, V=V, BK=min(block_k, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64,
-        USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else PRODUCT_PRECISION,
+        USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else DKK_PRECISION,
         num_warps=num_warps, num_stages=1,
     )
     return dv, dx, dP, dbeta
@@ -380,7 +411,8 @@ def kda_intra_bwd(
         float(scale), float(lower_bound) if lower_bound is not None else 0.0,
         H=H, HV=HV, K=K, BK=min(block_k, next_pow2(K)), BT=64,
         HAS_GATE=has_gate, HAS_BIAS=has_bias, HAS_LB=has_gate and lower_bound is not None,
-        USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else PRODUCT_PRECISION,
+        USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else FAST_PRECISION,
+        PREC_EXACT="ieee" if INTERPRET else EXACT_PRECISION,
         SAFE_SPAN=_intra.SAFE_SPAN if safe_span is None else safe_span,
         num_warps=num_warps, num_stages=1,
     )
