@@ -38,24 +38,20 @@ from hla.ops.kda.triton.common import (
     qk_row_sumsq,
 )
 
-# Products of the intra backward on the GPU ("tf32x3": three tf32 products, ~fp32 accuracy; read at each
-# call). With plain tf32 everywhere the H200 check gave dA_log errors of 5e-2 at ~-100 per token gates:
-# those chunks take the six-level split, where dGamma = x dx - y dy cancels to a small remainder, so the
-# six-level products keep tf32x3. The one-anchor fast path (spans within exp(40)) and the dA_kk launch
-# use plain tf32 (H200, 2026-11-26: pair launch 6.2 -> see benchmarks/kda_notes.md, session 3).
+# Products of the intra backward on the GPU (read at each call). "tf32x3" is three tf32 products (~fp32
+# accuracy). With plain tf32 everywhere the H200 check gave dA_log errors of 5e-2 at ~-100 per token
+# gates: such chunks take the six-level split, where dGamma = x dx - y dy cancels to a small remainder,
+# so the six-level products keep tf32x3. The one-anchor fast path and the dA_kk launch take plain tf32:
+# the check's backward cases stay within 4.9e-3 (H200, 2026-11-26, benchmarks/kda_notes.md session 3).
 DKK_PRECISION = "tf32"
 FAST_PRECISION = "tf32"
 EXACT_PRECISION = "tf32x3"
-# Launch settings, from the offline sm_90a compile (benchmarks/kda_prefill_regs.py --only intra_bwd,
-# K = V = 128, tf32x3; registers / spill stores / spill loads in bytes per thread), not timed on a GPU:
-#   dkk launch:  BK 32 4 warps 255 / 0 / 0; BK 16 4 warps 255 / 0 / 0; BK 64 4 warps 8 / 16;
-#                8 warps BK 32 12 / 12, BK 64 28 / 28.
-#   pair launch: BK 16 4 warps 920 / 1008; BK 32 4 warps 2740 / 4056; BK 64 4 warps 4612 / 6596;
-#                8 warps BK 16 988 / 1068, BK 32 1288 / 1576 (plain tf32 at BK 16 4 warps: 220 / 176).
-# The single kernel before the split: 4068 / 4788 at BK 32 4 warps, 1124 / 1616 at 8 warps. The
-# pair launch still spills ~1 KB: each tf32x3 product with a [64, 64] operand splits it into high
-# and low halves in registers, and with M = 64 a second warp group does not halve that operand.
-BLOCK_K, NUM_WARPS = 16, 4
+# Launch settings: timed on the H200 (B1 T8192 H32 D128, benchmark Kimi gate, both launches, the
+# precisions above): pair BK 32 / 4 warps 5.39 ms, BK 16 / 4 warps 6.08, BK 32 / 8 warps 5.84. Offline
+# sm_90a (benchmarks/kda_prefill_regs.py --only intra_bwd): every pair variant uses 255 registers
+# (2 blocks per SM); spill stores / loads per thread at BK 32 / 4 warps 960 / 1488 B, BK 16 504 / 568 B.
+# Most of the pressure is the fast path itself (without the six-level branch BK 16 still needs 255).
+BLOCK_K, NUM_WARPS = 32, 4
 DKK_BLOCK_K, DKK_NUM_WARPS = 32, 4
 
 
