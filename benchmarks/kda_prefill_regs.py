@@ -43,11 +43,19 @@ def cases():
                           (True, 32, 4), (True, 64, 4), (True, 32, 8), (True, 64, 8)):
         yield (f"intra {'exact' if exact else 'fast'} BK={bk}", kda_intra_fwd_kernel, intra_t,
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=64 if exact else bk, BT=BT, USE_L2=True, PREC="tf32",
-                    SAFE_SPAN=40.0, EXACT=exact, **GATE), nw, 1)
+                    SAFE_SPAN=40.0, EXACT=exact, PAIRS=True, **GATE), nw, 1)
+    # the backward's recompute with A_qk, P, M saved: per-token tensors only
+    yield ("intra per-token BK=64", kda_intra_fwd_kernel, intra_t,
+           dict(H=HV, HV=HV, K=K, BK=64, FBK=64, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=40.0, EXACT=False,
+                PAIRS=False, **GATE), 4, 1)
     solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32)
     for nw in (1, 2, 4):
         yield ("solve", kda_intra_solve_kernel, solve_t,
-               dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee"), nw, 1)
+               dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee",
+                    INVERT=True), nw, 1)
+    yield ("solve, saved M", kda_intra_solve_kernel, solve_t,
+           dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee",
+                INVERT=False), 2, 1)
     rec_t = dict(w=BF16, u=F32, qg=BF16, kd=BF16, dl=F32, Aqk=F32, h0=F32, o=BF16, ht=F32, h=F32, vnew=F32,
                  cu_seqlens=I32, chunk_offsets=I32)
     for bv, split in ((32, True), (32, False), (64, True)):

@@ -78,3 +78,26 @@ def test_intra_tiers_per_key_block_match_float64(K):
                             use_qk_l2norm=False, use_beta_sigmoid=False)
     assert rel(o, ro) < 1e-5
     assert rel(s, rs) < 1e-5
+
+
+def test_intra_recompute_from_saved_matrices_matches_full_stage():
+    # the backward's call: A_qk, P, M passed in, only the per-token tensors formed again
+    torch.manual_seed(1)
+    T, H, HV, K, V = 150, 1, 2, 32, 16
+    q, k = torch.randn(T, H, K), torch.randn(T, H, K)
+    v, g, beta = torch.randn(T, HV, V), torch.randn(T, HV, K) * 2, torch.randn(T, HV)
+    A_log, dt_bias = torch.rand(HV) * 2, torch.randn(HV * K) * 0.5
+    meta = _ChunkMeta(1, T, None, BT, q.device)
+    kw = dict(scale=K**-0.5, A_log=A_log, dt_bias=dt_bias, lower_bound=None, use_qk_l2norm=True,
+              use_beta_sigmoid=True)
+    full = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, **kw)
+    saved = {n: full[n].clone() for n in ("Aqk", "P", "M", "exact_flag")}
+    again = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, **kw, saved=saved)
+    for n in ("qg", "kd", "dl", "w", "u"):
+        assert rel(again[n], full[n]) < 1e-6, n
+    for n in ("Aqk", "P", "M"):
+        assert again[n] is saved[n]
+    # w = M X and u = M (beta v) come from the saved M, not a new inverse
+    saved["M"] = saved["M"] * 2
+    doubled = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, **kw, saved=saved)
+    assert rel(doubled["u"], 2 * full["u"]) < 1e-6

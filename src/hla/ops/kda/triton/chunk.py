@@ -3,10 +3,13 @@
 Forward, four launches: the intra-chunk stage (intra.py: a fast pass with the gate, l2norm and beta
 fused, an exact pass only for the chunk-heads it flagged, and the solve for w, u), then the
 recurrence that also writes the output (recurrence.py).
-Saved for the backward: only the inputs. The backward recomputes stage 1, re-runs the recurrence
-storing each chunk's entry state and v_new, walks the chunks in reverse for the state gradients and
-forms the per-chunk products (recurrence_bwd.py), then differentiates stage 1 (intra_bwd.py). No
-torch autograd inside.
+Saved for the backward: the inputs and stage 1's per-chunk matrices A_qk, P and M (three [64, 64]
+fp32 tiles per chunk and value head: 768 bytes per token and head, about 0.75x the bf16 q, k, v, g at
+K = V = 128), the part of stage 1 that costs tensor-core pair products, the exact launch and the
+inverse. The backward recomputes the per-token tensors of stage 1 (qg, kd, w, u: larger than the
+matrices, cheap to form), re-runs the recurrence storing each chunk's entry state and v_new, walks
+the chunks in reverse for the state gradients and forms the per-chunk products (recurrence_bwd.py),
+then differentiates stage 1 (intra_bwd.py). No torch autograd inside.
 """
 
 from __future__ import annotations
@@ -73,19 +76,20 @@ class KDAChunkTriton(torch.autograd.Function):
         st = kda_intra_fwd(*flat, meta.chunk_bounds, chunk_size=meta.BT, **_intra_kwargs(opts, A_log, dt_bias))
         o, ht, _, _ = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=h0,
                                          output_final_state=opts["output_final_state"], out_dtype=v.dtype)
-        ctx.save_for_backward(*flat, A_log, dt_bias, h0)
+        ctx.save_for_backward(*flat, A_log, dt_bias, h0, st["Aqk"], st["P"], st["M"], st["exact_flag"])
         ctx.meta, ctx.opts, ctx.shape = meta, opts, (B, T, H, K, HV, V)
         return o.view(B, T, HV, V), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, A_log, dt_bias, h0 = ctx.saved_tensors
+        q, k, v, g, beta, A_log, dt_bias, h0, Aqk, P, M, exact_flag = ctx.saved_tensors
         meta, opts = ctx.meta, ctx.opts
         B, T, H, K, HV, V = ctx.shape
         TT = meta.TT
         kw = _intra_kwargs(opts, A_log, dt_bias)
-        # Recompute stage 1 and the states (h at each chunk's entry, v_new); no output this time.
-        st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw)
+        # Recompute stage 1's per-token tensors and the states (h at each chunk's entry, v_new).
+        st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw,
+                           saved=dict(Aqk=Aqk, P=P, M=M, exact_flag=exact_flag))
         _, _, h, vnew = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=h0,
                                            output_final_state=False, out_dtype=v.dtype, store_h=True, write_o=False)
         gr = kda_state_grad(st, h, vnew, do.reshape(TT, HV, V), dht, meta.cu, meta.chunk_offsets,

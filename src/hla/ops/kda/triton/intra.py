@@ -116,11 +116,13 @@ def kda_intra_fwd_kernel(
     BK: tl.constexpr, FBK: tl.constexpr, BT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
     USE_L2: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr, EXACT: tl.constexpr,
+    PAIRS: tl.constexpr = True,
 ):
     """EXACT=False: everything, with the one-anchor product where the span allows, flagging the key
     blocks (of FBK = BK channels) where it did not. EXACT=True (second launch, BK <= FBK): the
     within-half pairs of the flagged key blocks only, added to the stored A_qk and P; programs with
-    no flagged key block return at once."""
+    no flagged key block return at once. PAIRS=False (the backward, with A_qk and P saved by the
+    forward): only the per-token tensors qg, kd, dl and k exp(Gamma)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + FBK - 1) // FBK
     QB: tl.constexpr = BT // 4
@@ -214,26 +216,29 @@ def kda_intra_fwd_kernel(
                      mask=m)
             # k exp(Gamma), parked in w's buffer until the solve kernel turns it into w
             tl.store((w + hk_base) + p_hk, (b_k * b_eG).to(w.dtype.element_ty), mask=m)
-            # Pairs across the two halves (i >= 32 > j): the level-32 anchor (row 31), both factors <= 1,
-            # always exact. Pairs inside a half (and the diagonal): one anchor per half (rows 15 and 47),
-            # exact up to rounding when no factor exceeds exp(SAFE_SPAN), which also keeps the masked-out
-            # products finite; otherwise this key block is flagged and left to the exact launch.
-            lo = o_t < BT // 2
-            b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
-            tl.store(f_base + i_k // FBK + tl.arange(0, 1), tl.full([1], 0, tl.int32) + (span > SAFE_SPAN).to(tl.int32))
-            b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
-            b_kc = tl.trans(tl.where(lo[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty))
-            b_aqk += tl.dot(tl.where(lo[:, None], 0.0, b_q * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
-            b_p += tl.dot(tl.where(lo[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
-            if span <= SAFE_SPAN:
-                b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
-                b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
-                b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))).to(q.dtype.element_ty))
-                same = lo[:, None] == lo[None, :]
-                b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
-                                  tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
-                b_p += tl.where(same & (o_t[:, None] > o_t[None, :]),
-                                tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+            if PAIRS:
+                # Pairs across the two halves (i >= 32 > j): the level-32 anchor (row 31), both factors <= 1,
+                # always exact. Pairs inside a half (and the diagonal): one anchor per half (rows 15 and 47),
+                # exact up to rounding when no factor exceeds exp(SAFE_SPAN), which also keeps the masked-out
+                # products finite; otherwise this key block is flagged and left to the exact launch.
+                lo = o_t < BT // 2
+                b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
+                tl.store(f_base + i_k // FBK + tl.arange(0, 1), tl.full([1], 0, tl.int32) + (span > SAFE_SPAN).to(tl.int32))
+                b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
+                b_kc = tl.trans(tl.where(lo[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty))
+                b_aqk += tl.dot(tl.where(lo[:, None], 0.0, b_q * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
+                b_p += tl.dot(tl.where(lo[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
+                if span <= SAFE_SPAN:
+                    b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
+                    b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
+                    b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))).to(q.dtype.element_ty))
+                    same = lo[:, None] == lo[None, :]
+                    b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
+                                      tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+                    b_p += tl.where(same & (o_t[:, None] > o_t[None, :]),
+                                    tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+    if not PAIRS:
+        return
     p_a = a_base + o_t[:, None] * SA + o_t[None, :]
     p_p = Pbuf + s_base + o_t[:, None] * BT + o_t[None, :]
     if EXACT:
@@ -248,10 +253,11 @@ def kda_intra_fwd_kernel(
 def kda_intra_solve_kernel(
     v, beta, w, u, Pbuf, Mbuf, chunk_bounds,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr,
+    USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr, INVERT: tl.constexpr = True,
 ):
     """Second launch of stage 1 (its own registers, so more programs fit per SM): M from P, then
-    w = M diag(beta) (k exp(Gamma)) in place over w's buffer and u = M diag(beta) v."""
+    w = M diag(beta) (k exp(Gamma)) in place over w's buffer and u = M diag(beta) v. INVERT=False:
+    M is read from Mbuf (saved by the forward)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
     n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
@@ -271,47 +277,48 @@ def kda_intra_solve_kernel(
     o_c = tl.arange(0, 16)
     p_base = Pbuf + s_base
     m_base = Mbuf + s_base
-    b0 = _beta16(beta + bos * HV + i_hv, 0, o_c, n_rows, HV, USE_SIGMOID)
-    b1 = _beta16(beta + bos * HV + i_hv, 1, o_c, n_rows, HV, USE_SIGMOID)
-    b2 = _beta16(beta + bos * HV + i_hv, 2, o_c, n_rows, HV, USE_SIGMOID)
-    b3 = _beta16(beta + bos * HV + i_hv, 3, o_c, n_rows, HV, USE_SIGMOID)
-    D0 = _inv_unit_lower(_tile16(p_base, b0, 0, 0, o_c, BT), o_c, PREC_INV)
-    D1 = _inv_unit_lower(_tile16(p_base, b1, 1, 1, o_c, BT), o_c, PREC_INV)
-    D2 = _inv_unit_lower(_tile16(p_base, b2, 2, 2, o_c, BT), o_c, PREC_INV)
-    D3 = _inv_unit_lower(_tile16(p_base, b3, 3, 3, o_c, BT), o_c, PREC_INV)
-    A10 = _tile16(p_base, b1, 1, 0, o_c, BT)
-    A20 = _tile16(p_base, b2, 2, 0, o_c, BT)
-    A21 = _tile16(p_base, b2, 2, 1, o_c, BT)
-    A30 = _tile16(p_base, b3, 3, 0, o_c, BT)
-    A31 = _tile16(p_base, b3, 3, 1, o_c, BT)
-    A32 = _tile16(p_base, b3, 3, 2, o_c, BT)
-    M10 = -tl.dot(D1, tl.dot(A10, D0, input_precision=PREC_INV), input_precision=PREC_INV)
-    M21 = -tl.dot(D2, tl.dot(A21, D1, input_precision=PREC_INV), input_precision=PREC_INV)
-    M20 = -tl.dot(D2, tl.dot(A20, D0, input_precision=PREC_INV) + tl.dot(A21, M10, input_precision=PREC_INV),
-                  input_precision=PREC_INV)
-    M32 = -tl.dot(D3, tl.dot(A32, D2, input_precision=PREC_INV), input_precision=PREC_INV)
-    M31 = -tl.dot(D3, tl.dot(A31, D1, input_precision=PREC_INV) + tl.dot(A32, M21, input_precision=PREC_INV),
-                  input_precision=PREC_INV)
-    M30 = -tl.dot(D3, tl.dot(A30, D0, input_precision=PREC_INV) + tl.dot(A31, M10, input_precision=PREC_INV)
-                  + tl.dot(A32, M20, input_precision=PREC_INV), input_precision=PREC_INV)
-    z = tl.zeros([16, 16], dtype=tl.float32)
-    _store16(m_base, D0, 0, 0, o_c, BT)
-    _store16(m_base, z, 0, 1, o_c, BT)
-    _store16(m_base, z, 0, 2, o_c, BT)
-    _store16(m_base, z, 0, 3, o_c, BT)
-    _store16(m_base, M10, 1, 0, o_c, BT)
-    _store16(m_base, D1, 1, 1, o_c, BT)
-    _store16(m_base, z, 1, 2, o_c, BT)
-    _store16(m_base, z, 1, 3, o_c, BT)
-    _store16(m_base, M20, 2, 0, o_c, BT)
-    _store16(m_base, M21, 2, 1, o_c, BT)
-    _store16(m_base, D2, 2, 2, o_c, BT)
-    _store16(m_base, z, 2, 3, o_c, BT)
-    _store16(m_base, M30, 3, 0, o_c, BT)
-    _store16(m_base, M31, 3, 1, o_c, BT)
-    _store16(m_base, M32, 3, 2, o_c, BT)
-    _store16(m_base, D3, 3, 3, o_c, BT)
-    tl.debug_barrier()
+    if INVERT:
+        b0 = _beta16(beta + bos * HV + i_hv, 0, o_c, n_rows, HV, USE_SIGMOID)
+        b1 = _beta16(beta + bos * HV + i_hv, 1, o_c, n_rows, HV, USE_SIGMOID)
+        b2 = _beta16(beta + bos * HV + i_hv, 2, o_c, n_rows, HV, USE_SIGMOID)
+        b3 = _beta16(beta + bos * HV + i_hv, 3, o_c, n_rows, HV, USE_SIGMOID)
+        D0 = _inv_unit_lower(_tile16(p_base, b0, 0, 0, o_c, BT), o_c, PREC_INV)
+        D1 = _inv_unit_lower(_tile16(p_base, b1, 1, 1, o_c, BT), o_c, PREC_INV)
+        D2 = _inv_unit_lower(_tile16(p_base, b2, 2, 2, o_c, BT), o_c, PREC_INV)
+        D3 = _inv_unit_lower(_tile16(p_base, b3, 3, 3, o_c, BT), o_c, PREC_INV)
+        A10 = _tile16(p_base, b1, 1, 0, o_c, BT)
+        A20 = _tile16(p_base, b2, 2, 0, o_c, BT)
+        A21 = _tile16(p_base, b2, 2, 1, o_c, BT)
+        A30 = _tile16(p_base, b3, 3, 0, o_c, BT)
+        A31 = _tile16(p_base, b3, 3, 1, o_c, BT)
+        A32 = _tile16(p_base, b3, 3, 2, o_c, BT)
+        M10 = -tl.dot(D1, tl.dot(A10, D0, input_precision=PREC_INV), input_precision=PREC_INV)
+        M21 = -tl.dot(D2, tl.dot(A21, D1, input_precision=PREC_INV), input_precision=PREC_INV)
+        M20 = -tl.dot(D2, tl.dot(A20, D0, input_precision=PREC_INV) + tl.dot(A21, M10, input_precision=PREC_INV),
+                      input_precision=PREC_INV)
+        M32 = -tl.dot(D3, tl.dot(A32, D2, input_precision=PREC_INV), input_precision=PREC_INV)
+        M31 = -tl.dot(D3, tl.dot(A31, D1, input_precision=PREC_INV) + tl.dot(A32, M21, input_precision=PREC_INV),
+                      input_precision=PREC_INV)
+        M30 = -tl.dot(D3, tl.dot(A30, D0, input_precision=PREC_INV) + tl.dot(A31, M10, input_precision=PREC_INV)
+                      + tl.dot(A32, M20, input_precision=PREC_INV), input_precision=PREC_INV)
+        z = tl.zeros([16, 16], dtype=tl.float32)
+        _store16(m_base, D0, 0, 0, o_c, BT)
+        _store16(m_base, z, 0, 1, o_c, BT)
+        _store16(m_base, z, 0, 2, o_c, BT)
+        _store16(m_base, z, 0, 3, o_c, BT)
+        _store16(m_base, M10, 1, 0, o_c, BT)
+        _store16(m_base, D1, 1, 1, o_c, BT)
+        _store16(m_base, z, 1, 2, o_c, BT)
+        _store16(m_base, z, 1, 3, o_c, BT)
+        _store16(m_base, M20, 2, 0, o_c, BT)
+        _store16(m_base, M21, 2, 1, o_c, BT)
+        _store16(m_base, D2, 2, 2, o_c, BT)
+        _store16(m_base, z, 2, 3, o_c, BT)
+        _store16(m_base, M30, 3, 0, o_c, BT)
+        _store16(m_base, M31, 3, 1, o_c, BT)
+        _store16(m_base, M32, 3, 2, o_c, BT)
+        _store16(m_base, D3, 3, 3, o_c, BT)
+        tl.debug_barrier()
 
     # Phase 3: w = M (beta k exp(Gamma)), u = M (beta v): one [BT, BT] product per block of columns.
     b_m = tl.load(m_base + o_t[:, None] * BT + o_t[None, :]) * b_beta[None, :]
@@ -350,6 +357,7 @@ def kda_intra_fwd(
     prec_inv: str = "ieee",
     solve_warps: int = 2,
     safe_span: float | None = None,
+    saved: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """q, k ``[TT, H, K]``, v ``[TT, HV, V]``, g ``[TT, HV, K]`` (raw when A_log), beta ``[TT, HV]``
     (flattened tokens), chunk_bounds int32 ``[NC, 2]`` -> dict: Aqk ``[TT, HV, 64]`` fp32 (zero above
@@ -357,7 +365,11 @@ def kda_intra_fwd(
     fp32, and per chunk-head P (the unscaled strictly-lower key-key products) and M = (I + diag(beta)
     P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them), and exact_flag ``[NC, HV,
     cdiv(K, block_k)]`` int32 per key block: 0 fast pass, 1 level-16 + quarter anchors, 2 six levels.
-    exact_block_k / exact_warps: the exact launch's key-block width (<= block_k) and warps."""
+    exact_block_k / exact_warps: the exact launch's key-block width (<= block_k) and warps.
+
+    saved: Aqk, P and M from an earlier call on the same inputs (the forward keeps them for the
+    backward): then only the per-token tensors are recomputed (qg, kd, dl, w, u; no pair products, no
+    exact launch, no inverse) and the saved three are returned as they are."""
     if chunk_size != 64:
         raise ValueError(f"chunk_size: the triton backend supports 64, got {chunk_size}")
     TT, H, K = q.shape
@@ -365,20 +377,21 @@ def kda_intra_fwd(
     NC = chunk_bounds.shape[0]
     dev, f32 = q.device, torch.float32
     out = dict(
-        Aqk=torch.empty(TT, HV, 64, device=dev, dtype=f32),
+        Aqk=saved["Aqk"] if saved is not None else torch.empty(TT, HV, 64, device=dev, dtype=f32),
         w=torch.empty(TT, HV, K, device=dev, dtype=v.dtype),
         u=torch.empty(TT, HV, V, device=dev, dtype=f32),
         qg=torch.empty(TT, HV, K, device=dev, dtype=v.dtype),
         kd=torch.empty(TT, HV, K, device=dev, dtype=v.dtype),
         dl=torch.empty(NC, HV, K, device=dev, dtype=f32),
-        P=torch.empty(NC, HV, 64, 64, device=dev, dtype=f32),
-        M=torch.empty(NC, HV, 64, 64, device=dev, dtype=f32),
+        P=saved["P"] if saved is not None else torch.empty(NC, HV, 64, 64, device=dev, dtype=f32),
+        M=saved["M"] if saved is not None else torch.empty(NC, HV, 64, 64, device=dev, dtype=f32),
     )
     has_gate = A_log is not None
     BK = min(block_k, next_pow2(K))
-    flag = torch.empty(NC, HV, triton.cdiv(K, BK), device=dev, dtype=torch.int32)
+    flag = torch.empty(NC, HV, triton.cdiv(K, BK), device=dev, dtype=torch.int32) if saved is None else saved["exact_flag"]
     # the exact launch may use narrower key blocks than the flags' (fewer spills, see the docstring)
-    for exact, bk, nw in ((False, BK, num_warps), (True, min(exact_block_k, BK), exact_warps)):
+    launches = [(False, BK, num_warps)] + ([(True, min(exact_block_k, BK), exact_warps)] if saved is None else [])
+    for exact, bk, nw in launches:
         kda_intra_fwd_kernel[(NC, HV)](
             q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
             out["Aqk"], out["w"], out["qg"], out["kd"], out["dl"], out["P"], flag, chunk_bounds,
@@ -386,14 +399,14 @@ def kda_intra_fwd(
             H=H, HV=HV, K=K, BK=bk, FBK=BK, BT=64,
             HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
-            SAFE_SPAN=SAFE_SPAN if safe_span is None else safe_span, EXACT=exact,
+            SAFE_SPAN=SAFE_SPAN if safe_span is None else safe_span, EXACT=exact, PAIRS=saved is None,
             num_warps=nw, num_stages=1,
         )
     out["exact_flag"] = flag
     kda_intra_solve_kernel[(NC, HV)](
         v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
         HV=HV, K=K, V=V, BK=BK, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
-        PREC="ieee" if INTERPRET else "tf32", PREC_INV="ieee" if INTERPRET else prec_inv,
+        PREC="ieee" if INTERPRET else "tf32", PREC_INV="ieee" if INTERPRET else prec_inv, INVERT=saved is None,
         num_warps=solve_warps, num_stages=1,
     )
     return out
