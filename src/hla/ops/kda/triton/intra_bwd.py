@@ -111,6 +111,16 @@ def kda_intra_bwd_dkk_kernel(
 
 
 @triton.jit
+def _fast_factors(b_G, b_G1, b_G2, b_G3, lo, SAFE_SPAN: tl.constexpr):
+    """The fast path's factors ([BT, BK] each): e for the level-32 product (anchor row BT/2 - 1, <= 1),
+    eq = exp(Gamma - Gamma_m) and ek = exp(Gamma_m - Gamma) around the half's anchor m (rows BT/4 - 1,
+    3BT/4 - 1), clamped at exp(SAFE_SPAN) for the masked-out pairs."""
+    b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
+    b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
+    return b_e, tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN)), tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))
+
+
+@triton.jit
 def _grad_tile(base, stride, o_t, n_rows, DIAG: tl.constexpr, TRANS: tl.constexpr, PART: tl.constexpr,
                lvl=0):
     """A [BT, BT] fp32 gradient tile from base[r * stride + c] (dA_qk: DIAG, lower with the diagonal;
@@ -197,11 +207,9 @@ def kda_intra_bwd_pair_kernel(
         lo = o_t < BT // 2
         b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
         if span <= SAFE_SPAN:
-            b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
-            b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
-            b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
+            b_e, b_eq, b_ek = _fast_factors(b_G, b_G1, b_G2, b_G3, lo, SAFE_SPAN)
             b_kcc = tl.where(lo[:, None], b_yk * b_e, 0.0)
-            b_kb = b_yk * tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))
+            b_kb = b_yk * b_ek
             b_dqr = (tl.where(lo[:, None], 0.0, b_e * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, False, 1),
                                                              b_kcc, input_precision=PREC))
                      + b_eq * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, False, 2), b_kb,
@@ -241,10 +249,7 @@ def kda_intra_bwd_pair_kernel(
         lo = o_t < BT // 2
         b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
         if span <= SAFE_SPAN:
-            b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
-            b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
-            b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
-            b_ek = tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))
+            b_e, b_eq, b_ek = _fast_factors(b_G, b_G1, b_G2, b_G3, lo, SAFE_SPAN)
             b_dkc = (tl.where(lo[:, None], b_e * tl.dot(_grad_tile(dA + a_base, SA, o_t, n_rows, True, True, 1),
                                                         tl.where(lo[:, None], 0.0, b_q * b_e), input_precision=PREC),
                               0.0)
