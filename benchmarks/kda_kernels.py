@@ -211,6 +211,18 @@ def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     return calls
 
 
+def _with_other_pair_launch(fn):
+    """Run fn with intra_bwd.PAIR_LAUNCH switched ("block" <-> "pair"), then restore it."""
+    from hla.ops.kda.triton import intra_bwd
+
+    saved = intra_bwd.PAIR_LAUNCH
+    intra_bwd.PAIR_LAUNCH = "pair" if saved == "block" else "block"
+    try:
+        return fn()
+    finally:
+        intra_bwd.PAIR_LAUNCH = saved
+
+
 def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     """The backward's launches alone, called the way ``chunk.py``'s backward calls them (inputs from
     one recomputed forward). Adapt this function (only) when the backward changes."""
@@ -244,6 +256,8 @@ def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
                                                               need_dh0=False),
         "bwd: state-grad products": lambda: kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds),
         "bwd: intra backward": lambda: kda_intra_bwd(q, k, v, g, beta, meta.chunk_bounds, st, gr, **kw),
+        "bwd: intra backward with the other pair launch (intra_bwd.PAIR_LAUNCH)":
+            lambda: _with_other_pair_launch(lambda: kda_intra_bwd(q, k, v, g, beta, meta.chunk_bounds, st, gr, **kw)),
         "bwd: intra backward launch 1 (dA_kk; launch 2 = the row above minus this)":
             lambda: intra_bwd_dkk(v, beta, meta.chunk_bounds, st, gr, use_beta_sigmoid=True),
     }

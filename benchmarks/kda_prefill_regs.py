@@ -21,7 +21,12 @@ os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(__file__))
 
 from hla.ops.kda.triton.intra import kda_intra_fwd_kernel, kda_intra_solve_kernel  # noqa: E402
-from hla.ops.kda.triton.intra_bwd import kda_intra_bwd_dkk_kernel, kda_intra_bwd_pair_kernel  # noqa: E402
+from hla.ops.kda.triton.intra_bwd import (  # noqa: E402
+    kda_intra_bwd_block_kernel,
+    kda_intra_bwd_dkk_kernel,
+    kda_intra_bwd_gate_kernel,
+    kda_intra_bwd_pair_kernel,
+)
 from hla.ops.kda.triton.recurrence import kda_recurrence_fwd_kernel  # noqa: E402
 from hla.ops.kda.triton.recurrence_bwd import (  # noqa: E402
     kda_state_grad_chain_kernel,
@@ -87,6 +92,16 @@ def cases():
         yield (f"intra_bwd pair BK={bk} {fast}/{exact}", kda_intra_bwd_pair_kernel, pair_t,
                dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=fast, PREC_EXACT=exact,
                     SAFE_SPAN=40.0, **GATE), nw, 1)
+    block_t = dict(q=BF16, k=BF16, g=BF16, beta=BF16, A_log=F32, dt_bias=F32, dx=F32, dP=F32, dqg=F32, dkd=F32,
+                   dA=F32, dq=F32, dk=F32, dgam=F32, dbeta=F32, dkk_part=F32, chunk_bounds=I32, scale="fp32",
+                   lower_bound="fp32")
+    for bk, nw, prec in ((32, 4, "tf32x3"), (16, 4, "tf32x3"), (64, 4, "tf32x3"), (32, 2, "tf32x3"), (32, 4, "tf32"),
+                         (64, 4, "tf32")):
+        yield (f"intra_bwd block BK={bk} {prec}", kda_intra_bwd_block_kernel, block_t,
+               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec, **GATE), nw, 1)
+    gate_t = dict(g=BF16, A_log=F32, dt_bias=F32, dgam=F32, dkk_part=F32, ddl=F32, dbias_part=F32, dalog_part=F32,
+                  chunk_bounds=I32, lower_bound="fp32")
+    yield ("intra_bwd gate BK=64", kda_intra_bwd_gate_kernel, gate_t, dict(HV=HV, K=K, BK=64, BT=BT, **GATE), 4, 1)
 
 
 def main() -> int:

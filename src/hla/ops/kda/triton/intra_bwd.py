@@ -1,8 +1,15 @@
 """Backward of stage 1 (intra.py): from the gradients of w, u, qg, kd, A_qk and exp(Gamma_last) to
-those of q, k, v, the raw gate (and A_log, dt_bias) and beta. Two launches, one program per (chunk,
-value head) each, split at dA_kk so that neither holds the other's tiles (the single kernel spilled
-4-5 KB per thread): launch 1 (kda_intra_bwd_dkk_kernel) forms dX, d(beta v), dv, dA_kk and writes
-dX, dP and a partial dbeta; launch 2 (kda_intra_bwd_pair_kernel) does everything per channel.
+those of q, k, v, the raw gate (and A_log, dt_bias) and beta. Launch 1 (kda_intra_bwd_dkk_kernel,
+one program per chunk and value head) forms dX, d(beta v), dv, dA_kk and writes dX, dP and a partial
+dbeta. The pair sums then take one of two routes (PAIR_LAUNCH):
+
+- "block": kda_intra_bwd_block_kernel, one program per 16-row block of a chunk, then
+  kda_intra_bwd_gate_kernel per chunk for the in-chunk reverse cumsum and the gate backward. Pairs
+  across blocks take the anchor Gamma at the end of the earlier block, so both factors are <= 1 for
+  every gate (no span test, no exponent split); pairs inside a block take one exponential each.
+- "pair": kda_intra_bwd_pair_kernel, one program per chunk and value head, with the forward's
+  exponent split (a level-32 product plus one anchor per half while the factors stay within
+  exp(+-SAFE_SPAN), the six-level split otherwise).
 
 With X = diag(beta) k exp(Gamma), w = M X, u = M diag(beta) v and M = (I + diag(beta) P)^-1:
 
@@ -12,14 +19,13 @@ With X = diag(beta) k exp(Gamma), w = M X, u = M diag(beta) v and M = (I + diag(
 
 The pair sums A[i, j] = sum_d x_id y_jd exp(Gamma_id - Gamma_jd) (x, y = q, k for A_qk; k, k for P)
 have gradients of the same form, dx = (dA * E) y and dy = (dA * E)^T x per channel, and
-dGamma = x dx - y dy. They are computed with the forward's exponent split (a level-32 product plus
-one anchor per half when those factors stay within exp(+-SAFE_SPAN), the six-level split otherwise),
-so no exponential can overflow. dGamma then goes through the in-chunk cumsum (a reverse cumsum), the gate, the l2norm and
-the beta sigmoid, all fused. dq and dk are written per value head; the caller sums grouped heads.
+dGamma = x dx - y dy. dGamma then goes through the in-chunk cumsum (a reverse cumsum), the gate, the
+l2norm and the beta sigmoid, all fused. dq and dk are written per value head; the caller sums
+grouped heads.
 
-All products take fp32 operands (tf32 on the GPU). dGamma = x dx - y dy is a difference of terms
-larger than itself: with bf16 operands the H200 check gave dg errors of 2e-2 (six-level split) and
-4e-1 (one anchor) at T=1024, against 3e-3 and 4e-4 with fp32 operands.
+All products take fp32 operands (tf32 / tf32x3 on the GPU). dGamma = x dx - y dy is a difference of
+terms larger than itself: with bf16 operands the H200 check gave dg errors of 2e-2 (six-level split)
+and 4e-1 (one anchor) at T=1024, against 3e-3 and 4e-4 with fp32 operands.
 """
 
 from __future__ import annotations
@@ -53,6 +59,16 @@ EXACT_PRECISION = "tf32x3"
 # Most of the pressure is the fast path itself (without the six-level branch BK 16 still needs 255).
 BLOCK_K, NUM_WARPS = 32, 4
 DKK_BLOCK_K, DKK_NUM_WARPS = 32, 4
+# Which launch does the pair sums (read at each call): "pair" (one program per chunk, exponent split
+# with a span test; the timed default) or "block" (one program per 16-row block, every pair exact,
+# 3-10x fewer tensor-core MACs; CPU-tested and compiled offline, not yet run on a GPU; the
+# benchmark's --stages times both).
+PAIR_LAUNCH = "pair"
+BLOCK_PRECISION = "tf32x3"
+# Block launch settings from the offline sm_90a compile (benchmarks/kda_prefill_regs.py): BK 32 / 4 warps
+# 255 registers, 80 / 80 B spills (2 blocks per SM); capped at 168 registers 736 / 996 B (3 blocks), at
+# 128 1148 / 2384 B (4 blocks). BLOCK_MAX_REGISTERS sets the cap (None: ptxas' choice); untimed.
+BLOCK_BLOCK_K, BLOCK_NUM_WARPS, BLOCK_MAX_REGISTERS = 32, 4, None
 
 
 @triton.jit
@@ -332,6 +348,225 @@ def kda_intra_bwd_pair_kernel(
             tl.store(dk + p_tk, (b_dyk - b_yk * b_ck[:, None]) * b_ik[:, None], mask=m)
 
 
+@triton.jit
+def _rows16(x, r16, BT: tl.constexpr):
+    """Rows r16 ([16] indices into 0..BT-1) of a [BT] vector, as [16] (a masked sum: no gather)."""
+    o_t = tl.arange(0, BT)
+    return tl.sum(tl.where(o_t[None, :] == r16[:, None], x[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def kda_intra_bwd_block_kernel(
+    q, k, g, beta, A_log, dt_bias, dx, dP, dqg, dkd, dA,
+    dq, dk, dgam, dbeta, dkk_part, chunk_bounds,
+    scale, lower_bound,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
+    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr,
+):
+    """Launch 2 (one program per chunk, value head and 16-row block c): the pair-sum gradients of the
+    block's rows (row sides) and columns (column sides), exactly and without a span test: every pair
+    across blocks takes the anchor Gamma at the end of the block before the later one, so both factors
+    are <= 1; pairs inside the block take one exponential each (CUDA cores, 16 steps). Then the
+    per-token terms, dbeta and the l2norm backward of the block's rows; dGamma (before the in-chunk
+    reverse cumsum) goes to dgam and the block's sum of dkd * kd to dkk_part, for the finishing launch.
+    Tiles are [16, 64] / [16, 16] parts of dA_qk and dP, operands [16, BK] or [64, BK]."""
+    i_c, i_hv, c = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
+    n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
+    if c * 16 >= n_rows:
+        return
+    q_base = q + (bos * H + i_h) * K
+    k_base = k + (bos * H + i_h) * K
+    hk = (bos * HV + i_hv) * K  # g, dx, dqg, dkd, dq, dk, dgam
+    a_base = dA + (bos * HV + i_hv) * BT
+    p_base = dP + (i_c * HV + i_hv).to(tl.int64) * BT * BT
+    SQ: tl.constexpr = H * K
+    SG: tl.constexpr = HV * K
+    SA: tl.constexpr = HV * BT
+    o_t = tl.arange(0, BT)
+    m_t = o_t < n_rows
+    o16 = tl.arange(0, 16)
+    r_c = c * 16 + o16  # the block's rows
+    m_c = r_c < n_rows
+    b_beta = tl.load(beta + (bos * HV + i_hv) + r_c * HV, mask=m_c, other=0.0).to(tl.float32)
+    if USE_SIGMOID:
+        b_beta = tl.where(m_c, tl.sigmoid(b_beta), 0.0)
+    if USE_L2:
+        b_nq, b_nk = qk_row_sumsq(q_base, k_base, o_t, m_t, SQ, K, BK)
+        b_iq = 1.0 / tl.sqrt(b_nq + 1e-6)
+        b_ik = 1.0 / tl.sqrt(b_nk + 1e-6)
+    else:
+        b_iq = tl.zeros([BT], dtype=tl.float32) + 1.0
+        b_ik = tl.zeros([BT], dtype=tl.float32) + 1.0
+    b_iq_c = _rows16(b_iq, r_c, BT)
+    b_ik_c = _rows16(b_ik, r_c, BT)
+
+    b_db = tl.zeros([16], dtype=tl.float32)
+    b_cq = tl.zeros([16], dtype=tl.float32)  # sum_d y dy for the l2norm backward
+    b_ck = tl.zeros([16], dtype=tl.float32)
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m_k = o_k < K
+        m = m_c[:, None] & m_k[None, :]
+        p_ck = r_c[:, None] * SQ + o_k[None, :]
+        p_tk = hk + r_c[:, None] * SG + o_k[None, :]
+        b_G64 = _intra._load_gamma(g + hk, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
+                                   HAS_GATE, HAS_BIAS, HAS_LB)
+        b_Pc = tl.sum(tl.where(o_t[:, None] == c * 16 - 1, b_G64, 0.0), axis=0)  # Gamma before the block (0 at c = 0)
+        b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G64, 0.0), axis=0)
+        # the block's rows of the same Gamma (a recomputed cumsum would round differently, and the
+        # factors below take differences of the two)
+        b_Gc = tl.gather(b_G64, tl.broadcast_to(r_c[:, None], [16, BK]), 0)
+        b_yk = tl.load(k_base + p_ck, mask=m, other=0.0).to(tl.float32) * b_ik_c[:, None]
+        b_q = tl.load(q_base + p_ck, mask=m, other=0.0).to(tl.float32) * b_iq_c[:, None] * scale
+
+        # row sides, pairs with earlier blocks (j < 16c): anchor Gamma_{16c-1}
+        b_eo = tl.exp(tl.minimum(b_Gc - b_Pc[None, :], 0.0))
+        b_dqr = tl.zeros([16, BK], dtype=tl.float32)
+        b_dkr = tl.zeros([16, BK], dtype=tl.float32)
+        if c > 0:
+            m_j = o_t < c * 16
+            b_y64 = tl.load(k_base + o_t[:, None] * SQ + o_k[None, :], mask=m_j[:, None] & m_k[None, :],
+                            other=0.0).to(tl.float32) * b_ik[:, None]
+            b_kx = tl.where(m_j[:, None], b_y64 * tl.exp(tl.minimum(b_Pc[None, :] - b_G64, 0.0)), 0.0)
+            m_tile = m_c[:, None] & (o_t[None, :] < c * 16)
+            b_tA = tl.load(a_base + r_c[:, None] * SA + o_t[None, :], mask=m_tile, other=0.0)
+            b_tP = tl.load(p_base + r_c[:, None] * BT + o_t[None, :], mask=m_tile, other=0.0)
+            b_dqr += b_eo * tl.dot(b_tA, b_kx, input_precision=PREC)
+            b_dkr += b_eo * tl.dot(b_tP, b_kx, input_precision=PREC)
+
+        # column sides, pairs with later blocks a > c: anchor Gamma_{16a-1}
+        b_dkc = tl.zeros([16, BK], dtype=tl.float32)
+        for a in tl.static_range(1, 4):
+            if a > c:
+                r_a = a * 16 + o16
+                m_a = r_a < n_rows
+                ma = m_a[:, None] & m_k[None, :]
+                b_Pa = tl.sum(tl.where(o_t[:, None] == a * 16 - 1, b_G64, 0.0), axis=0)
+                b_Ga = tl.gather(b_G64, tl.broadcast_to(r_a[:, None], [16, BK]), 0)
+                b_ea = tl.exp(tl.minimum(b_Ga - b_Pa[None, :], 0.0))
+                b_xq = tl.load(q_base + r_a[:, None] * SQ + o_k[None, :], mask=ma, other=0.0).to(tl.float32) \
+                    * (_rows16(b_iq, r_a, BT) * scale)[:, None] * b_ea
+                b_xk = tl.load(k_base + r_a[:, None] * SQ + o_k[None, :], mask=ma, other=0.0).to(tl.float32) \
+                    * _rows16(b_ik, r_a, BT)[:, None] * b_ea
+                # transposed [16 (j in c), 16 (i in a)] parts of the gradient tiles
+                m_tt = m_a[None, :] & m_c[:, None]
+                b_tAT = tl.load(a_base + r_a[None, :] * SA + r_c[:, None], mask=m_tt, other=0.0)
+                b_tPT = tl.load(p_base + r_a[None, :] * BT + r_c[:, None], mask=m_tt, other=0.0)
+                b_dkc += tl.exp(tl.minimum(b_Pa[None, :] - b_Gc, 0.0)) * (
+                    tl.dot(b_tAT, b_xq, input_precision=PREC) + tl.dot(b_tPT, b_xk, input_precision=PREC))
+
+        # pairs inside the block (j <= i for A_qk, j < i for P), one column j at a time
+        for jj in tl.static_range(16):
+            sel = o16[:, None] == jj
+            b_Gj = tl.sum(tl.where(sel, b_Gc, 0.0), axis=0)
+            b_yj = tl.sum(tl.where(sel, b_yk, 0.0), axis=0)
+            b_e = tl.exp(tl.minimum(b_Gc - b_Gj[None, :], 0.0))
+            b_ac = tl.load(a_base + r_c * SA + c * 16 + jj, mask=m_c & (o16 >= jj), other=0.0)
+            b_pc = tl.load(p_base + r_c * BT + c * 16 + jj, mask=m_c & (o16 > jj), other=0.0)
+            b_dqr += b_ac[:, None] * b_e * b_yj[None, :]
+            b_dkr += b_pc[:, None] * b_e * b_yj[None, :]
+            b_cj = tl.sum((b_ac[:, None] * b_q + b_pc[:, None] * b_yk) * b_e, axis=0)
+            b_dkc += tl.where(sel, b_cj[None, :], 0.0)
+
+        b_dq = b_dqr
+        b_dk = b_dkr + b_dkc
+        b_dG = b_q * b_dqr + b_yk * (b_dkr - b_dkc)
+        # per-token terms: qg = q exp(Gamma), kd = k exp(Gamma_last - Gamma), X = beta k exp(Gamma)
+        b_eG = tl.exp(b_Gc)
+        b_ed = tl.exp(tl.minimum(b_Gl[None, :] - b_Gc, 0.0))
+        b_dx = tl.load(dx + p_tk, mask=m, other=0.0)
+        b_dqg = tl.load(dqg + p_tk, mask=m, other=0.0)
+        b_dkd = tl.load(dkd + p_tk, mask=m, other=0.0)
+        b_kd = b_yk * b_ed
+        b_xb = b_yk * b_eG  # X / beta
+        b_db += tl.sum(b_dx * b_xb, axis=1)
+        b_dq += b_dqg * b_eG
+        b_dk += b_dx * b_eG * b_beta[:, None] + b_dkd * b_ed
+        b_dG += b_dqg * b_q * b_eG + b_dx * b_xb * b_beta[:, None] - b_dkd * b_kd
+        tl.store(dgam + p_tk, tl.where(m, b_dG, 0.0), mask=m)
+        tl.store(dkk_part + ((i_c * HV + i_hv) * 4 + c).to(tl.int64) * K + o_k, tl.sum(b_dkd * b_kd, axis=0),
+                 mask=m_k)
+        b_cq += tl.sum(b_dq * b_q, axis=1)  # = sum_d dy * y for q = scale y
+        b_ck += tl.sum(b_dk * b_yk, axis=1)
+        tl.store(dq + p_tk, b_dq * scale, mask=m)
+        tl.store(dk + p_tk, b_dk, mask=m)
+    p_b = dbeta + (bos * HV + i_hv) + r_c * HV
+    b_db += tl.load(p_b, mask=m_c, other=0.0)
+    if USE_SIGMOID:
+        b_db = b_db * b_beta * (1.0 - b_beta)
+    tl.store(p_b, b_db.to(dbeta.dtype.element_ty), mask=m_c)
+    if USE_L2:
+        tl.debug_barrier()  # dq / dk rows written by other threads are read back below
+        for i_k in range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = m_c[:, None] & (o_k < K)[None, :]
+            p_ck = r_c[:, None] * SQ + o_k[None, :]
+            p_tk = hk + r_c[:, None] * SG + o_k[None, :]
+            b_yq = tl.load(q_base + p_ck, mask=m, other=0.0).to(tl.float32) * b_iq_c[:, None]
+            b_yk = tl.load(k_base + p_ck, mask=m, other=0.0).to(tl.float32) * b_ik_c[:, None]
+            b_dyq = tl.load(dq + p_tk, mask=m, other=0.0)
+            b_dyk = tl.load(dk + p_tk, mask=m, other=0.0)
+            tl.store(dq + p_tk, (b_dyq - b_yq * b_cq[:, None]) * b_iq_c[:, None], mask=m)
+            tl.store(dk + p_tk, (b_dyk - b_yk * b_ck[:, None]) * b_ik_c[:, None], mask=m)
+
+
+@triton.jit
+def kda_intra_bwd_gate_kernel(
+    g, A_log, dt_bias, dgam, dkk_part, ddl, dbias_part, dalog_part, chunk_bounds,
+    lower_bound,
+    HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
+):
+    """Launch 3 (one program per chunk and value head): dGamma -> dg. Gamma = cumsum(g), so dg_i =
+    sum_{r >= i} dGamma_r + dGamma_last (= sum of the blocks' dkd * kd + ddl exp(Gamma_last)), then
+    the gate backward (raw gate, A_log, dt_bias). Writes dg over dgam."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
+    n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
+    hk = (bos * HV + i_hv) * K
+    SG: tl.constexpr = HV * K
+    o_t = tl.arange(0, BT)
+    m_t = o_t < n_rows
+    if HAS_GATE:
+        b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
+    b_dalog = tl.zeros([BK], dtype=tl.float32)
+    for i_k in range(0, K, BK):
+        o_k = i_k + tl.arange(0, BK)
+        m_k = o_k < K
+        m = m_t[:, None] & m_k[None, :]
+        p_tk = hk + o_t[:, None] * SG + o_k[None, :]
+        b_G = _intra._load_gamma(g + hk, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
+                                 HAS_GATE, HAS_BIAS, HAS_LB)
+        b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
+        p_part = dkk_part + ((i_c * HV + i_hv) * 4).to(tl.int64) * K + o_k
+        b_dGl = (tl.load(p_part, mask=m_k, other=0.0) + tl.load(p_part + K, mask=m_k & (n_rows > 16), other=0.0)
+                 + tl.load(p_part + 2 * K, mask=m_k & (n_rows > 32), other=0.0)
+                 + tl.load(p_part + 3 * K, mask=m_k & (n_rows > 48), other=0.0)
+                 + tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k, other=0.0) * tl.exp(b_Gl))
+        b_dG = tl.load(dgam + p_tk, mask=m, other=0.0)
+        tl.debug_barrier()  # dg is written over dgam below, possibly by other threads
+        b_dg = tl.where(m, tl.cumsum(b_dG, axis=0, reverse=True) + b_dGl[None, :], 0.0)
+        if HAS_GATE:
+            if HAS_BIAS:
+                b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+            else:
+                b_bias = tl.zeros([BK], dtype=tl.float32)
+            b_graw = tl.load(g + p_tk, mask=m, other=0.0).to(tl.float32)
+            _, b_gx, b_ga = kda_gate_f32_and_grads(b_graw, b_a, b_bias[None, :], lower_bound, HAS_BIAS, HAS_LB)
+            b_dxr = b_dg * b_gx
+            b_dalog += tl.sum(b_dg * b_ga, axis=0)
+            tl.store(dgam + p_tk, b_dxr, mask=m)
+            if HAS_BIAS:
+                tl.store(dbias_part + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.sum(b_dxr, axis=0), mask=m_k)
+        else:
+            tl.store(dgam + p_tk, b_dg, mask=m)
+    if HAS_GATE:
+        tl.store(dalog_part + i_c * HV + i_hv, tl.sum(b_dalog, axis=0))
+
+
 def intra_bwd_dkk(
     v: torch.Tensor,
     beta: torch.Tensor,
@@ -405,18 +640,37 @@ def kda_intra_bwd(
     has_bias = has_gate and dt_bias is not None
     dbias_part = torch.empty(NC, HV, K, device=dev, dtype=f32) if has_bias else dq
     dalog_part = torch.empty(NC, HV, device=dev, dtype=f32) if has_gate else dq
-    kda_intra_bwd_pair_kernel[(NC, HV)](
-        q, k, g, beta, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
-        dx, dP, gr["dqg"], gr["dkd"], gr["dA"], gr["ddl"],
-        dq, dk, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
-        float(scale), float(lower_bound) if lower_bound is not None else 0.0,
-        H=H, HV=HV, K=K, BK=min(block_k, next_pow2(K)), BT=64,
-        HAS_GATE=has_gate, HAS_BIAS=has_bias, HAS_LB=has_gate and lower_bound is not None,
-        USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else FAST_PRECISION,
-        PREC_EXACT="ieee" if INTERPRET else EXACT_PRECISION,
-        SAFE_SPAN=_intra.SAFE_SPAN if safe_span is None else safe_span,
-        num_warps=num_warps, num_stages=1,
-    )
+    gate_kw = dict(HAS_GATE=has_gate, HAS_BIAS=has_bias, HAS_LB=has_gate and lower_bound is not None)
+    A_log_arg = A_log if has_gate else g
+    bias_arg = dt_bias if dt_bias is not None else g
+    lb = float(lower_bound) if lower_bound is not None else 0.0
+    if PAIR_LAUNCH == "block":
+        dkk_part = torch.empty(NC, HV, 4, K, device=dev, dtype=f32)
+        kda_intra_bwd_block_kernel[(NC, HV, 4)](
+            q, k, g, beta, A_log_arg, bias_arg, dx, dP, gr["dqg"], gr["dkd"], gr["dA"],
+            dq, dk, dg, dbeta, dkk_part, chunk_bounds, float(scale), lb,
+            H=H, HV=HV, K=K, BK=min(BLOCK_BLOCK_K, next_pow2(K)), BT=64, **gate_kw,
+            USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else BLOCK_PRECISION,
+            num_warps=BLOCK_NUM_WARPS, num_stages=1,
+            **({"maxnreg": BLOCK_MAX_REGISTERS} if BLOCK_MAX_REGISTERS and not INTERPRET else {}),
+        )
+        kda_intra_bwd_gate_kernel[(NC, HV)](
+            g, A_log_arg, bias_arg, dg, dkk_part, gr["ddl"], dbias_part, dalog_part, chunk_bounds, lb,
+            HV=HV, K=K, BK=min(64, next_pow2(K)), BT=64, **gate_kw, num_warps=4, num_stages=1,
+        )
+    else:
+        kda_intra_bwd_pair_kernel[(NC, HV)](
+            q, k, g, beta, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
+            dx, dP, gr["dqg"], gr["dkd"], gr["dA"], gr["ddl"],
+            dq, dk, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
+            float(scale), float(lower_bound) if lower_bound is not None else 0.0,
+            H=H, HV=HV, K=K, BK=min(block_k, next_pow2(K)), BT=64,
+            HAS_GATE=has_gate, HAS_BIAS=has_bias, HAS_LB=has_gate and lower_bound is not None,
+            USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else FAST_PRECISION,
+            PREC_EXACT="ieee" if INTERPRET else EXACT_PRECISION,
+            SAFE_SPAN=_intra.SAFE_SPAN if safe_span is None else safe_span,
+            num_warps=num_warps, num_stages=1,
+        )
     if HV != H:
         dq = dq.view(TT, H, HV // H, K).sum(2)
         dk = dk.view(TT, H, HV // H, K).sum(2)
