@@ -163,6 +163,33 @@ def _grad_tile(base, stride, o_t, n_rows, DIAG: tl.constexpr, TRANS: tl.constexp
 
 
 @triton.jit
+def _finish_rows(q_base, k_base, dq, dk, dbeta_base, hk, rows, m_rows, b_db, b_beta, b_iq, b_ik, b_cq, b_ck,
+                 HV: tl.constexpr, SQ: tl.constexpr, SG: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                 USE_SIGMOID: tl.constexpr, USE_L2: tl.constexpr):
+    """The last steps for a set of a chunk's rows: dbeta (launch 1's partial + b_db, through the
+    sigmoid) and the l2norm backward of the dq / dk rows stored so far (b_iq, b_ik: 1 / |row|; b_cq,
+    b_ck: sum_d y dy per row)."""
+    p_b = dbeta_base + rows * HV
+    b_db += tl.load(p_b, mask=m_rows, other=0.0)
+    if USE_SIGMOID:
+        b_db = b_db * b_beta * (1.0 - b_beta)
+    tl.store(p_b, b_db.to(dbeta_base.dtype.element_ty), mask=m_rows)
+    if USE_L2:
+        tl.debug_barrier()  # dq / dk rows written by other threads are read back below
+        for i_k in range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = m_rows[:, None] & (o_k < K)[None, :]
+            p_qk = rows[:, None] * SQ + o_k[None, :]
+            p_tk = hk + rows[:, None] * SG + o_k[None, :]
+            b_yq = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_iq[:, None]
+            b_yk = tl.load(k_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_ik[:, None]
+            b_dyq = tl.load(dq + p_tk, mask=m, other=0.0)
+            b_dyk = tl.load(dk + p_tk, mask=m, other=0.0)
+            tl.store(dq + p_tk, (b_dyq - b_yq * b_cq[:, None]) * b_iq[:, None], mask=m)
+            tl.store(dk + p_tk, (b_dyk - b_yk * b_ck[:, None]) * b_ik[:, None], mask=m)
+
+
+@triton.jit
 def kda_intra_bwd_pair_kernel(
     q, k, g, beta, A_log, dt_bias, dx, dP, dqg, dkd, dA, ddl,
     dq, dk, dg, dbeta, dbias_part, dalog_part, chunk_bounds,
@@ -329,23 +356,8 @@ def kda_intra_bwd_pair_kernel(
         tl.store(dk + p_tk, b_dk, mask=m)
     if HAS_GATE:
         tl.store(dalog_part + i_c * HV + i_hv, tl.sum(b_dalog, axis=0))
-    b_db += tl.load(dbeta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0)
-    if USE_SIGMOID:
-        b_db = b_db * b_beta * (1.0 - b_beta)
-    tl.store(dbeta + (bos * HV + i_hv) + o_t * HV, b_db.to(dbeta.dtype.element_ty), mask=m_t)
-    if USE_L2:
-        tl.debug_barrier()  # dq / dk rows written by other threads are read back below
-        for i_k in range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = m_t[:, None] & (o_k < K)[None, :]
-            p_qk = o_t[:, None] * SQ + o_k[None, :]
-            p_tk = hk + o_t[:, None] * SG + o_k[None, :]
-            b_yq = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_iq[:, None]
-            b_yk = tl.load(k_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_ik[:, None]
-            b_dyq = tl.load(dq + p_tk, mask=m, other=0.0)
-            b_dyk = tl.load(dk + p_tk, mask=m, other=0.0)
-            tl.store(dq + p_tk, (b_dyq - b_yq * b_cq[:, None]) * b_iq[:, None], mask=m)
-            tl.store(dk + p_tk, (b_dyk - b_yk * b_ck[:, None]) * b_ik[:, None], mask=m)
+    _finish_rows(q_base, k_base, dq, dk, dbeta + (bos * HV + i_hv), hk, o_t, m_t, b_db, b_beta, b_iq, b_ik,
+                 b_cq, b_ck, HV, SQ, SG, K, BK, USE_SIGMOID, USE_L2)
 
 
 @triton.jit
@@ -493,24 +505,8 @@ def kda_intra_bwd_block_kernel(
         b_ck += tl.sum(b_dk * b_yk, axis=1)
         tl.store(dq + p_tk, b_dq * scale, mask=m)
         tl.store(dk + p_tk, b_dk, mask=m)
-    p_b = dbeta + (bos * HV + i_hv) + r_c * HV
-    b_db += tl.load(p_b, mask=m_c, other=0.0)
-    if USE_SIGMOID:
-        b_db = b_db * b_beta * (1.0 - b_beta)
-    tl.store(p_b, b_db.to(dbeta.dtype.element_ty), mask=m_c)
-    if USE_L2:
-        tl.debug_barrier()  # dq / dk rows written by other threads are read back below
-        for i_k in range(0, K, BK):
-            o_k = i_k + tl.arange(0, BK)
-            m = m_c[:, None] & (o_k < K)[None, :]
-            p_ck = r_c[:, None] * SQ + o_k[None, :]
-            p_tk = hk + r_c[:, None] * SG + o_k[None, :]
-            b_yq = tl.load(q_base + p_ck, mask=m, other=0.0).to(tl.float32) * b_iq_c[:, None]
-            b_yk = tl.load(k_base + p_ck, mask=m, other=0.0).to(tl.float32) * b_ik_c[:, None]
-            b_dyq = tl.load(dq + p_tk, mask=m, other=0.0)
-            b_dyk = tl.load(dk + p_tk, mask=m, other=0.0)
-            tl.store(dq + p_tk, (b_dyq - b_yq * b_cq[:, None]) * b_iq_c[:, None], mask=m)
-            tl.store(dk + p_tk, (b_dyk - b_yk * b_ck[:, None]) * b_ik_c[:, None], mask=m)
+    _finish_rows(q_base, k_base, dq, dk, dbeta + (bos * HV + i_hv), hk, r_c, m_c, b_db, b_beta, b_iq_c, b_ik_c,
+                 b_cq, b_ck, HV, SQ, SG, K, BK, USE_SIGMOID, USE_L2)
 
 
 @triton.jit
