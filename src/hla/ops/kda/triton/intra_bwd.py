@@ -163,6 +163,29 @@ def _grad_tile(base, stride, o_t, n_rows, DIAG: tl.constexpr, TRANS: tl.constexp
 
 
 @triton.jit
+def _token_terms(b_q, b_yk, b_G, b_Gl, b_beta, b_dqr, b_dkr, b_dkc, dx, dqg, dkd, p_tk, m):
+    """Rows' gradients from the pair sums (row sides dq_r, dk_r, column side dk_c) plus the per-token
+    terms of qg = q exp(Gamma), kd = k exp(Gamma_last - Gamma) and X = beta k exp(Gamma) -> dq, dk,
+    dGamma (before the in-chunk reverse cumsum), the rows' dbeta part sum_d dX X / beta, and the
+    column sums of dkd * kd (dGamma_last's token part)."""
+    b_dq = b_dqr
+    b_dk = b_dkr + b_dkc
+    b_dG = b_q * b_dqr + b_yk * (b_dkr - b_dkc)
+    b_eG = tl.exp(b_G)
+    b_ed = tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))
+    b_dx = tl.load(dx + p_tk, mask=m, other=0.0)
+    b_dqg = tl.load(dqg + p_tk, mask=m, other=0.0)
+    b_dkd = tl.load(dkd + p_tk, mask=m, other=0.0)
+    b_kd = b_yk * b_ed
+    b_xb = b_yk * b_eG  # X / beta
+    b_db = tl.sum(b_dx * b_xb, axis=1)
+    b_dq += b_dqg * b_eG
+    b_dk += b_dx * b_eG * b_beta[:, None] + b_dkd * b_ed
+    b_dG += b_dqg * b_q * b_eG + b_dx * b_xb * b_beta[:, None] - b_dkd * b_kd
+    return b_dq, b_dk, b_dG, b_db, tl.sum(b_dkd * b_kd, axis=0)
+
+
+@triton.jit
 def _finish_rows(q_base, k_base, dq, dk, dbeta_base, hk, rows, m_rows, b_db, b_beta, b_iq, b_ik, b_cq, b_ck,
                  HV: tl.constexpr, SQ: tl.constexpr, SG: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
                  USE_SIGMOID: tl.constexpr, USE_L2: tl.constexpr):
@@ -315,22 +338,10 @@ def kda_intra_bwd_pair_kernel(
         b_dqr = tl.load(dq + p_tk, mask=m, other=0.0)
         b_dkr = tl.load(dk + p_tk, mask=m, other=0.0)
         tl.debug_barrier()  # this block's dq / dk are rewritten below, possibly by other threads
-        b_dq = b_dqr
-        b_dk = b_dkr + b_dkc
-        b_dG = b_q * b_dqr + b_yk * (b_dkr - b_dkc)
-        # per-token terms: qg = q exp(Gamma), kd = k exp(Gamma_last - Gamma), X = beta k exp(Gamma)
-        b_eG = tl.exp(b_G)
-        b_ed = tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))
-        b_dx = tl.load(dx + p_tk, mask=m, other=0.0)
-        b_dqg = tl.load(dqg + p_tk, mask=m, other=0.0)
-        b_dkd = tl.load(dkd + p_tk, mask=m, other=0.0)
-        b_kd = b_yk * b_ed
-        b_xb = b_yk * b_eG  # X / beta
-        b_db += tl.sum(b_dx * b_xb, axis=1)
-        b_dq += b_dqg * b_eG
-        b_dk += b_dx * b_eG * b_beta[:, None] + b_dkd * b_ed
-        b_dG += b_dqg * b_q * b_eG + b_dx * b_xb * b_beta[:, None] - b_dkd * b_kd
-        b_dGl = tl.sum(b_dkd * b_kd, axis=0) + tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k,
+        b_dq, b_dk, b_dG, b_dbr, b_dkk = _token_terms(b_q, b_yk, b_G, b_Gl, b_beta, b_dqr, b_dkr, b_dkc, dx, dqg, dkd,
+                                                      p_tk, m)
+        b_db += b_dbr
+        b_dGl = b_dkk + tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k,
                                                        other=0.0) * tl.exp(b_Gl)
         # Gamma = cumsum(g): dg_i = sum_{r >= i} dGamma_r, plus dGamma_last for every valid row
         b_dg = tl.where(m, tl.cumsum(b_dG, axis=0, reverse=True) + b_dGl[None, :], 0.0)
@@ -483,23 +494,11 @@ def kda_intra_bwd_block_kernel(
             b_cj = tl.sum((b_ac[:, None] * b_q + b_pc[:, None] * b_yk) * b_e, axis=0)
             b_dkc += tl.where(sel, b_cj[None, :], 0.0)
 
-        b_dq = b_dqr
-        b_dk = b_dkr + b_dkc
-        b_dG = b_q * b_dqr + b_yk * (b_dkr - b_dkc)
-        # per-token terms: qg = q exp(Gamma), kd = k exp(Gamma_last - Gamma), X = beta k exp(Gamma)
-        b_eG = tl.exp(b_Gc)
-        b_ed = tl.exp(tl.minimum(b_Gl[None, :] - b_Gc, 0.0))
-        b_dx = tl.load(dx + p_tk, mask=m, other=0.0)
-        b_dqg = tl.load(dqg + p_tk, mask=m, other=0.0)
-        b_dkd = tl.load(dkd + p_tk, mask=m, other=0.0)
-        b_kd = b_yk * b_ed
-        b_xb = b_yk * b_eG  # X / beta
-        b_db += tl.sum(b_dx * b_xb, axis=1)
-        b_dq += b_dqg * b_eG
-        b_dk += b_dx * b_eG * b_beta[:, None] + b_dkd * b_ed
-        b_dG += b_dqg * b_q * b_eG + b_dx * b_xb * b_beta[:, None] - b_dkd * b_kd
+        b_dq, b_dk, b_dG, b_dbr, b_dkk = _token_terms(b_q, b_yk, b_Gc, b_Gl, b_beta, b_dqr, b_dkr, b_dkc, dx, dqg,
+                                                      dkd, p_tk, m)
+        b_db += b_dbr
         tl.store(dgam + p_tk, tl.where(m, b_dG, 0.0), mask=m)
-        tl.store(dkk_part + ((i_c * HV + i_hv) * 4 + c).to(tl.int64) * K + o_k, tl.sum(b_dkd * b_kd, axis=0),
+        tl.store(dkk_part + ((i_c * HV + i_hv) * 4 + c).to(tl.int64) * K + o_k, b_dkk,
                  mask=m_k)
         b_cq += tl.sum(b_dq * b_q, axis=1)  # = sum_d dy * y for q = scale y
         b_ck += tl.sum(b_dk * b_yk, axis=1)
