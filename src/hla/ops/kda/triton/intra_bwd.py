@@ -163,6 +163,19 @@ def _grad_tile(base, stride, o_t, n_rows, DIAG: tl.constexpr, TRANS: tl.constexp
 
 
 @triton.jit
+def _gate_backward(b_dg, p_graw, m, p_bias, m_k, b_a, lower_bound, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr):
+    """dg [BT, BK] of the log-decay -> that of the raw gate at p_graw, and dA_log's part per channel
+    (a = exp(A_log); dt_bias at p_bias)."""
+    if HAS_BIAS:
+        b_bias = tl.load(p_bias, mask=m_k, other=0.0).to(tl.float32)
+    else:
+        b_bias = tl.zeros([b_dg.shape[1]], dtype=tl.float32)
+    b_graw = tl.load(p_graw, mask=m, other=0.0).to(tl.float32)
+    _, b_gx, b_ga = kda_gate_f32_and_grads(b_graw, b_a, b_bias[None, :], lower_bound, HAS_BIAS, HAS_LB)
+    return b_dg * b_gx, tl.sum(b_dg * b_ga, axis=0)
+
+
+@triton.jit
 def _token_terms(b_q, b_yk, b_G, b_Gl, b_beta, b_dqr, b_dkr, b_dkc, dx, dqg, dkd, p_tk, m):
     """Rows' gradients from the pair sums (row sides dq_r, dk_r, column side dk_c) plus the per-token
     terms of qg = q exp(Gamma), kd = k exp(Gamma_last - Gamma) and X = beta k exp(Gamma) -> dq, dk,
@@ -341,19 +354,13 @@ def kda_intra_bwd_pair_kernel(
         b_dq, b_dk, b_dG, b_dbr, b_dkk = _token_terms(b_q, b_yk, b_G, b_Gl, b_beta, b_dqr, b_dkr, b_dkc, dx, dqg, dkd,
                                                       p_tk, m)
         b_db += b_dbr
-        b_dGl = b_dkk + tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k,
-                                                       other=0.0) * tl.exp(b_Gl)
+        b_dGl = b_dkk + tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k, other=0.0) * tl.exp(b_Gl)
         # Gamma = cumsum(g): dg_i = sum_{r >= i} dGamma_r, plus dGamma_last for every valid row
         b_dg = tl.where(m, tl.cumsum(b_dG, axis=0, reverse=True) + b_dGl[None, :], 0.0)
         if HAS_GATE:
-            if HAS_BIAS:
-                b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-            else:
-                b_bias = tl.zeros([BK], dtype=tl.float32)
-            b_graw = tl.load(g + p_tk, mask=m, other=0.0).to(tl.float32)
-            _, b_gx, b_ga = kda_gate_f32_and_grads(b_graw, b_a, b_bias[None, :], lower_bound, HAS_BIAS, HAS_LB)
-            b_dx_raw = b_dg * b_gx
-            b_dalog += tl.sum(b_dg * b_ga, axis=0)
+            b_dx_raw, b_dal = _gate_backward(b_dg, g + p_tk, m, dt_bias + i_hv * K + o_k, m_k, b_a, lower_bound,
+                                             HAS_BIAS, HAS_LB)
+            b_dalog += b_dal
             tl.store(dg + p_tk, b_dx_raw.to(dg.dtype.element_ty), mask=m)
             if HAS_BIAS:
                 tl.store(dbias_part + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.sum(b_dx_raw, axis=0), mask=m_k)
@@ -545,14 +552,9 @@ def kda_intra_bwd_gate_kernel(
         tl.debug_barrier()  # dg is written over dgam below, possibly by other threads
         b_dg = tl.where(m, tl.cumsum(b_dG, axis=0, reverse=True) + b_dGl[None, :], 0.0)
         if HAS_GATE:
-            if HAS_BIAS:
-                b_bias = tl.load(dt_bias + i_hv * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-            else:
-                b_bias = tl.zeros([BK], dtype=tl.float32)
-            b_graw = tl.load(g + p_tk, mask=m, other=0.0).to(tl.float32)
-            _, b_gx, b_ga = kda_gate_f32_and_grads(b_graw, b_a, b_bias[None, :], lower_bound, HAS_BIAS, HAS_LB)
-            b_dxr = b_dg * b_gx
-            b_dalog += tl.sum(b_dg * b_ga, axis=0)
+            b_dxr, b_dal = _gate_backward(b_dg, g + p_tk, m, dt_bias + i_hv * K + o_k, m_k, b_a, lower_bound,
+                                          HAS_BIAS, HAS_LB)
+            b_dalog += b_dal
             tl.store(dgam + p_tk, b_dxr, mask=m)
             if HAS_BIAS:
                 tl.store(dbias_part + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.sum(b_dxr, axis=0), mask=m_k)
