@@ -1,7 +1,7 @@
 """Chunked KDA in Triton: host side, launch order and the autograd wiring.
 
 Forward, four launches: the intra-chunk stage (intra.py: a fast pass with the gate, l2norm and beta
-fused, an exact pass only for the chunk-heads it flagged, and the solve for w, u), then the
+fused, an exact pass only for the key blocks it flagged, and the solve for w, u), then the
 recurrence that also writes the output (recurrence.py).
 Saved for the backward: the inputs and stage 1's per-chunk matrices A_qk, P and M (three [64, 64]
 fp32 tiles per chunk and value head: 768 bytes per token and head, about 0.75x the bf16 q, k, v, g at
