@@ -395,6 +395,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode-batches", default=",".join(str(b) for b in DECODE_BATCHES),
                     type=_int_list, help="decode batch sizes (default 1,8,64,256)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the decode launch sweep")
+    ap.add_argument("--pair-launch", choices=("pair", "block"), default=None,
+                    help="the intra backward's pair-sum launch (hla.ops.kda.triton.intra_bwd.PAIR_LAUNCH; "
+                         "default: the library's)")
     ap.add_argument("--stages", action="store_true",
                     help="time each stage of our forward alone (and the reverse recurrence unless --no-bwd) "
                          "at the first selected shape and gate")
@@ -409,6 +412,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.pair_launch:
+        from hla.ops.kda.triton import intra_bwd
+
+        intra_bwd.PAIR_LAUNCH = args.pair_launch
     load_fla()
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
