@@ -1,0 +1,119 @@
+"""What the Triton kernels' bf16 intermediates cost in gradient accuracy, without a GPU.
+
+The chunked kernels store w = M (beta k exp(Gamma)), kd = k exp(Gamma_last - Gamma) and qg = q exp(Gamma)
+in the input dtype (bf16) and run the state recurrence on them. This script runs the chunked KDA in
+float64 on the CPU with any of the three rounded to bf16 in the forward (gradients passed straight
+through) and prints each gradient's relative error against the exact float64 run, per draw. Inputs
+are check_kda_gpu.py's (`--gate near0` is the case whose dA_log failed on the H200).
+
+    PYTHONPATH=src python3 benchmarks/kda_bf16_intermediates.py [--gate near0] [--draws 8] [--T 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from check_kda_gpu import make_inputs  # noqa: E402
+from hla.ops.kda.chunk_torch import (  # noqa: E402
+    chunk_kda_cumsum,
+    chunk_kda_intra,
+    chunk_kda_solve_tril,
+    chunk_kda_wu,
+)
+from hla.ops.kda.gate import kda_gate, l2norm  # noqa: E402
+
+ROUNDABLE = ("w", "kd", "qg")
+GRADS = ("q", "k", "v", "g", "beta", "A_log", "dt_bias")
+
+
+class _RoundBF16(torch.autograd.Function):
+    """bf16 rounding in the forward, identity in the backward (the kernels differentiate as if the
+    stored tensor were exact)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.to(torch.bfloat16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def chunked_kda(q, k, v, g, beta, scale: float, rounded=(), BT: int = 64):
+    """Chunked KDA, one sequence: q, k, v ``[1, T, HV, D]`` float64 (q, k normalised), g ``[1, T, HV,
+    K]`` log-decay, beta ``[1, T, HV]``; T a multiple of BT. The names in rounded are stored in bf16.
+    -> o ``[1, HV, NT, BT, V]``, final state ``[1, HV, K, V]``."""
+    def chunks(x):
+        x = x if x.dim() == 4 else x.unsqueeze(-1)
+        B, T, HV, D = x.shape
+        return x.reshape(B, T // BT, BT, HV, D).permute(0, 3, 1, 2, 4)
+
+    def store(x, name):
+        return _RoundBF16.apply(x) if name in rounded else x
+
+    qc, kc, vc, gch, bc = chunks(q) * scale, chunks(k), chunks(v), chunks(g), chunks(beta).squeeze(-1)
+    gc = chunk_kda_cumsum(gch)
+    A_kk, A_qk = chunk_kda_intra(qc, kc, gc, bc, "auto")
+    w, u = chunk_kda_wu(chunk_kda_solve_tril(A_kk), kc, vc, gc, bc)
+    w = store(w, "w")
+    g_last = gc[..., -1:, :]
+    kd = store(kc * torch.exp(g_last - gc), "kd").transpose(-1, -2)
+    qg = store(qc * torch.exp(gc), "qg")
+    decay = torch.exp(g_last).transpose(-1, -2)  # [1, HV, NT, K, 1]
+    S = torch.zeros(*qc.shape[:2], qc.shape[-1], vc.shape[-1], dtype=qc.dtype)
+    outs = []
+    for u_n, w_n, d_n, k_n, q_n, a_n in zip(u.unbind(2), w.unbind(2), decay.unbind(2), kd.unbind(2), qg.unbind(2),
+                                             A_qk.unbind(2), strict=True):
+        v_new = u_n - w_n @ S
+        outs.append(q_n @ S + a_n @ v_new)
+        S = d_n * S + k_n @ v_new
+    return torch.stack(outs, 2), S
+
+
+def gradients(x: dict, rounded, do=None, ds=None):
+    """Gradients of <o, do> + <S, ds> for the raw projections of x (float64 leaves)."""
+    d = {n: x[n].detach().double().requires_grad_(True) for n in GRADS}
+    gate = kda_gate(d["g"], d["A_log"], d["dt_bias"], None)
+    o, s = chunked_kda(l2norm(d["q"]), l2norm(d["k"]), d["v"], gate, torch.sigmoid(d["beta"]),
+                       d["q"].shape[-1] ** -0.5, rounded)
+    if do is None:
+        do, ds = torch.randn_like(o), torch.randn_like(s)
+    grads = torch.autograd.grad([o, s], [d[n] for n in GRADS], [do, ds])
+    return dict(zip(GRADS, grads, strict=True)), do, ds
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gate", default="near0", choices=("kimi", "bench", "near0", "veryneg"))
+    ap.add_argument("--draws", type=int, default=8)
+    ap.add_argument("--T", type=int, default=2048, help="tokens (a multiple of 64)")
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=128)
+    args = ap.parse_args(argv)
+    if args.T % 64:
+        ap.error(f"--T: expected a multiple of 64, got {args.T}")
+    torch.manual_seed(0)
+    variants = [(n,) for n in ROUNDABLE] + [ROUNDABLE]
+    print(f"gate {args.gate}, T {args.T}, HV {args.heads}, K = V = {args.dim}; relative error vs exact float64 "
+          f"(dA_log / dg), bf16-stored: " + ", ".join("+".join(v) for v in variants), flush=True)
+    for draw in range(args.draws):
+        x = make_inputs(1, args.T, args.heads, args.heads, args.dim, args.dim, args.gate, torch.device("cpu"),
+                        dtype=torch.bfloat16)
+        exact, do, ds = gradients(x, ())
+        cols = []
+        for v in variants:
+            got, _, _ = gradients(x, v, do, ds)
+            e = {n: ((got[n] - exact[n]).norm() / exact[n].norm()).item() for n in ("A_log", "g")}
+            cols.append(f"{'+'.join(v)} {e['A_log']:.1e} / {e['g']:.1e}")
+        print(f"draw {draw}: " + "   ".join(cols), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
