@@ -34,15 +34,25 @@ def kda_gate_f32(raw, a, bias, lower_bound, HAS_BIAS: tl.constexpr, HAS_LB: tl.c
 @triton.jit
 def kda_gate_f32_and_grads(raw, a, bias, lower_bound, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr):
     """``kda_gate_f32`` for the backward: -> (g, dg/draw, dg/dA_log), all shaped like raw."""
+    g = kda_gate_f32(raw, a, bias, lower_bound, HAS_BIAS, HAS_LB)
     x = raw
     if HAS_BIAS:
         x = x + bias
     if HAS_LB:
         s = tl.sigmoid(a * x)
         ds = lower_bound * s * (1.0 - s)
-        return lower_bound * s, ds * a, ds * a * x
-    g = -a * softplus_f32(x)
+        return g, ds * a, ds * a * x
     return g, -a * tl.sigmoid(x), g
+
+
+@triton.jit
+def beta_rows(beta_base, rows, m_rows, HV: tl.constexpr, USE_SIGMOID: tl.constexpr):
+    """beta of the given rows of a chunk ([R] fp32; beta_base points at the chunk's first token and
+    value head, rows stride HV), through the sigmoid when the caller passes logits; 0 on masked rows."""
+    b = tl.load(beta_base + rows * HV, mask=m_rows, other=0.0).to(tl.float32)
+    if USE_SIGMOID:
+        b = tl.where(m_rows, tl.sigmoid(b), 0.0)
+    return b
 
 
 @triton.jit

@@ -53,7 +53,15 @@ import torch
 import triton
 import triton.language as tl
 
-from hla.ops.kda.triton.common import INTERPRET, half_anchors, kda_gate_f32, level_factors, next_pow2, qk_row_sumsq
+from hla.ops.kda.triton.common import (
+    INTERPRET,
+    beta_rows,
+    half_anchors,
+    kda_gate_f32,
+    level_factors,
+    next_pow2,
+    qk_row_sumsq,
+)
 
 # A chunk's K block takes the one-anchor fast path (and, in the exact launch, the quarter-anchor tier)
 # when no factor exceeds exp(SAFE_SPAN): then even the masked-out products (up to exp(2 SAFE_SPAN)) stay
@@ -97,15 +105,6 @@ def _tile16(base, b_b, i_r: tl.constexpr, i_c: tl.constexpr, o_c, BT: tl.constex
 @triton.jit
 def _store16(base, x, i_r: tl.constexpr, i_c: tl.constexpr, o_c, BT: tl.constexpr):
     tl.store(base + (i_r * 16 + o_c[:, None]) * BT + i_c * 16 + o_c[None, :], x)
-
-
-@triton.jit
-def _beta16(beta_base, i_r: tl.constexpr, o_c, n_rows, SB: tl.constexpr, USE_SIGMOID: tl.constexpr):
-    r = i_r * 16 + o_c
-    b = tl.load(beta_base + r * SB, mask=r < n_rows, other=0.0).to(tl.float32)
-    if USE_SIGMOID:
-        b = tl.where(r < n_rows, tl.sigmoid(b), 0.0)
-    return b
 
 
 @triton.jit
@@ -269,19 +268,17 @@ def kda_intra_solve_kernel(
     SV: tl.constexpr = HV * V
     o_t = tl.arange(0, BT)
     m_t = o_t < n_rows
-    b_beta = tl.load(beta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
-    if USE_SIGMOID:
-        b_beta = tl.where(m_t, tl.sigmoid(b_beta), 0.0)
+    b_beta = beta_rows(beta + bos * HV + i_hv, o_t, m_t, HV, USE_SIGMOID)
 
     # Phase 2: M = (I + diag(beta) P)^-1 by 16x16 blocks, into the M scratch.
     o_c = tl.arange(0, 16)
     p_base = Pbuf + s_base
     m_base = Mbuf + s_base
     if INVERT:
-        b0 = _beta16(beta + bos * HV + i_hv, 0, o_c, n_rows, HV, USE_SIGMOID)
-        b1 = _beta16(beta + bos * HV + i_hv, 1, o_c, n_rows, HV, USE_SIGMOID)
-        b2 = _beta16(beta + bos * HV + i_hv, 2, o_c, n_rows, HV, USE_SIGMOID)
-        b3 = _beta16(beta + bos * HV + i_hv, 3, o_c, n_rows, HV, USE_SIGMOID)
+        b0 = beta_rows(beta + bos * HV + i_hv, 0 * 16 + o_c, 0 * 16 + o_c < n_rows, HV, USE_SIGMOID)
+        b1 = beta_rows(beta + bos * HV + i_hv, 1 * 16 + o_c, 1 * 16 + o_c < n_rows, HV, USE_SIGMOID)
+        b2 = beta_rows(beta + bos * HV + i_hv, 2 * 16 + o_c, 2 * 16 + o_c < n_rows, HV, USE_SIGMOID)
+        b3 = beta_rows(beta + bos * HV + i_hv, 3 * 16 + o_c, 3 * 16 + o_c < n_rows, HV, USE_SIGMOID)
         D0 = _inv_unit_lower(_tile16(p_base, b0, 0, 0, o_c, BT), o_c, PREC_INV)
         D1 = _inv_unit_lower(_tile16(p_base, b1, 1, 1, o_c, BT), o_c, PREC_INV)
         D2 = _inv_unit_lower(_tile16(p_base, b2, 2, 2, o_c, BT), o_c, PREC_INV)

@@ -37,6 +37,7 @@ import triton.language as tl
 from hla.ops.kda.triton import intra as _intra
 from hla.ops.kda.triton.common import (
     INTERPRET,
+    beta_rows,
     half_anchors,
     kda_gate_f32_and_grads,
     level_factors,
@@ -92,9 +93,7 @@ def kda_intra_bwd_dkk_kernel(
     SV: tl.constexpr = HV * V
     o_t = tl.arange(0, BT)
     m_t = o_t < n_rows
-    b_beta = tl.load(beta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
-    if USE_SIGMOID:
-        b_beta = tl.where(m_t, tl.sigmoid(b_beta), 0.0)
+    b_beta = beta_rows(beta + bos * HV + i_hv, o_t, m_t, HV, USE_SIGMOID)
 
     b_mt = tl.trans(tl.load(M + s_base + o_t[:, None] * BT + o_t[None, :]))  # M^T
     b_dakk = tl.zeros([BT, BT], dtype=tl.float32)
@@ -252,9 +251,7 @@ def kda_intra_bwd_pair_kernel(
     SA: tl.constexpr = HV * BT
     o_t = tl.arange(0, BT)
     m_t = o_t < n_rows
-    b_beta = tl.load(beta + (bos * HV + i_hv) + o_t * HV, mask=m_t, other=0.0).to(tl.float32)
-    if USE_SIGMOID:
-        b_beta = tl.where(m_t, tl.sigmoid(b_beta), 0.0)
+    b_beta = beta_rows(beta + bos * HV + i_hv, o_t, m_t, HV, USE_SIGMOID)
     if HAS_GATE:
         b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
     if USE_L2:
@@ -420,9 +417,7 @@ def kda_intra_bwd_block_kernel(
     o16 = tl.arange(0, 16)
     r_c = c * 16 + o16  # the block's rows
     m_c = r_c < n_rows
-    b_beta = tl.load(beta + (bos * HV + i_hv) + r_c * HV, mask=m_c, other=0.0).to(tl.float32)
-    if USE_SIGMOID:
-        b_beta = tl.where(m_c, tl.sigmoid(b_beta), 0.0)
+    b_beta = beta_rows(beta + bos * HV + i_hv, r_c, m_c, HV, USE_SIGMOID)
     if USE_L2:
         b_nq, b_nk = qk_row_sumsq(q_base, k_base, o_t, m_t, SQ, K, BK)
         b_iq = 1.0 / tl.sqrt(b_nq + 1e-6)
