@@ -71,13 +71,19 @@ def qk_row_sumsq(q_base, k_base, o_t, m_t, SQ: tl.constexpr, K: tl.constexpr, BK
 
 
 @triton.jit
+def tile_row(x, o_t, r):
+    """Row r of a [BT, BK] tile as [BK] (a masked column sum; 0 when r is outside 0..BT-1)."""
+    return tl.sum(tl.where(o_t[:, None] == r, x, 0.0), axis=0)
+
+
+@triton.jit
 def half_anchors(b_G, b_Gl, o_t, BT: tl.constexpr):
     """The fast path's anchors: Gamma at rows BT/4 - 1, BT/2 - 1, 3BT/4 - 1 ([BK] each) and the span,
     the largest exponent its factors would take (a scalar; Gamma is non-increasing down the rows)."""
     HB: tl.constexpr = BT // 2
-    b_G1 = tl.sum(tl.where(o_t[:, None] == HB // 2 - 1, b_G, 0.0), axis=0)
-    b_G2 = tl.sum(tl.where(o_t[:, None] == HB - 1, b_G, 0.0), axis=0)
-    b_G3 = tl.sum(tl.where(o_t[:, None] == HB + HB // 2 - 1, b_G, 0.0), axis=0)
+    b_G1 = tile_row(b_G, o_t, HB // 2 - 1)
+    b_G2 = tile_row(b_G, o_t, HB - 1)
+    b_G3 = tile_row(b_G, o_t, HB + HB // 2 - 1)
     span = tl.max(tl.maximum(tl.maximum(-b_G1, b_G1 - b_G2), tl.maximum(b_G2 - b_G3, b_G3 - b_Gl)), axis=0)
     return b_G1, b_G2, b_G3, span
 

@@ -61,6 +61,7 @@ from hla.ops.kda.triton.common import (
     level_factors,
     next_pow2,
     qk_row_sumsq,
+    tile_row,
 )
 
 # A chunk's K block takes the one-anchor fast path (and, in the exact launch, the quarter-anchor tier)
@@ -207,7 +208,7 @@ def kda_intra_fwd_kernel(
             b_G = _load_gamma(g_base, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
                               HAS_GATE, HAS_BIAS, HAS_LB)
             # padding rows carry g = 0, so the last row holds Gamma at the chunk's last token
-            b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
+            b_Gl = tile_row(b_G, o_t, BT - 1)
             b_eG = tl.exp(b_G)
             tl.store(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.exp(b_Gl), mask=m_k)
             tl.store((qg + hk_base) + p_hk, (b_q * b_eG).to(qg.dtype.element_ty), mask=m)

@@ -43,6 +43,7 @@ from hla.ops.kda.triton.common import (
     level_factors,
     next_pow2,
     qk_row_sumsq,
+    tile_row,
 )
 
 # Products of the intra backward on the GPU (read at each call). "tf32x3" is three tf32 products (~fp32
@@ -278,7 +279,7 @@ def kda_intra_bwd_pair_kernel(
         b_yk = tl.load(k_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_ik[:, None]
         b_G = _intra._load_gamma(g + hk, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
                                  HAS_GATE, HAS_BIAS, HAS_LB)
-        b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
+        b_Gl = tile_row(b_G, o_t, BT - 1)
         # the forward's fast path: a level-32 product across the halves, one anchor inside each half
         lo = o_t < BT // 2
         b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
@@ -321,7 +322,7 @@ def kda_intra_bwd_pair_kernel(
         b_q = tl.load(q_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_iq[:, None] * scale
         b_G = _intra._load_gamma(g + hk, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
                                  HAS_GATE, HAS_BIAS, HAS_LB)
-        b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
+        b_Gl = tile_row(b_G, o_t, BT - 1)
         lo = o_t < BT // 2
         b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
         if span <= SAFE_SPAN:
@@ -439,8 +440,8 @@ def kda_intra_bwd_block_kernel(
         p_tk = hk + r_c[:, None] * SG + o_k[None, :]
         b_G64 = _intra._load_gamma(g + hk, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
                                    HAS_GATE, HAS_BIAS, HAS_LB)
-        b_Pc = tl.sum(tl.where(o_t[:, None] == c * 16 - 1, b_G64, 0.0), axis=0)  # Gamma before the block (0 at c = 0)
-        b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G64, 0.0), axis=0)
+        b_Pc = tile_row(b_G64, o_t, c * 16 - 1)  # Gamma before the block (0 at c = 0)
+        b_Gl = tile_row(b_G64, o_t, BT - 1)
         # the block's rows of the same Gamma (a recomputed cumsum would round differently, and the
         # factors below take differences of the two)
         b_Gc = tl.gather(b_G64, tl.broadcast_to(r_c[:, None], [16, BK]), 0)
@@ -469,7 +470,7 @@ def kda_intra_bwd_block_kernel(
                 r_a = a * 16 + o16
                 m_a = r_a < n_rows
                 ma = m_a[:, None] & m_k[None, :]
-                b_Pa = tl.sum(tl.where(o_t[:, None] == a * 16 - 1, b_G64, 0.0), axis=0)
+                b_Pa = tile_row(b_G64, o_t, a * 16 - 1)
                 b_Ga = tl.gather(b_G64, tl.broadcast_to(r_a[:, None], [16, BK]), 0)
                 b_ea = tl.exp(tl.minimum(b_Ga - b_Pa[None, :], 0.0))
                 b_xq = tl.load(q_base + r_a[:, None] * SQ + o_k[None, :], mask=ma, other=0.0).to(tl.float32) \
@@ -537,7 +538,7 @@ def kda_intra_bwd_gate_kernel(
         p_tk = hk + o_t[:, None] * SG + o_k[None, :]
         b_G = _intra._load_gamma(g + hk, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
                                  HAS_GATE, HAS_BIAS, HAS_LB)
-        b_Gl = tl.sum(tl.where(o_t[:, None] == BT - 1, b_G, 0.0), axis=0)
+        b_Gl = tile_row(b_G, o_t, BT - 1)
         p_part = dkk_part + ((i_c * HV + i_hv) * 4).to(tl.int64) * K + o_k
         b_dGl = (tl.load(p_part, mask=m_k, other=0.0) + tl.load(p_part + K, mask=m_k & (n_rows > 16), other=0.0)
                  + tl.load(p_part + 2 * K, mask=m_k & (n_rows > 32), other=0.0)
