@@ -250,7 +250,7 @@ def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     return {
         "bwd: stage-1 recompute (per-token tensors; A_qk, P, M saved by the forward)":
             lambda: kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw,
-                                  saved={n: st[n] for n in ("Aqk", "P", "M", "exact_flag")}),
+                                  saved={n: st[n] for n in ("Aqk", "P", "M")}),
         "bwd: states (recurrence storing h, v_new)": states,
         "bwd: state-grad chain": lambda: kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets,
                                                               need_dh0=False),

@@ -76,20 +76,20 @@ class KDAChunkTriton(torch.autograd.Function):
         st = kda_intra_fwd(*flat, meta.chunk_bounds, chunk_size=meta.BT, **_intra_kwargs(opts, A_log, dt_bias))
         o, ht, _, _ = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=h0,
                                          output_final_state=opts["output_final_state"], out_dtype=v.dtype)
-        ctx.save_for_backward(*flat, A_log, dt_bias, h0, st["Aqk"], st["P"], st["M"], st["exact_flag"])
+        ctx.save_for_backward(*flat, A_log, dt_bias, h0, st["Aqk"], st["P"], st["M"])
         ctx.meta, ctx.opts, ctx.shape = meta, opts, (B, T, H, K, HV, V)
         return o.view(B, T, HV, V), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, A_log, dt_bias, h0, Aqk, P, M, exact_flag = ctx.saved_tensors
+        q, k, v, g, beta, A_log, dt_bias, h0, Aqk, P, M = ctx.saved_tensors
         meta, opts = ctx.meta, ctx.opts
         B, T, H, K, HV, V = ctx.shape
         TT = meta.TT
         kw = _intra_kwargs(opts, A_log, dt_bias)
         # Recompute stage 1's per-token tensors and the states (h at each chunk's entry, v_new).
         st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw,
-                           saved=dict(Aqk=Aqk, P=P, M=M, exact_flag=exact_flag))
+                           saved=dict(Aqk=Aqk, P=P, M=M))
         _, _, h, vnew = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=h0,
                                            output_final_state=False, out_dtype=v.dtype, store_h=True, write_o=False)
         gr = kda_state_grad(st, h, vnew, do.reshape(TT, HV, V), dht, meta.cu, meta.chunk_offsets,

@@ -367,28 +367,34 @@ def kda_intra_fwd(
 
     saved: Aqk, P and M from an earlier call on the same inputs (the forward keeps them for the
     backward): then only the per-token tensors are recomputed (qg, kd, dl, w, u; no pair products, no
-    exact launch, no inverse) and the saved three are returned as they are."""
+    exact launch, no inverse), the saved three are returned as they are and there is no exact_flag."""
     if chunk_size != 64:
         raise ValueError(f"chunk_size: the triton backend supports 64, got {chunk_size}")
     TT, H, K = q.shape
     HV, V = v.shape[-2], v.shape[-1]
     NC = chunk_bounds.shape[0]
     dev, f32 = q.device, torch.float32
+    pairs = saved is None  # else A_qk, P, M come from the forward
+    if pairs:
+        mats = dict(Aqk=torch.empty(TT, HV, 64, device=dev, dtype=f32),
+                    P=torch.empty(NC, HV, 64, 64, device=dev, dtype=f32),
+                    M=torch.empty(NC, HV, 64, 64, device=dev, dtype=f32))
+    else:
+        mats = {n: saved[n] for n in ("Aqk", "P", "M")}
     out = dict(
-        Aqk=saved["Aqk"] if saved is not None else torch.empty(TT, HV, 64, device=dev, dtype=f32),
         w=torch.empty(TT, HV, K, device=dev, dtype=v.dtype),
         u=torch.empty(TT, HV, V, device=dev, dtype=f32),
         qg=torch.empty(TT, HV, K, device=dev, dtype=v.dtype),
         kd=torch.empty(TT, HV, K, device=dev, dtype=v.dtype),
         dl=torch.empty(NC, HV, K, device=dev, dtype=f32),
-        P=saved["P"] if saved is not None else torch.empty(NC, HV, 64, 64, device=dev, dtype=f32),
-        M=saved["M"] if saved is not None else torch.empty(NC, HV, 64, 64, device=dev, dtype=f32),
+        **mats,
     )
     has_gate = A_log is not None
     BK = min(block_k, next_pow2(K))
-    flag = torch.empty(NC, HV, triton.cdiv(K, BK), device=dev, dtype=torch.int32) if saved is None else saved["exact_flag"]
+    # the flags are neither written nor read without the pair products
+    flag = torch.empty(NC, HV, triton.cdiv(K, BK) if pairs else 1, device=dev, dtype=torch.int32)
     # the exact launch may use narrower key blocks than the flags' (fewer spills, see the docstring)
-    launches = [(False, BK, num_warps)] + ([(True, min(exact_block_k, BK), exact_warps)] if saved is None else [])
+    launches = [(False, BK, num_warps)] + ([(True, min(exact_block_k, BK), exact_warps)] if pairs else [])
     for exact, bk, nw in launches:
         kda_intra_fwd_kernel[(NC, HV)](
             q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
@@ -397,14 +403,15 @@ def kda_intra_fwd(
             H=H, HV=HV, K=K, BK=bk, FBK=BK, BT=64,
             HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
-            SAFE_SPAN=SAFE_SPAN if safe_span is None else safe_span, EXACT=exact, PAIRS=saved is None,
+            SAFE_SPAN=SAFE_SPAN if safe_span is None else safe_span, EXACT=exact, PAIRS=pairs,
             num_warps=nw, num_stages=1,
         )
-    out["exact_flag"] = flag
+    if pairs:
+        out["exact_flag"] = flag
     kda_intra_solve_kernel[(NC, HV)](
         v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
         HV=HV, K=K, V=V, BK=BK, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
-        PREC="ieee" if INTERPRET else "tf32", PREC_INV="ieee" if INTERPRET else prec_inv, INVERT=saved is None,
+        PREC="ieee" if INTERPRET else "tf32", PREC_INV="ieee" if INTERPRET else prec_inv, INVERT=pairs,
         num_warps=solve_warps, num_stages=1,
     )
     return out
