@@ -7,13 +7,11 @@ states, the unbounded Kimi gate at typical / benchmark (dt_bias ~ N(-3, 0.5)) / 
 negative values, the bounded gate, GVA, and the decode step from a state pool with slot indices.
 
     PYTHONPATH=src python3 benchmarks/check_kda_gpu.py
-    PAIR_LAUNCH=block PYTHONPATH=src python3 benchmarks/check_kda_gpu.py   # the other pair-sum launch
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import torch
@@ -127,12 +125,6 @@ def case_decode(dev, B=64, P=80, H=32, K=128, T=2):
 
 
 def main() -> int:
-    # PAIR_LAUNCH=block|pair picks the intra backward's pair-sum launch (default: the library's)
-    if os.environ.get("PAIR_LAUNCH"):
-        from hla.ops.kda.triton import intra_bwd
-
-        intra_bwd.PAIR_LAUNCH = os.environ["PAIR_LAUNCH"]
-        print(f"intra backward pair launch: {intra_bwd.PAIR_LAUNCH}", flush=True)
     dev = torch.device("cuda")
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)

@@ -28,7 +28,7 @@ from hla.ops.kda.chunk_torch import (  # noqa: E402
 )
 from hla.ops.kda.gate import kda_gate, l2norm  # noqa: E402
 
-ROUNDABLE = ("w", "kd", "qg")
+ROUNDABLE = ("w", "kd", "qg", "vn")
 GRADS = ("q", "k", "v", "g", "beta", "A_log", "dt_bias")
 
 
@@ -72,7 +72,7 @@ def chunked_kda(q, k, v, g, beta, scale: float, rounded=(), BT: int = 64):
                                              A_qk.unbind(2), strict=True):
         v_new = u_n - w_n @ S
         outs.append(q_n @ S + a_n @ v_new)
-        S = d_n * S + k_n @ v_new
+        S = d_n * S + k_n @ store(v_new, "vn")  # the kernels' state update takes v_new in bf16
     return torch.stack(outs, 2), S
 
 

@@ -211,18 +211,6 @@ def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     return calls
 
 
-def _with_other_pair_launch(fn):
-    """Run fn with intra_bwd.PAIR_LAUNCH switched ("block" <-> "pair"), then restore it."""
-    from hla.ops.kda.triton import intra_bwd
-
-    saved = intra_bwd.PAIR_LAUNCH
-    intra_bwd.PAIR_LAUNCH = "pair" if saved == "block" else "block"
-    try:
-        return fn()
-    finally:
-        intra_bwd.PAIR_LAUNCH = saved
-
-
 def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     """The backward's launches alone, called the way ``chunk.py``'s backward calls them (inputs from
     one recomputed forward). Adapt this function (only) when the backward changes."""
@@ -238,6 +226,9 @@ def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     kw = dict(scale=K**-0.5, A_log=x["A_log"], dt_bias=x["dt_bias"], lower_bound=x["lower_bound"],
               use_qk_l2norm=True, use_beta_sigmoid=True)
     st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw)
+    saved = {n: st[n] for n in ("Aqk", "P", "M")}
+    # the recompute as chunk.py's backward runs it (with Gamma and the norms for the block launch)
+    st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw, saved=saved, store_gamma=True)
 
     def states():
         return kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False,
@@ -249,15 +240,13 @@ def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     gr = kda_state_grad(st, h, vnew, do, None, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=False)
     return {
         "bwd: stage-1 recompute (per-token tensors; A_qk, P, M saved by the forward)":
-            lambda: kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw,
-                                  saved={n: st[n] for n in ("Aqk", "P", "M")}),
+            lambda: kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw, saved=saved,
+                                  store_gamma=True),
         "bwd: states (recurrence storing h, v_new)": states,
         "bwd: state-grad chain": lambda: kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets,
                                                               need_dh0=False),
         "bwd: state-grad products": lambda: kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds),
         "bwd: intra backward": lambda: kda_intra_bwd(q, k, v, g, beta, meta.chunk_bounds, st, gr, **kw),
-        "bwd: intra backward with the other pair launch (intra_bwd.PAIR_LAUNCH)":
-            lambda: _with_other_pair_launch(lambda: kda_intra_bwd(q, k, v, g, beta, meta.chunk_bounds, st, gr, **kw)),
         "bwd: intra backward launch 1 (dA_kk; launch 2 = the row above minus this)":
             lambda: intra_bwd_dkk(v, beta, meta.chunk_bounds, st, gr, use_beta_sigmoid=True),
     }
@@ -395,9 +384,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode-batches", default=",".join(str(b) for b in DECODE_BATCHES),
                     type=_int_list, help="decode batch sizes (default 1,8,64,256)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the decode launch sweep")
-    ap.add_argument("--pair-launch", choices=("pair", "block"), default=None,
-                    help="the intra backward's pair-sum launch (hla.ops.kda.triton.intra_bwd.PAIR_LAUNCH; "
-                         "default: the library's)")
     ap.add_argument("--stages", action="store_true",
                     help="time each stage of our forward alone (and the reverse recurrence unless --no-bwd) "
                          "at the first selected shape and gate")
@@ -412,10 +398,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.pair_launch:
-        from hla.ops.kda.triton import intra_bwd
-
-        intra_bwd.PAIR_LAUNCH = args.pair_launch
     load_fla()
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()

@@ -25,7 +25,6 @@ from hla.ops.kda.triton.intra_bwd import (  # noqa: E402
     kda_intra_bwd_block_kernel,
     kda_intra_bwd_dkk_kernel,
     kda_intra_bwd_gate_kernel,
-    kda_intra_bwd_pair_kernel,
 )
 from hla.ops.kda.triton.recurrence import kda_recurrence_fwd_kernel  # noqa: E402
 from hla.ops.kda.triton.recurrence_bwd import (  # noqa: E402
@@ -83,24 +82,15 @@ def cases():
                          (64, 8, "tf32x3"), (32, 4, "tf32")):
         yield (f"intra_bwd dkk BK={bk} {prec}", kda_intra_bwd_dkk_kernel, dkk_t,
                dict(HV=HV, K=K, V=V, BK=bk, BV=64, BT=BT, USE_SIGMOID=True, PREC=prec), nw, 1)
-    pair_t = dict(q=BF16, k=BF16, g=BF16, beta=BF16, A_log=F32, dt_bias=F32, dx=F32, dP=F32, dqg=F32, dkd=F32,
-                  dA=F32, ddl=F32, dq=F32, dk=F32, dg=F32, dbeta=F32, dbias_part=F32, dalog_part=F32,
-                  chunk_bounds=I32, scale="fp32", lower_bound="fp32")
-    # fast path / six-level path precisions (launched: tf32 / tf32x3)
-    for bk, nw, fast, exact in ((16, 4, "tf32", "tf32x3"), (32, 4, "tf32", "tf32x3"), (32, 8, "tf32", "tf32x3"),
-                                (16, 4, "tf32x3", "tf32x3"), (32, 4, "tf32x3", "tf32x3"), (32, 4, "tf32", "tf32")):
-        yield (f"intra_bwd pair BK={bk} {fast}/{exact}", kda_intra_bwd_pair_kernel, pair_t,
-               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=fast, PREC_EXACT=exact,
-                    SAFE_SPAN=40.0, **GATE), nw, 1)
-    block_t = dict(q=BF16, k=BF16, g=BF16, beta=BF16, A_log=F32, dt_bias=F32, dx=F32, dP=F32, dqg=F32, dkd=F32,
-                   dA=F32, dq=F32, dk=F32, dgam=F32, dbeta=F32, dkk_part=F32, chunk_bounds=I32, scale="fp32",
-                   lower_bound="fp32")
-    for bk, nw, prec in ((32, 4, "tf32x3"), (16, 4, "tf32x3"), (64, 4, "tf32x3"), (32, 2, "tf32x3"), (32, 4, "tf32"),
-                         (64, 4, "tf32")):
-        yield (f"intra_bwd block BK={bk} {prec}", kda_intra_bwd_block_kernel, block_t,
-               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec, **GATE), nw, 1)
-    gate_t = dict(g=BF16, A_log=F32, dt_bias=F32, dgam=F32, dkk_part=F32, ddl=F32, dbias_part=F32, dalog_part=F32,
-                  chunk_bounds=I32, lower_bound="fp32")
+    block_t = dict(q=BF16, k=BF16, gam=F32, inorm=F32, beta=BF16, dx=F32, dP=F32, dqg=F32, dkd=F32,
+                   dA=F32, dq=F32, dk=F32, dgam=F32, dbeta=F32, dkk_part=F32, chunk_bounds=I32, scale="fp32")
+    # launched: BK 128 / 8 warps / 128 registers (intra_bwd.BLOCK_K, NUM_WARPS, MAX_REGISTERS)
+    for bk, nw, prec, cap in ((128, 8, "tf32", 128), (128, 8, "tf32", None), (32, 4, "tf32", 128),
+                              (32, 4, "tf32", None), (64, 4, "tf32", 128), (32, 4, "tf32x3", None)):
+        yield (f"intra_bwd block BK={bk} {prec} cap {cap}", kda_intra_bwd_block_kernel, block_t,
+               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec), nw, 1, cap)
+    gate_t = dict(g=BF16, A_log=F32, dt_bias=F32, dl=F32, dgam=F32, dkk_part=F32, ddl=F32, dbias_part=F32,
+                  dalog_part=F32, chunk_bounds=I32, lower_bound="fp32")
     yield ("intra_bwd gate BK=64", kda_intra_bwd_gate_kernel, gate_t, dict(HV=HV, K=K, BK=64, BT=BT, **GATE), 4, 1)
 
 
@@ -111,12 +101,12 @@ def main() -> int:
     only = args.only.split(",") if args.only else None
     print("| kernel | warps | stages | registers | spill stores B | spill loads B | shared KB | blocks/SM |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, fn, types, consts, nw, ns in cases():
+    for name, fn, types, consts, nw, ns, *cap in cases():
         if only and not any(name.startswith(o) for o in only):
             continue
         consts = {k: v for k, v in consts.items() if k in fn.arg_names}
         try:
-            r = compile_report(fn, types, consts, nw, ns)
+            r = compile_report(fn, types, consts, nw, ns, maxnreg=cap[0] if cap else None)
         except Exception as e:  # noqa: BLE001 - a kernel that does not compile is a row, not a crash
             print(f"| {name} | {nw} | {ns} | error: {type(e).__name__}: {str(e)[:80]} | | | | |", flush=True)
             continue

@@ -2,14 +2,14 @@
 
 Forward, four launches: the intra-chunk stage (intra.py: a fast pass with the gate, l2norm and beta
 fused, an exact pass only for the key blocks it flagged, and the solve for w, u), then the
-recurrence that also writes the output (recurrence.py).
-Saved for the backward: the inputs and stage 1's per-chunk matrices A_qk, P and M (three [64, 64]
-fp32 tiles per chunk and value head: 768 bytes per token and head, about 0.75x the bf16 q, k, v, g at
-K = V = 128), the part of stage 1 that costs tensor-core pair products, the exact launch and the
-inverse. The backward recomputes the per-token tensors of stage 1 (qg, kd, w, u: larger than the
-matrices, cheap to form), re-runs the recurrence storing each chunk's entry state and v_new, walks
-the chunks in reverse for the state gradients and forms the per-chunk products (recurrence_bwd.py),
-then differentiates stage 1 (intra_bwd.py). No torch autograd inside.
+recurrence that also writes the output (recurrence.py). Saved for the backward: the inputs and stage
+1's per-chunk matrices A_qk, P and M (three [64, 64] fp32 tiles per chunk and value head: 768 bytes
+per token and head, about 0.75x the bf16 q, k, v, g at K = V = 128), the part of stage 1 that costs
+tensor-core pair products, the exact launch and the inverse. The backward recomputes the per-token
+tensors of stage 1 (qg, kd, w, u and, for the intra backward, Gamma in fp32 and the rows' inverse
+norms: larger than the matrices, cheap to form), re-runs the recurrence storing each chunk's entry
+state and v_new, walks the chunks in reverse for the state gradients and forms the per-chunk
+products (recurrence_bwd.py), then differentiates stage 1 (intra_bwd.py). No torch autograd inside.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class KDAChunkTriton(torch.autograd.Function):
         kw = _intra_kwargs(opts, A_log, dt_bias)
         # Recompute stage 1's per-token tensors and the states (h at each chunk's entry, v_new).
         st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw,
-                           saved=dict(Aqk=Aqk, P=P, M=M))
+                           saved=dict(Aqk=Aqk, P=P, M=M), store_gamma=True)
         _, _, h, vnew = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=h0,
                                            output_final_state=False, out_dtype=v.dtype, store_h=True, write_o=False)
         gr = kda_state_grad(st, h, vnew, do.reshape(TT, HV, V), dht, meta.cu, meta.chunk_offsets,

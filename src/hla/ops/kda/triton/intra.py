@@ -110,19 +110,21 @@ def _store16(base, x, i_r: tl.constexpr, i_c: tl.constexpr, o_c, BT: tl.constexp
 
 @triton.jit
 def kda_intra_fwd_kernel(
-    q, k, g, A_log, dt_bias, Aqk, w, qg, kd, dl, Pbuf, exact_flag, chunk_bounds,
+    q, k, g, A_log, dt_bias, Aqk, w, qg, kd, dl, Pbuf, exact_flag, gam, inorm, chunk_bounds,
     scale, lower_bound,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
     BK: tl.constexpr, FBK: tl.constexpr, BT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
     USE_L2: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr, EXACT: tl.constexpr,
-    PAIRS: tl.constexpr = True,
+    PAIRS: tl.constexpr = True, STORE_GAMMA: tl.constexpr = False,
 ):
     """EXACT=False: everything, with the one-anchor product where the span allows, flagging the key
     blocks (of FBK = BK channels) where it did not. EXACT=True (second launch, BK <= FBK): the
     within-half pairs of the flagged key blocks only, added to the stored A_qk and P; programs with
     no flagged key block return at once. PAIRS=False (the backward, with A_qk and P saved by the
-    forward): only the per-token tensors qg, kd, dl and k exp(Gamma)."""
+    forward): only the per-token tensors qg, kd, dl and k exp(Gamma). STORE_GAMMA: also Gamma ([TT, HV,
+    K] fp32) and the rows' inverse norms 1 / |q|, 1 / |k| ([TT, HV, 2] fp32), which the intra backward
+    reads row by row."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + FBK - 1) // FBK
     QB: tl.constexpr = BT // 4
@@ -150,8 +152,12 @@ def kda_intra_fwd_kernel(
 
     if USE_L2:
         b_nq, b_nk = qk_row_sumsq(q_base, k_base, o_t, m_t, SQ, K, BK)
-        b_rq = scale / tl.sqrt(b_nq + 1e-6)
         b_rk = 1.0 / tl.sqrt(b_nk + 1e-6)
+        if STORE_GAMMA:
+            p_n = inorm + (bos * HV + i_hv) * 2 + o_t * (2 * HV)
+            tl.store(p_n, 1.0 / tl.sqrt(b_nq + 1e-6), mask=m_t)
+            tl.store(p_n + 1, b_rk, mask=m_t)
+        b_rq = scale / tl.sqrt(b_nq + 1e-6)
     else:
         b_rq = tl.zeros([BT], dtype=tl.float32) + scale
         b_rk = tl.zeros([BT], dtype=tl.float32) + 1.0
@@ -210,6 +216,8 @@ def kda_intra_fwd_kernel(
             # padding rows carry g = 0, so the last row holds Gamma at the chunk's last token
             b_Gl = tile_row(b_G, o_t, BT - 1)
             b_eG = tl.exp(b_G)
+            if STORE_GAMMA:
+                tl.store((gam + hk_base) + p_hk, b_G, mask=m)
             tl.store(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.exp(b_Gl), mask=m_k)
             tl.store((qg + hk_base) + p_hk, (b_q * b_eG).to(qg.dtype.element_ty), mask=m)
             tl.store((kd + hk_base) + p_hk, (b_k * tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))).to(kd.dtype.element_ty),
@@ -356,6 +364,7 @@ def kda_intra_fwd(
     solve_warps: int = 2,
     safe_span: float | None = None,
     saved: dict[str, torch.Tensor] | None = None,
+    store_gamma: bool = False,
 ) -> dict[str, torch.Tensor]:
     """q, k ``[TT, H, K]``, v ``[TT, HV, V]``, g ``[TT, HV, K]`` (raw when A_log), beta ``[TT, HV]``
     (flattened tokens), chunk_bounds int32 ``[NC, 2]`` -> dict: Aqk ``[TT, HV, 64]`` fp32 (zero above
@@ -364,6 +373,8 @@ def kda_intra_fwd(
     P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them), and exact_flag ``[NC, HV,
     cdiv(K, block_k)]`` int32 per key block: 0 fast pass, 1 level-16 + quarter anchors, 2 six levels.
     exact_block_k / exact_warps: the exact launch's key-block width (<= block_k) and warps.
+    store_gamma: also return gam, Gamma ``[TT, HV, K]`` fp32, and inorm, the rows' 1 / |q| and 1 / |k|
+    ``[TT, HV, 2]`` fp32 (ones without the l2norm): the intra backward's block launch reads them.
 
     saved: Aqk, P and M from an earlier call on the same inputs (the forward keeps them for the
     backward): then only the per-token tensors are recomputed (qg, kd, dl, w, u; no pair products, no
@@ -389,6 +400,10 @@ def kda_intra_fwd(
         dl=torch.empty(NC, HV, K, device=dev, dtype=f32),
         **mats,
     )
+    if store_gamma:
+        out["gam"] = torch.empty(TT, HV, K, device=dev, dtype=f32)
+        out["inorm"] = (torch.empty(TT, HV, 2, device=dev, dtype=f32) if use_qk_l2norm
+                        else torch.ones(TT, HV, 2, device=dev, dtype=f32))
     has_gate = A_log is not None
     BK = min(block_k, next_pow2(K))
     # the flags are neither written nor read without the pair products
@@ -398,12 +413,14 @@ def kda_intra_fwd(
     for exact, bk, nw in launches:
         kda_intra_fwd_kernel[(NC, HV)](
             q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
-            out["Aqk"], out["w"], out["qg"], out["kd"], out["dl"], out["P"], flag, chunk_bounds,
+            out["Aqk"], out["w"], out["qg"], out["kd"], out["dl"], out["P"], flag,
+            out.get("gam", flag), out.get("inorm", flag), chunk_bounds,
             float(scale), float(lower_bound) if lower_bound is not None else 0.0,
             H=H, HV=HV, K=K, BK=bk, FBK=BK, BT=64,
             HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
             SAFE_SPAN=SAFE_SPAN if safe_span is None else safe_span, EXACT=exact, PAIRS=pairs,
+            STORE_GAMMA=store_gamma and not exact,
             num_warps=nw, num_stages=1,
         )
     if pairs:

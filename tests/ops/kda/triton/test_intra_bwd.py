@@ -1,7 +1,7 @@
-"""The two pair-sum launches of the intra backward (intra_bwd.PAIR_LAUNCH: "block", one program per
-16-row block with every pair exact; "pair", one program per chunk with the exponent split) give the
-reference's gradients, fp32 under the Triton interpreter: varlen with initial states, GVA, K != V,
-a partial last chunk, the unbounded gate at typical and very negative values and the bounded gate."""
+"""The intra backward (one program per 16-row block, every pair exact, Gamma read from the recompute)
+gives the reference's gradients, fp32 under the Triton interpreter: varlen with initial states, GVA,
+K != V, a partial last chunk, the unbounded gate at typical and very negative values and the bounded
+gate; and it refuses a stage-1 dict without Gamma."""
 
 import sys
 from pathlib import Path
@@ -9,16 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from hla.ops.kda.triton import intra_bwd, kda_chunk_triton
+from hla.ops.kda.triton import kda_chunk_triton
+from hla.ops.kda.triton.intra_bwd import kda_intra_bwd
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from _triton_helpers import make_inputs, reference, rel  # noqa: E402
 
 
-@pytest.mark.parametrize("launch", ["block", "pair"])
 @pytest.mark.parametrize("gate", ["kimi", "veryneg", "safe"])
-def test_intra_bwd_launch_gradients_match_reference(launch, gate, monkeypatch):
-    monkeypatch.setattr(intra_bwd, "PAIR_LAUNCH", launch)
+def test_intra_bwd_gradients_match_reference(gate):
     torch.manual_seed(3)
     cu = torch.tensor([0, 37, 150])  # second sequence: a full chunk, then a partial one (49 rows)
     x = make_inputs(T=150, H=1, HV=2, K=32, V=16, N=2, gate=gate, grad=True)
@@ -32,8 +31,16 @@ def test_intra_bwd_launch_gradients_match_reference(launch, gate, monkeypatch):
     grads = torch.autograd.grad([o, s], [x[n] for n in names], [do.float(), ds.float()])
     # very negative gates: the fp32 cumsum's ulp at |Gamma| ~ 6000 limits dA_log / ddt_bias (see
     # test_triton_chunk.py). dA_log is two sums over every token and channel; on this draw one of them
-    # cancels to -0.014 (the other is 0.46) and both launches land 2.5-3.0e-4 from float64 while
-    # agreeing with each other to 6e-5, so that much is the shared fp32 forward, not the launch.
+    # cancels to -0.014 (the other is 0.46); this launch and session 3's exponent-split one both land
+    # 2.5-3.0e-4 from float64 and agreed with each other to 6e-5: the shared fp32 forward, not the launch.
     tol = 5e-3 if gate == "veryneg" else 1e-4
     for n, gr, rr in zip(names, grads, ref, strict=True):
         assert rel(gr, rr) < (max(tol, 1e-3) if n == "A_log" else tol), (n, rel(gr, rr))
+
+
+def test_intra_bwd_needs_gamma_from_the_recompute():
+    x = make_inputs(T=64, H=1, HV=1, K=16, V=16, N=1, gate="kimi", grad=False)
+    with pytest.raises(ValueError, match="store_gamma=True"):
+        kda_intra_bwd(x["q"][0], x["k"][0], x["v"][0], x["g"][0], x["beta"][0],
+                      torch.tensor([[0, 64]], dtype=torch.int32), {}, {}, scale=0.25, A_log=None, dt_bias=None,
+                      lower_bound=None, use_qk_l2norm=True, use_beta_sigmoid=True)
