@@ -4,13 +4,15 @@ bf16 inputs, fresh random data each case, thresholds from issue 3: outputs and f
 ||out - ref|| / ||ref|| < 5e-3, gradients < 1e-2, no NaN. Cases: T = 8192 (forward at 32 heads,
 forward + backward at 2 heads so the float64 autograd reference fits), packed varlen with initial
 states, the unbounded Kimi gate at typical / benchmark (dt_bias ~ N(-3, 0.5)) / near-zero / very
-negative values, the bounded gate, GVA, and the decode step from a state pool with slot indices.
+negative values, the bounded gate, GVA, and the decode step from a state pool with slot indices;
+then forward + backward with fp16 and fp32 inputs and at head dims 256 and 64.
 
-    PYTHONPATH=src python3 benchmarks/check_kda_gpu.py
+    PYTHONPATH=src python3 benchmarks/check_kda_gpu.py [--dtypes-only]
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 
@@ -92,10 +94,11 @@ def case_forward(name, B, T, H, HV, K, gate, dev, cu=None):
     check(f"{name} final_state", rel(s, rs), 5e-3)
 
 
-def case_backward(name, B, T, H, HV, K, gate, dev, cu=None):
-    print(f"[fwd+bwd] {name}: B={B} T={T} H={H} HV={HV} K=V={K} gate={gate} varlen={cu is not None}", flush=True)
+def case_backward(name, B, T, H, HV, K, gate, dev, cu=None, dtype=None):
+    print(f"[fwd+bwd] {name}: B={B} T={T} H={H} HV={HV} K=V={K} gate={gate} varlen={cu is not None} "
+          f"dtype={str(dtype or DTYPE).replace('torch.', '')}", flush=True)
     N = None if cu is None else len(cu) - 1
-    x = make_inputs(B, T, H, HV, K, K, gate, dev, N=N)
+    x = make_inputs(B, T, H, HV, K, K, gate, dev, dtype=dtype, N=N)
     rd, ro, rs = run_ref(x, cu, grad=True)
     do = torch.randn_like(ro)
     ds = torch.randn_like(rs)
@@ -124,10 +127,17 @@ def case_decode(dev, B=64, P=80, H=32, K=128, T=2):
     check("decode pool (all slots)", rel(pool, ref_pool), 5e-3)
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtypes-only", action="store_true",
+                    help="only the fp16 / fp32 input and head dim 256 / 64 cases (seeded as in the full run)")
+    args = ap.parse_args(argv)
     dev = torch.device("cuda")
     torch.manual_seed(0)
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    if args.dtypes_only:
+        torch.manual_seed(1)
+        return dtype_cases(dev)
     for gate in ("kimi", "bench", "near0", "veryneg", "safe"):
         case_forward(f"T8192 {gate}", 1, 8192, 32, 32, 128, gate, dev)
     cu = torch.tensor([0, 1000, 1037, 4100, 4101, 8192], device=dev)
@@ -139,6 +149,16 @@ def main() -> int:
     for gate in ("bench", "veryneg", "safe"):
         case_backward(f"T2048 {gate}", 1, 2048, 2, 2, 128, gate, dev)
     case_decode(dev)
+    torch.manual_seed(1)  # the cases below draw the same inputs with --dtypes-only
+    return dtype_cases(dev)
+
+
+def dtype_cases(dev) -> int:
+    """The other input dtypes and head dims, then the verdict of the whole run."""
+    case_backward("fp16 T2048 kimi", 1, 2048, 2, 2, 128, "kimi", dev, dtype=torch.float16)
+    case_backward("fp32 T2048 kimi", 1, 2048, 2, 2, 128, "kimi", dev, dtype=torch.float32)
+    case_backward("K=V=256 T2048 kimi", 1, 2048, 2, 2, 256, "kimi", dev)
+    case_backward("K=V=64 GVA T2048 bench", 1, 2048, 2, 4, 64, "bench", dev)
     print("FAILED: " + ", ".join(FAILS) if FAILS else "ALL PASSED", flush=True)
     return 1 if FAILS else 0
 

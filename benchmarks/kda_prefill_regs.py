@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+import triton.language as tl
+
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -40,18 +42,18 @@ GATE = dict(HAS_GATE=True, HAS_BIAS=True, HAS_LB=False)
 
 def cases():
     intra_t = dict(q=BF16, k=BF16, g=BF16, A_log=F32, dt_bias=F32, Aqk=F32, w=BF16, qg=BF16, kd=BF16, dl=F32,
-                   Pbuf=F32, exact_flag=I32, chunk_bounds=I32, scale="fp32", lower_bound="fp32")
+                   Pbuf=F32, exact_flag=I32, gam=F32, inorm=F32, chunk_bounds=I32, scale="fp32", lower_bound="fp32")
     # the fast launch sets the flags per key block of FBK channels; the exact launch may read them in
     # narrower blocks (launched: fast BK 64 / 4 warps, exact BK 32 / 4 warps)
     for exact, bk, nw in ((False, 64, 4), (False, 32, 4), (False, 64, 8),
                           (True, 32, 4), (True, 64, 4), (True, 32, 8), (True, 64, 8)):
         yield (f"intra {'exact' if exact else 'fast'} BK={bk}", kda_intra_fwd_kernel, intra_t,
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=64 if exact else bk, BT=BT, USE_L2=True, PREC="tf32",
-                    SAFE_SPAN=40.0, EXACT=exact, PAIRS=True, **GATE), nw, 1)
-    # the backward's recompute with A_qk, P, M saved: per-token tensors only
+                    SAFE_SPAN=40.0, EXACT=exact, PAIRS=True, STORE_GAMMA=False, OP=tl.bfloat16, **GATE), nw, 1)
+    # the backward's recompute with A_qk, P, M saved: per-token tensors, Gamma and the row norms
     yield ("intra per-token BK=64", kda_intra_fwd_kernel, intra_t,
            dict(H=HV, HV=HV, K=K, BK=64, FBK=64, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=40.0, EXACT=False,
-                PAIRS=False, **GATE), 4, 1)
+                PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, **GATE), 4, 1)
     solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32)
     for nw in (1, 2, 4):
         yield ("solve", kda_intra_solve_kernel, solve_t,

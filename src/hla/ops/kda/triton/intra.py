@@ -116,7 +116,7 @@ def kda_intra_fwd_kernel(
     BK: tl.constexpr, FBK: tl.constexpr, BT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
     USE_L2: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr, EXACT: tl.constexpr,
-    PAIRS: tl.constexpr = True, STORE_GAMMA: tl.constexpr = False,
+    PAIRS: tl.constexpr = True, STORE_GAMMA: tl.constexpr = False, OP: tl.constexpr = tl.bfloat16,
 ):
     """EXACT=False: everything, with the one-anchor product where the span allows, flagging the key
     blocks (of FBK = BK channels) where it did not. EXACT=True (second launch, BK <= FBK): the
@@ -124,7 +124,9 @@ def kda_intra_fwd_kernel(
     no flagged key block return at once. PAIRS=False (the backward, with A_qk and P saved by the
     forward): only the per-token tensors qg, kd, dl and k exp(Gamma). STORE_GAMMA: also Gamma ([TT, HV,
     K] fp32) and the rows' inverse norms 1 / |q|, 1 / |k| ([TT, HV, 2] fp32), which the intra backward
-    reads row by row."""
+    reads row by row. OP: the pair products' operand dtype (bf16 for 16-bit inputs: the factors reach
+    exp(SAFE_SPAN) = 2e17, past fp16's 65504; fp32 inputs, and the interpreter, whose bf16 products
+    overflowed at the same place, keep fp32)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + FBK - 1) // FBK
     QB: tl.constexpr = BT // 4
@@ -184,27 +186,27 @@ def kda_intra_fwd_kernel(
                 # when no factor exceeds exp(SAFE_SPAN) (the diagonal from that product), else through
                 # the five levels 16 .. 1 and the diagonal as a plain row sum
                 up, b_e, pair = level_factors(b_G, o_t, 1, BT, BK)
-                b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(q.dtype.element_ty)
-                b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty)
-                b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty))
+                b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(OP)
+                b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(OP)
+                b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(OP))
                 b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
                 b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
                 b_Ga = tl.gather(b_G, tl.broadcast_to((o_t // QB * QB + QB // 2 - 1)[:, None], [BT, BK]), 0)
                 if tl.max(tl.max(tl.abs(b_G - b_Ga), axis=1), axis=0) <= SAFE_SPAN:
                     b_eq = tl.exp(tl.minimum(b_G - b_Ga, SAFE_SPAN))
-                    b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Ga - b_G, SAFE_SPAN))).to(q.dtype.element_ty))
+                    b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Ga - b_G, SAFE_SPAN))).to(OP))
                     same = (o_t[:, None] // QB) == (o_t[None, :] // QB)
                     b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
-                                      tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
-                    b_p += tl.where(same & (o_t[:, None] > o_t[None, :]), tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC),
+                                      tl.dot((b_q * b_eq).to(OP), b_kc, input_precision=PREC), 0.0)
+                    b_p += tl.where(same & (o_t[:, None] > o_t[None, :]), tl.dot((b_k * b_eq).to(OP), b_kc, input_precision=PREC),
                                     0.0)
                 else:
                     b_aqk += tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.0)
                     for lvl in range(2, 6):
                         up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
-                        b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(q.dtype.element_ty)
-                        b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty)
-                        b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty))
+                        b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(OP)
+                        b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(OP)
+                        b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(OP))
                         b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
                         b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
                     tl.store(f_base + i_k // FBK + tl.arange(0, 1), tl.full([1], 2, tl.int32))
@@ -233,18 +235,18 @@ def kda_intra_fwd_kernel(
                 b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
                 tl.store(f_base + i_k // FBK + tl.arange(0, 1), tl.full([1], 0, tl.int32) + (span > SAFE_SPAN).to(tl.int32))
                 b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
-                b_kc = tl.trans(tl.where(lo[:, None], b_k * b_e, 0.0).to(q.dtype.element_ty))
-                b_aqk += tl.dot(tl.where(lo[:, None], 0.0, b_q * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
-                b_p += tl.dot(tl.where(lo[:, None], 0.0, b_k * b_e).to(q.dtype.element_ty), b_kc, input_precision=PREC)
+                b_kc = tl.trans(tl.where(lo[:, None], b_k * b_e, 0.0).to(OP))
+                b_aqk += tl.dot(tl.where(lo[:, None], 0.0, b_q * b_e).to(OP), b_kc, input_precision=PREC)
+                b_p += tl.dot(tl.where(lo[:, None], 0.0, b_k * b_e).to(OP), b_kc, input_precision=PREC)
                 if span <= SAFE_SPAN:
                     b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
                     b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
-                    b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))).to(q.dtype.element_ty))
+                    b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))).to(OP))
                     same = lo[:, None] == lo[None, :]
                     b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
-                                      tl.dot((b_q * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+                                      tl.dot((b_q * b_eq).to(OP), b_kc, input_precision=PREC), 0.0)
                     b_p += tl.where(same & (o_t[:, None] > o_t[None, :]),
-                                    tl.dot((b_k * b_eq).to(q.dtype.element_ty), b_kc, input_precision=PREC), 0.0)
+                                    tl.dot((b_k * b_eq).to(OP), b_kc, input_precision=PREC), 0.0)
     if not PAIRS:
         return
     p_a = a_base + o_t[:, None] * SA + o_t[None, :]
@@ -341,6 +343,13 @@ def kda_intra_solve_kernel(
         tl.store(p_w, tl.dot(b_m, b_x, input_precision=PREC).to(w.dtype.element_ty), mask=m)
 
 
+def pair_operand_dtype(dtype: torch.dtype):
+    """The pair products' operand dtype for inputs of this dtype: bf16 for 16-bit inputs (the factors
+    reach exp(SAFE_SPAN) = 2e17, past fp16's 65504: fp16 operands gave inf outputs on the H200), fp32
+    for fp32 inputs and under the interpreter (whose bf16 products overflowed at the same place)."""
+    return tl.float32 if dtype == torch.float32 or INTERPRET else tl.bfloat16
+
+
 def kda_intra_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -420,7 +429,7 @@ def kda_intra_fwd(
             HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
             SAFE_SPAN=SAFE_SPAN if safe_span is None else safe_span, EXACT=exact, PAIRS=pairs,
-            STORE_GAMMA=store_gamma and not exact,
+            STORE_GAMMA=store_gamma and not exact, OP=pair_operand_dtype(q.dtype),
             num_warps=nw, num_stages=1,
         )
     if pairs:

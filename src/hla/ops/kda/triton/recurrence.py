@@ -105,7 +105,7 @@ def _pick_bv(n_programs_per_block: int, V: int) -> int:
 def kda_recurrence_fwd(
     st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, *,
     initial_state: torch.Tensor | None, output_final_state: bool, out_dtype: torch.dtype,
-    store_h: bool = False, write_o: bool = True, block_v: int | None = None, num_warps: int = 4,
+    store_h: bool = False, write_o: bool = True, block_v: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, split: bool = True,
 ):
     """st: the intra stage's dict (w, u, qg, kd, dl, Aqk) -> (o ``[TT, HV, V]``, final ``[N, HV, K, V]``
@@ -115,6 +115,13 @@ def kda_recurrence_fwd(
     N = cu_seqlens.shape[0] - 1
     NC = st["dl"].shape[0]
     BV = block_v or _pick_bv(N * HV, V)
+    if K > 128:
+        # K = 256 on the H200 (2026-11-26, compute-sanitizer): BV 16 / 4 warps, BV 32 / 4 or 8 warps read
+        # shared memory out of bounds in the output product (a code-generation fault, the same symptom as
+        # the chain's in recurrence_bwd.py); BV 16 and 64 at 8 warps ran clean.
+        BV = block_v or min(64, next_pow2(V))
+        num_warps = num_warps or 8
+    num_warps = num_warps or 4
     dev = st["w"].device
     o = torch.empty(TT, HV, V, device=dev, dtype=out_dtype) if write_o else None
     ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
