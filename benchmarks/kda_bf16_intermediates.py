@@ -4,7 +4,8 @@ The chunked kernels store w = M (beta k exp(Gamma)), kd = k exp(Gamma_last - Gam
 in the input dtype (bf16) and run the state recurrence on them, whose state update takes v_new in
 bf16 too ("vn"). This script runs the chunked KDA in float64 on the CPU with any of the four rounded
 to bf16 in the forward (gradients passed straight through) and prints each gradient's relative
-error against the exact float64 run, per draw. Inputs are check_kda_gpu.py's (`--gate near0` is the case whose dA_log failed on the H200).
+error against the exact float64 run, per draw. Inputs are check_kda_gpu.py's (`--gate near0` is
+the case whose dA_log failed on the H200).
 
     PYTHONPATH=src python3 benchmarks/kda_bf16_intermediates.py [--gate near0] [--draws 8] [--T 2048]
 """
