@@ -52,6 +52,7 @@ DKK_BLOCK_K, DKK_NUM_WARPS = 32, 4
 BLOCK_PRECISION = "tf32"
 BLOCK_K, NUM_WARPS, MAX_REGISTERS = 128, 8, 128
 
+
 @triton.jit
 def kda_intra_bwd_dkk_kernel(
     v, beta, w, u, M, P, du, dw,
@@ -289,7 +290,7 @@ def kda_intra_bwd_block_kernel(
         b_dq, b_dk, b_dG, b_dbr, b_dkk = _token_terms(b_q, b_yk, b_Gc, b_Gl, b_beta, b_dqr, b_dkr, b_dkc, dx, dqg,
                                                       dkd, p_tk, m)
         b_db += b_dbr
-        tl.store(dgam + p_tk, tl.where(m, b_dG, 0.0), mask=m)
+        tl.store(dgam + p_tk, b_dG, mask=m)
         tl.store(dkk_part + ((i_c * HV + i_hv) * 4 + c).to(tl.int64) * K + o_k, b_dkk, mask=m_k)
         b_cq += tl.sum(b_dq * b_q, axis=1)  # = sum_d dy * y for q = scale y
         b_ck += tl.sum(b_dk * b_yk, axis=1)
@@ -324,12 +325,13 @@ def kda_intra_bwd_gate_kernel(
         m_k = o_k < K
         m = m_t[:, None] & m_k[None, :]
         p_tk = hk + o_t[:, None] * SG + o_k[None, :]
+        # the four blocks' partial sums (a block past the chunk's end wrote none), then ddl exp(Gamma_last)
         p_part = dkk_part + ((i_c * HV + i_hv) * 4).to(tl.int64) * K + o_k
-        b_dGl = (tl.load(p_part, mask=m_k, other=0.0) + tl.load(p_part + K, mask=m_k & (n_rows > 16), other=0.0)
-                 + tl.load(p_part + 2 * K, mask=m_k & (n_rows > 32), other=0.0)
-                 + tl.load(p_part + 3 * K, mask=m_k & (n_rows > 48), other=0.0)
-                 + tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k, other=0.0)
-                 * tl.load(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k, other=0.0))
+        b_dGl = tl.load(p_part, mask=m_k, other=0.0)
+        for blk in tl.static_range(1, 4):
+            b_dGl += tl.load(p_part + blk * K, mask=m_k & (n_rows > 16 * blk), other=0.0)
+        b_dGl += (tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k, other=0.0)
+                  * tl.load(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k, other=0.0))
         b_dG = tl.load(dgam + p_tk, mask=m, other=0.0)
         tl.debug_barrier()  # dg is written over dgam below, possibly by other threads
         b_dg = tl.where(m, tl.cumsum(b_dG, axis=0, reverse=True) + b_dGl[None, :], 0.0)
