@@ -70,10 +70,11 @@ def cases():
                     WRITE_O=True, SPLIT=split, NUM_STAGES=3), 4, 3)
     chain_t = dict(w=BF16, qg=BF16, kd=BF16, dl=F32, Aqk=F32, do=BF16, dht=F32, dh=F32, dvnew=F32, dh0=F32,
                    cu_seqlens=I32, chunk_offsets=I32)
-    for bv, nw in ((64, 8), (32, 4)):
-        yield (f"chain BV={bv}", kda_state_grad_chain_kernel, chain_t,
-               dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True, NUM_STAGES=1,
-                    EMULATE=False), nw, 1)
+    # launched at K <= 128: BV 32 / 4 warps / 2 stages with fp32 dots (recurrence_bwd._chain_launch)
+    for bv, nw, ns, f32 in ((32, 4, 2, True), (64, 8, 1, False), (32, 4, 1, True)):
+        yield (f"chain BV={bv} {'fp32' if f32 else 'bf16'} dots", kda_state_grad_chain_kernel, chain_t,
+               dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True, NUM_STAGES=ns,
+                    F32_DOTS=f32), nw, ns)
     prod_t = dict(w=BF16, qg=BF16, kd=BF16, h=F32, vnew=F32, dh=F32, dvnew=F32, do=BF16, dqg=F32, dw=F32,
                   dkd=F32, dA=F32, ddl=F32, chunk_bounds=I32)
     yield ("products BK=128 BV=32", kda_state_grad_products_kernel, prod_t,
@@ -88,7 +89,7 @@ def cases():
                    dA=F32, dq=F32, dk=F32, dgam=F32, dbeta=F32, dkk_part=F32, chunk_bounds=I32, scale="fp32")
     # launched: BK 128 / 8 warps / 128 registers (intra_bwd.BLOCK_K, NUM_WARPS, MAX_REGISTERS)
     for bk, nw, prec, cap in ((128, 8, "tf32", 128), (128, 8, "tf32", None), (32, 4, "tf32", 128),
-                              (32, 4, "tf32", None), (64, 4, "tf32", 128), (32, 4, "tf32x3", None)):
+                              (64, 4, "tf32", 128), (32, 4, "tf32x3", None)):
         yield (f"intra_bwd block BK={bk} {prec} cap {cap}", kda_intra_bwd_block_kernel, block_t,
                dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec), nw, 1, cap)
     gate_t = dict(g=BF16, A_log=F32, dt_bias=F32, dl=F32, dgam=F32, dkk_part=F32, ddl=F32, dbias_part=F32,

@@ -1,7 +1,7 @@
 """The intra backward (one program per 16-row block, every pair exact, Gamma read from the recompute)
 gives the reference's gradients, fp32 under the Triton interpreter: varlen with initial states, GVA,
 K != V, a partial last chunk, the unbounded gate at typical and very negative values and the bounded
-gate; and it refuses a stage-1 dict without Gamma."""
+gate, both ways of finishing dq / dk; and it refuses a stage-1 dict without Gamma."""
 
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hla.ops.kda.triton import kda_chunk_triton
+from hla.ops.kda.triton import intra_bwd, kda_chunk_triton
 from hla.ops.kda.triton.intra_bwd import kda_intra_bwd
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
@@ -18,9 +18,21 @@ from _triton_helpers import make_inputs, reference, rel  # noqa: E402
 
 @pytest.mark.parametrize("gate", ["kimi", "veryneg", "safe"])
 def test_intra_bwd_gradients_match_reference(gate):
+    _check_gradients(gate, HV=2)
+
+
+@pytest.mark.parametrize("block_k", [16, 128])
+def test_intra_bwd_key_block_widths(monkeypatch, block_k):
+    """Key blocks narrower than K (dq / dk finished by a read-back pass) and one key block (finished in
+    registers); no GVA, so dq / dk are written directly in their dtype."""
+    monkeypatch.setattr(intra_bwd, "BLOCK_K", block_k)
+    _check_gradients("kimi", HV=1)
+
+
+def _check_gradients(gate, HV):
     torch.manual_seed(3)
     cu = torch.tensor([0, 37, 150])  # second sequence: a full chunk, then a partial one (49 rows)
-    x = make_inputs(T=150, H=1, HV=2, K=32, V=16, N=2, gate=gate, grad=True)
+    x = make_inputs(T=150, H=1, HV=HV, K=32, V=16, N=2, gate=gate, grad=True)
     ro, rs = reference(x, cu_seqlens=cu)
     do, ds = torch.randn_like(ro), torch.randn_like(rs)
     names = ["q", "k", "v", "g", "beta", "A_log", "dt_bias", "h0"]

@@ -46,11 +46,16 @@ from hla.ops.kda.triton.common import (
 # 2026-11-26, benchmarks/kda_notes.md session 4; launches 1-3 together): block BK 128 / 8 warps /
 # 128 registers 3.27 ms, BK 32 / 4 warps / 128 registers 3.62 ms (no cap 4.71), BK 64 / 4 / 128 3.65;
 # session 3's one-program-per-chunk exponent-split launch took 5.64 ms in the same run. tf32 products
-# (tf32x3: +0.5 ms, dA_log 3e-3 closer to an all-tf32x3 run). Launch 1 alone: 0.43 ms.
+# (tf32x3: +0.5 ms, dA_log 3e-3 closer to an all-tf32x3 run). Launch 1 alone: 0.43 ms. Session 5 (in-block
+# accumulators apart from the products' layout, next row prefetched): 2.81 ms at BK 128 / 8 / 128, against
+# BK 32 / 4 / 128 3.39, BK 64 / 4 / 128 3.91, BK 64 / 8 / 128 3.53, BK 128 / 8 / no cap 3.27. With the 16-bit
+# gradients written by the kernels (no fp32 copy + cast): 2.53. Gate launch: BK 32 / 4 warps 2.49, BK 64 / 4
+# 2.53, BK 64 / 8 2.69; the reverse cumsum as a triangular tf32x3 product instead of tl.cumsum: +0.03-0.06.
 DKK_PRECISION = "tf32"
 DKK_BLOCK_K, DKK_NUM_WARPS = 32, 4
 BLOCK_PRECISION = "tf32"
 BLOCK_K, NUM_WARPS, MAX_REGISTERS = 128, 8, 128
+GATE_BLOCK_K, GATE_NUM_WARPS = 32, 4
 
 
 @triton.jit
@@ -170,12 +175,43 @@ def _finish_rows(q_base, k_base, dq, dk, dbeta_base, hk, rows, m_rows, b_db, b_b
 
 
 @triton.jit
+def _step_loads(g_base, k_base, q_base, n_base, a_base, p_base, r_c, m_c, o16, o_k, m_k, c, t, n_rows, scale,
+                HV: tl.constexpr, SQ: tl.constexpr, SG: tl.constexpr, SA: tl.constexpr, BT: tl.constexpr):
+    """Row t of block c (Gamma, k and q scaled by their inverse norms, [BK] each) and the four [16]
+    slices of dA_qk / dP that in-block step t reads; all zero for t = 16 (the prefetch past the end)."""
+    r_t = c * 16 + t
+    m_t = (r_t < n_rows) & (t < 16)
+    mk_t = m_k & m_t
+    b_Gt = tl.load(g_base + r_t * SG + o_k, mask=mk_t, other=0.0)
+    b_kt = tl.load(k_base + r_t * SQ + o_k, mask=mk_t, other=0.0).to(tl.float32) \
+        * tl.load(n_base + r_t * (2 * HV) + 1, mask=m_t, other=0.0)
+    b_qt = tl.load(q_base + r_t * SQ + o_k, mask=mk_t, other=0.0).to(tl.float32) \
+        * (tl.load(n_base + r_t * (2 * HV), mask=m_t, other=0.0) * scale)
+    b_ac = tl.load(a_base + r_c * SA + r_t, mask=m_c & (o16 >= t) & m_t, other=0.0)
+    b_pc = tl.load(p_base + r_c * BT + r_t, mask=m_c & (o16 > t) & m_t, other=0.0)
+    b_ar = tl.load(a_base + r_t * SA + r_c, mask=m_t & (o16 <= t), other=0.0)
+    b_pr = tl.load(p_base + r_t * BT + r_c, mask=m_t & (o16 < t), other=0.0)
+    return b_Gt, b_kt, b_qt, b_ac, b_pc, b_ar, b_pr
+
+
+@triton.jit
+def _step_math(b_Gc, b_Gt, b_kt, b_qt, b_ac, b_pc, b_ar, b_pr, b_dqr, b_dkr, b_dkc):
+    """One in-block step: exp(-|G_i - G_t|) <= 1 both ways, then the row sides' column t and the
+    column side's row t."""
+    b_E = tl.exp(-tl.abs(b_Gc - b_Gt[None, :]))
+    b_dqr += b_ac[:, None] * b_E * b_kt[None, :]
+    b_dkr += b_pc[:, None] * b_E * b_kt[None, :]
+    b_dkc += (b_ar[:, None] * b_qt[None, :] + b_pr[:, None] * b_kt[None, :]) * b_E
+    return b_dqr, b_dkr, b_dkc
+
+
+@triton.jit
 def kda_intra_bwd_block_kernel(
     q, k, gam, inorm, beta, dx, dP, dqg, dkd, dA,
     dq, dk, dgam, dbeta, dkk_part, chunk_bounds,
     scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
-    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr,
+    USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, ONE_PASS: tl.constexpr,
 ):
     """Launch 2 (one program per chunk, value head and 16-row block c): the pair-sum gradients of the
     block's rows (row sides dq_r, dk_r) and columns (column side dk_c), exact for any gate, with Gamma
@@ -269,23 +305,26 @@ def kda_intra_bwd_block_kernel(
 
         # pairs inside the block: step t is column t of the row sides (rows i >= t of dA_qk, i > t of
         # dP) and row t of the column side (columns j <= t of dA_qk, j < t of dP)
+        # separate accumulators: the cross-block sums above sit in the products' (mma) layout, and
+        # carrying them through these steps cost three [16, BK] layout conversions (shared memory and
+        # barriers) per step (TTGIR; 3.12 -> 2.81 ms for the three launches, H200, B1 T8192 H32 Kimi gate)
+        i_dqr = tl.zeros([16, BK], dtype=tl.float32)
+        i_dkr = tl.zeros([16, BK], dtype=tl.float32)
+        i_dkc = tl.zeros([16, BK], dtype=tl.float32)
+        # the next step's row loads are issued before this step's arithmetic: their latency, not the
+        # arithmetic, is what the loop waits on (2.93 -> 2.81 ms, same run)
+        n_Gt, n_kt, n_qt, n_ac, n_pc, n_ar, n_pr = _step_loads(
+            g_base, k_base, q_base, n_base, a_base, p_base, r_c, m_c, o16, o_k, m_k, c, 0, n_rows, scale,
+            HV, SQ, SG, SA, BT)
         for t in range(16):
-            r_t = c * 16 + t
-            m_t = r_t < n_rows
-            mk_t = m_k & m_t
-            b_Gt = tl.load(g_base + r_t * SG + o_k, mask=mk_t, other=0.0)
-            b_kt = tl.load(k_base + r_t * SQ + o_k, mask=mk_t, other=0.0).to(tl.float32) \
-                * tl.load(n_base + r_t * (2 * HV) + 1, mask=m_t, other=0.0)
-            b_qt = tl.load(q_base + r_t * SQ + o_k, mask=mk_t, other=0.0).to(tl.float32) \
-                * (tl.load(n_base + r_t * (2 * HV), mask=m_t, other=0.0) * scale)
-            b_E = tl.exp(-tl.abs(b_Gc - b_Gt[None, :]))
-            b_ac = tl.load(a_base + r_c * SA + r_t, mask=m_c & (o16 >= t), other=0.0)
-            b_pc = tl.load(p_base + r_c * BT + r_t, mask=m_c & (o16 > t), other=0.0)
-            b_ar = tl.load(a_base + r_t * SA + r_c, mask=m_t & (o16 <= t), other=0.0)
-            b_pr = tl.load(p_base + r_t * BT + r_c, mask=m_t & (o16 < t), other=0.0)
-            b_dqr += b_ac[:, None] * b_E * b_kt[None, :]
-            b_dkr += b_pc[:, None] * b_E * b_kt[None, :]
-            b_dkc += (b_ar[:, None] * b_qt[None, :] + b_pr[:, None] * b_kt[None, :]) * b_E
+            b_Gt, b_kt, b_qt, b_ac, b_pc, b_ar, b_pr = n_Gt, n_kt, n_qt, n_ac, n_pc, n_ar, n_pr
+            n_Gt, n_kt, n_qt, n_ac, n_pc, n_ar, n_pr = _step_loads(
+                g_base, k_base, q_base, n_base, a_base, p_base, r_c, m_c, o16, o_k, m_k, c, t + 1, n_rows,
+                scale, HV, SQ, SG, SA, BT)
+            i_dqr, i_dkr, i_dkc = _step_math(b_Gc, b_Gt, b_kt, b_qt, b_ac, b_pc, b_ar, b_pr, i_dqr, i_dkr, i_dkc)
+        b_dqr += i_dqr
+        b_dkr += i_dkr
+        b_dkc += i_dkc
 
         b_dq, b_dk, b_dG, b_dbr, b_dkk = _token_terms(b_q, b_yk, b_Gc, b_Gl, b_beta, b_dqr, b_dkr, b_dkc, dx, dqg,
                                                       dkd, p_tk, m)
@@ -294,22 +333,29 @@ def kda_intra_bwd_block_kernel(
         tl.store(dkk_part + ((i_c * HV + i_hv) * 4 + c).to(tl.int64) * K + o_k, b_dkk, mask=m_k)
         b_cq += tl.sum(b_dq * b_q, axis=1)  # = sum_d dy * y for q = scale y
         b_ck += tl.sum(b_dk * b_yk, axis=1)
-        tl.store(dq + p_tk, b_dq * scale, mask=m)
-        tl.store(dk + p_tk, b_dk, mask=m)
+        if ONE_PASS and USE_L2:
+            # one key block holds the whole rows, so b_cq / b_ck are complete: the l2norm backward here,
+            # one store in dq's / dk's dtype, no read-back (y = q / |q| = b_q / scale, dy = scale b_dq)
+            b_dq = (b_dq * scale - b_q * (b_cq / scale)[:, None]) * b_iq_c[:, None]
+            b_dk = (b_dk - b_yk * b_ck[:, None]) * b_ik_c[:, None]
+        else:
+            b_dq = b_dq * scale
+        tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=m)
+        tl.store(dk + p_tk, b_dk.to(dk.dtype.element_ty), mask=m)
     _finish_rows(q_base, k_base, dq, dk, dbeta + (bos * HV + i_hv), hk, r_c, m_c, b_db, b_beta, b_iq_c, b_ik_c,
-                 b_cq, b_ck, HV, SQ, SG, K, BK, USE_SIGMOID, USE_L2)
+                 b_cq, b_ck, HV, SQ, SG, K, BK, USE_SIGMOID, USE_L2 and not ONE_PASS)
 
 
 @triton.jit
 def kda_intra_bwd_gate_kernel(
-    g, A_log, dt_bias, dl, dgam, dkk_part, ddl, dbias_part, dalog_part, chunk_bounds,
+    g, A_log, dt_bias, dl, dgam, dkk_part, ddl, dg, dbias_part, dalog_part, chunk_bounds,
     lower_bound,
     HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
 ):
     """Launch 3 (one program per chunk and value head): dGamma -> dg. Gamma = cumsum(g), so dg_i =
     sum_{r >= i} dGamma_r + dGamma_last (= sum of the blocks' dkd * kd + ddl exp(Gamma_last)), then
-    the gate backward (raw gate, A_log, dt_bias). Writes dg over dgam."""
+    the gate backward (raw gate, A_log, dt_bias). Writes dg (in g's dtype)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
     n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
@@ -333,17 +379,16 @@ def kda_intra_bwd_gate_kernel(
         b_dGl += (tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k, other=0.0)
                   * tl.load(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k, other=0.0))
         b_dG = tl.load(dgam + p_tk, mask=m, other=0.0)
-        tl.debug_barrier()  # dg is written over dgam below, possibly by other threads
         b_dg = tl.where(m, tl.cumsum(b_dG, axis=0, reverse=True) + b_dGl[None, :], 0.0)
         if HAS_GATE:
             b_dxr, b_dal = _gate_backward(b_dg, g + p_tk, m, dt_bias + i_hv * K + o_k, m_k, b_a, lower_bound,
                                           HAS_BIAS, HAS_LB)
             b_dalog += b_dal
-            tl.store(dgam + p_tk, b_dxr, mask=m)
+            tl.store(dg + p_tk, b_dxr.to(dg.dtype.element_ty), mask=m)
             if HAS_BIAS:
                 tl.store(dbias_part + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.sum(b_dxr, axis=0), mask=m_k)
         else:
-            tl.store(dgam + p_tk, b_dg, mask=m)
+            tl.store(dg + p_tk, b_dg.to(dg.dtype.element_ty), mask=m)
     if HAS_GATE:
         tl.store(dalog_part + i_c * HV + i_hv, tl.sum(b_dalog, axis=0))
 
@@ -358,14 +403,15 @@ def intra_bwd_dkk(
     use_beta_sigmoid: bool,
     block_k: int = DKK_BLOCK_K,
     num_warps: int = DKK_NUM_WARPS,
+    dv_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch 1 of the intra backward alone (the benchmark times it apart) -> dv ``[TT, HV, V]``,
-    dX = M^T dw ``[TT, HV, K]``, dP ``[NC, HV, 64, 64]`` and the partial dbeta ``[TT, HV]``, all fp32."""
+    """Launch 1 of the intra backward alone (the benchmark times it apart) -> dv ``[TT, HV, V]`` (in
+    dv_dtype), dX = M^T dw ``[TT, HV, K]``, dP ``[NC, HV, 64, 64]`` and the partial dbeta ``[TT, HV]``, fp32."""
     TT, HV, V = v.shape
     K = gr["dw"].shape[-1]
     NC = chunk_bounds.shape[0]
     dev, f32 = v.device, torch.float32
-    dv = torch.empty(TT, HV, V, device=dev, dtype=f32)
+    dv = torch.empty(TT, HV, V, device=dev, dtype=dv_dtype)
     dx = torch.empty(TT, HV, K, device=dev, dtype=f32)
     dP = torch.empty(NC, HV, 64, 64, device=dev, dtype=f32)
     dbeta = torch.empty(TT, HV, device=dev, dtype=f32)
@@ -407,9 +453,11 @@ def kda_intra_bwd(
     module's BLOCK_K, NUM_WARPS, MAX_REGISTERS; max_registers 0 lets ptxas choose); dkk_block_k /
     dkk_num_warps: the dA_kk launch.
 
-    Returns dq, dk ``[TT, H, K]`` fp32 (grouped value heads summed), dv ``[TT, HV, V]`` fp32, dg
-    ``[TT, HV, K]`` fp32 (of the raw gate when A_log is given), dbeta ``[TT, HV]`` fp32, dA_log
-    ``[HV]`` and ddt_bias ``[HV * K]`` fp32 (or None)."""
+    Returns dq, dk ``[TT, H, K]`` (grouped value heads summed) in q's / k's dtype, dv ``[TT, HV, V]`` in
+    v's, dg ``[TT, HV, K]`` in g's (of the raw gate when A_log is given), dbeta ``[TT, HV]`` fp32, dA_log
+    ``[HV]`` and ddt_bias ``[HV * K]`` fp32 (or None). The kernels accumulate in fp32 and write the
+    16-bit gradients themselves (no fp32 copy and cast afterwards) except dq / dk under GVA or with K
+    past one key block, which are summed / finished in fp32 first."""
     if "gam" not in st or "inorm" not in st:
         raise ValueError("st: the intra backward reads gam and inorm; recompute stage 1 with "
                          "kda_intra_fwd(..., store_gamma=True)")
@@ -418,10 +466,14 @@ def kda_intra_bwd(
     NC = chunk_bounds.shape[0]
     dev, f32 = q.device, torch.float32
     dv, dx, dP, dbeta = intra_bwd_dkk(v, beta, chunk_bounds, st, gr, use_beta_sigmoid=use_beta_sigmoid,
-                                      block_k=dkk_block_k, num_warps=dkk_num_warps)
-    dq = torch.empty(TT, HV, K, device=dev, dtype=f32)
-    dk = torch.empty(TT, HV, K, device=dev, dtype=f32)
-    dg = torch.empty(TT, HV, K, device=dev, dtype=f32)
+                                      block_k=dkk_block_k, num_warps=dkk_num_warps, dv_dtype=v.dtype)
+    BK = min(block_k or BLOCK_K, next_pow2(K))
+    one_pass = BK >= K
+    direct = one_pass and HV == H  # dq / dk written once, in their final dtype
+    dq = torch.empty(TT, HV, K, device=dev, dtype=q.dtype if direct else f32)
+    dk = torch.empty(TT, HV, K, device=dev, dtype=k.dtype if direct else f32)
+    dgam = torch.empty(TT, HV, K, device=dev, dtype=f32)
+    dg = torch.empty(TT, HV, K, device=dev, dtype=g.dtype)
     has_gate = A_log is not None
     has_bias = has_gate and dt_bias is not None
     dbias_part = torch.empty(NC, HV, K, device=dev, dtype=f32) if has_bias else dq
@@ -430,20 +482,22 @@ def kda_intra_bwd(
     cap = MAX_REGISTERS if max_registers is None else max_registers
     kda_intra_bwd_block_kernel[(NC, HV, 4)](
         q, k, st["gam"], st["inorm"], beta, dx, dP, gr["dqg"], gr["dkd"], gr["dA"],
-        dq, dk, dg, dbeta, dkk_part, chunk_bounds, float(scale),
-        H=H, HV=HV, K=K, BK=min(block_k or BLOCK_K, next_pow2(K)), BT=64,
+        dq, dk, dgam, dbeta, dkk_part, chunk_bounds, float(scale),
+        H=H, HV=HV, K=K, BK=BK, BT=64,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else BLOCK_PRECISION,
+        ONE_PASS=one_pass,
         num_warps=num_warps or NUM_WARPS, num_stages=1, **({"maxnreg": cap} if cap and not INTERPRET else {}),
     )
     kda_intra_bwd_gate_kernel[(NC, HV)](
-        g, A_log if has_gate else g, dt_bias if dt_bias is not None else g, st["dl"], dg, dkk_part, gr["ddl"],
-        dbias_part, dalog_part, chunk_bounds, float(lower_bound) if lower_bound is not None else 0.0,
-        HV=HV, K=K, BK=min(64, next_pow2(K)), BT=64, HAS_GATE=has_gate, HAS_BIAS=has_bias,
-        HAS_LB=has_gate and lower_bound is not None, num_warps=4, num_stages=1,
+        g, A_log if has_gate else g, dt_bias if dt_bias is not None else g, st["dl"], dgam, dkk_part, gr["ddl"],
+        dg, dbias_part, dalog_part, chunk_bounds, float(lower_bound) if lower_bound is not None else 0.0,
+        HV=HV, K=K, BK=min(GATE_BLOCK_K, next_pow2(K)), BT=64, HAS_GATE=has_gate, HAS_BIAS=has_bias,
+        HAS_LB=has_gate and lower_bound is not None, num_warps=GATE_NUM_WARPS, num_stages=1,
     )
     if HV != H:
         dq = dq.view(TT, H, HV // H, K).sum(2)
         dk = dk.view(TT, H, HV // H, K).sum(2)
+    dq, dk = dq.to(q.dtype), dk.to(k.dtype)
     return dict(dq=dq, dk=dk, dv=dv, dg=dg, dbeta=dbeta,
                 dA_log=dalog_part.sum(0) if has_gate else None,
                 ddt_bias=dbias_part.sum(0).reshape(-1) if has_bias else None)

@@ -34,15 +34,18 @@ BT = 64
 
 
 @triton.jit
-def _dot_bf16(a, b, acc, EMULATE: tl.constexpr):
-    # The interpreter multiplies bf16 tiles wrongly; EMULATE multiplies the same values in fp32.
-    if EMULATE:
+def _dot_bf16(a, b, acc, F32_DOTS: tl.constexpr):
+    # F32_DOTS multiplies the same (bf16-exact) values as fp32 tiles, tf32 on the GPU, which is exact
+    # for them: the interpreter multiplies bf16 tiles wrongly, and on the H200 the bf16 products of
+    # the chain faulted (out-of-bounds shared-memory reads) at 16 and 32 value columns while the fp32
+    # ones ran clean (compute-sanitizer, 2026-11-26; benchmarks/kda_notes.md, session 5).
+    if F32_DOTS:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc)
 
 
 @triton.jit
-def _dot_mixed(a, b, acc, EMULATE: tl.constexpr):
+def _dot_mixed(a, b, acc, F32_DOTS: tl.constexpr):
     """acc + a @ b in fp32, each operand in its storage dtype.
 
     Two bf16 tiles go to the tensor cores as they are (their products are exact in fp32). An fp32 tile
@@ -51,15 +54,15 @@ def _dot_mixed(a, b, acc, EMULATE: tl.constexpr):
     thread for [64, 128] at 4 warps). Any other pair is multiplied in fp32 (tf32 on the GPU).
     """
     if (a.dtype == tl.bfloat16) and (b.dtype == tl.bfloat16):
-        return _dot_bf16(a, b, acc, EMULATE)
+        return _dot_bf16(a, b, acc, F32_DOTS)
     elif (a.dtype == tl.bfloat16) and (b.dtype == tl.float32):
         b_hi = b.to(tl.bfloat16)
         b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
-        return _dot_bf16(a, b_lo, _dot_bf16(a, b_hi, acc, EMULATE), EMULATE)
+        return _dot_bf16(a, b_lo, _dot_bf16(a, b_hi, acc, F32_DOTS), F32_DOTS)
     elif (a.dtype == tl.float32) and (b.dtype == tl.bfloat16):
         a_hi = a.to(tl.bfloat16)
         a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
-        return _dot_bf16(a_lo, b, _dot_bf16(a_hi, b, acc, EMULATE), EMULATE)
+        return _dot_bf16(a_lo, b, _dot_bf16(a_hi, b, acc, F32_DOTS), F32_DOTS)
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
 
@@ -69,7 +72,7 @@ def kda_state_grad_chain_kernel(
     w, qg, kd, dl, Aqk, do, dht, dh, dvnew, dh0, cu_seqlens, chunk_offsets,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NUM_STAGES: tl.constexpr, EMULATE: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NUM_STAGES: tl.constexpr, F32_DOTS: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -85,6 +88,7 @@ def kda_state_grad_chain_kernel(
     # int32 tile offsets; the int64 part is always a scalar base.
     p_s = o_k[:, None] * V + o_v[None, :]  # [BK, BV] into one [K, V] state
     p_tk = o_i[:, None] * (HV * K) + o_k[None, :]  # [BT, BK] rows of a [TT, HV, K] tensor
+    p_kt = o_k[:, None] + o_i[None, :] * (HV * K)  # the same, transposed: [BK, BT]
     p_tv = o_i[:, None] * (HV * V) + o_v[None, :]  # [BT, BV]
     p_tt = o_i[:, None] * (HV * BT) + o_i[None, :]  # [BT, BT]
     if HAS_DHT:
@@ -105,18 +109,18 @@ def kda_state_grad_chain_kernel(
         # anyway, and with one stage this spills less (76 B against 240 B at BV = 32, 4 warps).
         b_do = tl.load(do + row * V + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
         b_A = tl.load(Aqk + row * BT + p_tt, mask=m_t[:, None], other=0.0)  # [BT, BT] fp32
-        b_qg = tl.load(qg + row * K + p_tk, mask=m_tk, other=0.0)  # [BT, BK]
+        b_qgt = tl.load(qg + row * K + p_kt, mask=tl.trans(m_tk), other=0.0)  # [BK, BT], loaded transposed
         b_dl = tl.load(dl + i_ch * K + o_k, mask=m_k, other=0.0)  # [BK]
         # A^T do in tf32: splitting A as well costs spills (164 B at BV = 64) for an off-chain term.
         b_adv = tl.dot(tl.trans(b_A), b_do.to(tl.float32))  # [BT, BV]
-        b_acc = _dot_mixed(tl.trans(b_qg), b_do, tl.zeros([BK, BV], dtype=tl.float32), EMULATE)  # qg^T do
+        b_acc = _dot_mixed(b_qgt, b_do, tl.zeros([BK, BV], dtype=tl.float32), F32_DOTS)  # qg^T do
         # The chain.
         tl.store(dh + i_ch * (K * V) + p_s, b_ds, mask=m_s)
         b_kd = tl.load(kd + row * K + p_tk, mask=m_tk, other=0.0)
-        b_dvn = _dot_mixed(b_kd, b_ds, b_adv, EMULATE)  # [BT, BV]
+        b_dvn = _dot_mixed(b_kd, b_ds, b_adv, F32_DOTS)  # [BT, BV]
         tl.store(dvnew + row * V + p_tv, b_dvn, mask=m_tv)
-        b_w = tl.load(w + row * K + p_tk, mask=m_tk, other=0.0)
-        b_ds = _dot_mixed(tl.trans(b_w), -b_dvn, b_acc + b_ds * b_dl[:, None], EMULATE)
+        b_wt = tl.load(w + row * K + p_kt, mask=tl.trans(m_tk), other=0.0)  # [BK, BT]
+        b_ds = _dot_mixed(b_wt, -b_dvn, b_acc + b_ds * b_dl[:, None], F32_DOTS)
 
     if STORE_DH0:
         tl.store(dh0 + (i_n * HV + i_hv).to(tl.int64) * (K * V) + p_s, b_ds, mask=m_s)
@@ -174,17 +178,21 @@ def kda_state_grad_products_kernel(
         tl.store(dA + row * BT + o_i[:, None] * (HV * BT) + o_i[None, :], b_dA, mask=m_t[:, None])
 
 
-def _chain_bv(V: int) -> int:
-    # 64 value columns, 8 warps, one stage is the only launch shape that ran clean on the H200
-    # (2026-11-26): 16 and 32 columns (4 or 8 warps, 1 or 2 stages) faulted with an illegal address at
-    # T=8192 H=32 although the interpreter and small GPU shapes were fine; see benchmarks/kda_notes.md.
-    return min(64, next_pow2(V))
+def _chain_launch(K: int, V: int) -> tuple[int, int, int, bool]:
+    """(value columns, warps, stages, fp32 dots) of the chain. Its bf16 products faulted at 16 and 32
+    value columns (out-of-bounds shared-memory reads, compute-sanitizer, H200), which held it at 64
+    columns, 64 programs at B1 H32 (0.99 ms at T8192). The same values as fp32 tiles (tf32, exact for
+    bf16 values) ran clean at 32 columns: 0.72 ms at 4 warps / 2 stages (2026-11-26, session 5 in
+    benchmarks/kda_notes.md). K > 128 keeps the launch that was checked there (64 columns, bf16)."""
+    if K <= 128:
+        return min(32, next_pow2(V)), 4, 2, True
+    return min(64, next_pow2(V)), 8, 1, False
 
 
 def kda_state_grad_chain(
     st: dict[str, torch.Tensor], do: torch.Tensor, dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, *, need_dh0: bool, block_v: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None,
+    num_warps: int | None = None, num_stages: int | None = None, f32_dots: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Reverse walk over each sequence's chunks with dS ``[K, BV]`` fp32 in registers.
 
@@ -193,6 +201,7 @@ def kda_state_grad_chain(
             dl ``[NC, HV, K]`` fp32 (exp of each chunk's last cumulative gate).
         do: ``[TT, HV, V]`` bf16 or fp32; dht: ``[N, HV, K, V]`` fp32 or None (zero).
         cu_seqlens: ``[N + 1]`` int32; chunk_offsets: ``[N + 1]`` int32, first global chunk of each sequence.
+        block_v, num_warps, num_stages, f32_dots: the launch (None: ``_chain_launch``'s choice).
 
     Returns:
         dh ``[NC, HV, K, V]`` fp32 (the gradient of each chunk's exit state), dvnew ``[TT, HV, V]`` fp32
@@ -206,11 +215,9 @@ def kda_state_grad_chain(
         raise ValueError(f"do: expected [TT, HV, V] = {[TT, HV, V]}, got {list(do.shape)}")
     if dht is not None and dht.shape != (N, HV, K, V):
         raise ValueError(f"dht: expected [N, HV, K, V] = {[N, HV, K, V]}, got {list(dht.shape)}")
-    BV = block_v or _chain_bv(V)
-    # 8 warps, one stage: spill-free at K = V = 128 on sm_90a (benchmarks/kda_recurrence_bwd_regs.py)
-    # and the one launch shape that ran clean on the GPU (see _chain_bv).
-    num_warps = num_warps or 8
-    num_stages = num_stages or 1
+    bv, nw, ns, f32 = _chain_launch(K, V)
+    BV, num_warps, num_stages = block_v or bv, num_warps or nw, num_stages or ns
+    f32_dots = f32 if f32_dots is None else f32_dots
     dev, f32 = do.device, torch.float32
     dh = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
     dvnew = torch.empty(TT, HV, V, device=dev, dtype=f32)
@@ -221,7 +228,7 @@ def kda_state_grad_chain(
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=BT,
         HAS_DHT=dht is not None, STORE_DH0=need_dh0, NUM_STAGES=num_stages,
-        EMULATE=INTERPRET,
+        F32_DOTS=INTERPRET or f32_dots,
         num_warps=num_warps, num_stages=num_stages,
     )
     return dh, dvnew, dh0
