@@ -92,9 +92,9 @@ def cases():
                               (64, 4, "tf32", 128), (32, 4, "tf32x3", None)):
         yield (f"intra_bwd block BK={bk} {prec} cap {cap}", kda_intra_bwd_block_kernel, block_t,
                dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec), nw, 1, cap)
-    gate_t = dict(g=BF16, A_log=F32, dt_bias=F32, dl=F32, dgam=F32, dkk_part=F32, ddl=F32, dbias_part=F32,
+    gate_t = dict(g=BF16, A_log=F32, dt_bias=F32, dl=F32, dgam=F32, dkk_part=F32, ddl=F32, dg=BF16, dbias_part=F32,
                   dalog_part=F32, chunk_bounds=I32, lower_bound="fp32")
-    yield ("intra_bwd gate BK=64", kda_intra_bwd_gate_kernel, gate_t, dict(HV=HV, K=K, BK=64, BT=BT, **GATE), 4, 1)
+    yield ("intra_bwd gate BK=32", kda_intra_bwd_gate_kernel, gate_t, dict(HV=HV, K=K, BK=32, BT=BT, **GATE), 4, 1)
 
 
 def main() -> int:
