@@ -15,11 +15,11 @@ gradient once, instead of one partial per value block (recurrence.py's single-ke
 ``[NV, ...]`` partials and spilled).
 
 Registers (the single kernel spilled): pointers are an int64 scalar base per chunk plus int32 tile
-offsets, never int64 offset tiles; bf16 w / qg / kd / do stay bf16 tiles. Their products with the
-fp32 dS and dv_new take the fp32 side as bf16 hi + lo (two bf16 tensor-core products, ~16 mantissa
-bits against tf32's 10) instead of an fp32 copy of a [64, 128] tile. A_qk^T do and the products
-kernel multiply in fp32 (tf32 on the GPU), as the single kernel did. Spill-free at K = V = 128 on
-sm_90a with the default launches (ptxas; benchmarks/kda_recurrence_bwd_regs.py).
+offsets, never int64 offset tiles. Precision: the chain's products with the fp32 dS and dv_new were
+bf16 hi + lo halves (two bf16 tensor-core products, ~16 mantissa bits against tf32's 10); since
+session 5 (``_chain_launch``) they are one tf32 product at K <= 128, 32 value columns, which is
+faster and moves dh by 7.5e-5; K > 128 keeps the halves. A_qk^T do and the products kernel multiply
+in fp32 (tf32 on the GPU). Register and spill rows: benchmarks/kda_prefill_regs.py --only chain.
 """
 
 from __future__ import annotations
@@ -45,16 +45,19 @@ def _dot_bf16(a, b, acc, F32_DOTS: tl.constexpr):
 
 
 @triton.jit
-def _dot_mixed(a, b, acc, F32_DOTS: tl.constexpr):
+def _dot_mixed(a, b, acc, F32_DOTS: tl.constexpr, SPLIT: tl.constexpr = True):
     """acc + a @ b in fp32, each operand in its storage dtype.
 
     Two bf16 tiles go to the tensor cores as they are (their products are exact in fp32). An fp32 tile
-    meeting a bf16 one is split into bf16 hi + lo: two bf16 products keep ~16 of its mantissa bits (a
-    tf32 product keeps 10), and the bf16 tile never becomes an fp32 copy in registers (64 registers a
-    thread for [64, 128] at 4 warps). Any other pair is multiplied in fp32 (tf32 on the GPU).
+    meeting a bf16 one is split into bf16 hi + lo (SPLIT): two bf16 products keep ~16 of its mantissa
+    bits (a tf32 product keeps 10), and the bf16 tile never becomes an fp32 copy in registers (64
+    registers a thread for [64, 128] at 4 warps). Any other pair, and a mixed one without SPLIT, is
+    multiplied in fp32 (tf32 on the GPU).
     """
     if (a.dtype == tl.bfloat16) and (b.dtype == tl.bfloat16):
         return _dot_bf16(a, b, acc, F32_DOTS)
+    elif not SPLIT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     elif (a.dtype == tl.bfloat16) and (b.dtype == tl.float32):
         b_hi = b.to(tl.bfloat16)
         b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
@@ -73,6 +76,7 @@ def kda_state_grad_chain_kernel(
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NUM_STAGES: tl.constexpr, F32_DOTS: tl.constexpr,
+    SPLIT: tl.constexpr = True,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -117,10 +121,10 @@ def kda_state_grad_chain_kernel(
         # The chain.
         tl.store(dh + i_ch * (K * V) + p_s, b_ds, mask=m_s)
         b_kd = tl.load(kd + row * K + p_tk, mask=m_tk, other=0.0)
-        b_dvn = _dot_mixed(b_kd, b_ds, b_adv, F32_DOTS)  # [BT, BV]
+        b_dvn = _dot_mixed(b_kd, b_ds, b_adv, F32_DOTS, SPLIT)  # [BT, BV]
         tl.store(dvnew + row * V + p_tv, b_dvn, mask=m_tv)
         b_wt = tl.load(w + row * K + p_kt, mask=tl.trans(m_tk), other=0.0)  # [BK, BT]
-        b_ds = _dot_mixed(b_wt, -b_dvn, b_acc + b_ds * b_dl[:, None], F32_DOTS)
+        b_ds = _dot_mixed(b_wt, -b_dvn, b_acc + b_ds * b_dl[:, None], F32_DOTS, SPLIT)
 
     if STORE_DH0:
         tl.store(dh0 + (i_n * HV + i_hv).to(tl.int64) * (K * V) + p_s, b_ds, mask=m_s)
@@ -178,21 +182,26 @@ def kda_state_grad_products_kernel(
         tl.store(dA + row * BT + o_i[:, None] * (HV * BT) + o_i[None, :], b_dA, mask=m_t[:, None])
 
 
-def _chain_launch(K: int, V: int) -> tuple[int, int, int, bool]:
-    """(value columns, warps, stages, fp32 dots) of the chain. Its bf16 products faulted at 16 and 32
+def _chain_launch(K: int, V: int, dtype: torch.dtype) -> tuple[int, int, int, bool, bool]:
+    """(value columns, warps, stages, fp32 dots, hi + lo split) of the chain. Its bf16 products faulted at 16 and 32
     value columns (out-of-bounds shared-memory reads, compute-sanitizer, H200), which held it at 64
     columns, 64 programs at B1 H32 (0.99 ms at T8192). The same values as fp32 tiles (tf32, exact for
     bf16 values) ran clean at 32 columns: 0.72 ms at 4 warps / 2 stages (2026-11-26, session 5 in
-    benchmarks/kda_notes.md). K > 128 keeps the launch that was checked there (64 columns, bf16)."""
+    benchmarks/kda_notes.md). K > 128 keeps the launch that was checked there (64 columns, bf16).
+    fp32 tiles take one stage: two asked for 279 KB of shared memory (the H200 has 227 KB). The bf16
+    tiles' products with the fp32 dS and dv_new: one tf32 product each instead of hi + lo halves at
+    K <= 128 (0.73 -> 0.66 ms at B1 T8192 H32; dh and dv_new move by 7.5e-5 relative, well under what
+    the bf16 w and kd already cost)."""
     if K <= 128:
-        return min(32, next_pow2(V)), 4, 2, True
-    return min(64, next_pow2(V)), 8, 1, False
+        return min(32, next_pow2(V)), 4, 2 if dtype.itemsize <= 2 else 1, True, False
+    return min(64, next_pow2(V)), 8, 1, False, True
 
 
 def kda_state_grad_chain(
     st: dict[str, torch.Tensor], do: torch.Tensor, dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, *, need_dh0: bool, block_v: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, f32_dots: bool | None = None,
+    split: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Reverse walk over each sequence's chunks with dS ``[K, BV]`` fp32 in registers.
 
@@ -201,7 +210,7 @@ def kda_state_grad_chain(
             dl ``[NC, HV, K]`` fp32 (exp of each chunk's last cumulative gate).
         do: ``[TT, HV, V]`` bf16 or fp32; dht: ``[N, HV, K, V]`` fp32 or None (zero).
         cu_seqlens: ``[N + 1]`` int32; chunk_offsets: ``[N + 1]`` int32, first global chunk of each sequence.
-        block_v, num_warps, num_stages, f32_dots: the launch (None: ``_chain_launch``'s choice).
+        block_v, num_warps, num_stages, f32_dots, split: the launch (None: ``_chain_launch``'s choice).
 
     Returns:
         dh ``[NC, HV, K, V]`` fp32 (the gradient of each chunk's exit state), dvnew ``[TT, HV, V]`` fp32
@@ -215,9 +224,10 @@ def kda_state_grad_chain(
         raise ValueError(f"do: expected [TT, HV, V] = {[TT, HV, V]}, got {list(do.shape)}")
     if dht is not None and dht.shape != (N, HV, K, V):
         raise ValueError(f"dht: expected [N, HV, K, V] = {[N, HV, K, V]}, got {list(dht.shape)}")
-    bv, nw, ns, f32 = _chain_launch(K, V)
+    bv, nw, ns, f32, sp = _chain_launch(K, V, st["w"].dtype)
     BV, num_warps, num_stages = block_v or bv, num_warps or nw, num_stages or ns
     f32_dots = f32 if f32_dots is None else f32_dots
+    split = sp if split is None else split
     dev, f32 = do.device, torch.float32
     dh = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
     dvnew = torch.empty(TT, HV, V, device=dev, dtype=f32)
@@ -228,7 +238,7 @@ def kda_state_grad_chain(
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=BT,
         HAS_DHT=dht is not None, STORE_DH0=need_dh0, NUM_STAGES=num_stages,
-        F32_DOTS=INTERPRET or f32_dots,
+        F32_DOTS=INTERPRET or f32_dots, SPLIT=split,
         num_warps=num_warps, num_stages=num_stages,
     )
     return dh, dvnew, dh0
@@ -259,7 +269,7 @@ def kda_state_grad_products(
         if x.shape != shape:
             raise ValueError(f"{name}: expected {list(shape)}, got {list(x.shape)}")
     BK = block_k or min(128, next_pow2(K))
-    BV = block_v or min(32, next_pow2(V))
+    BV = block_v or min(64, next_pow2(V))
     dev, f32 = do.device, torch.float32
     out = dict(
         dqg=torch.empty(TT, HV, K, device=dev, dtype=f32),
