@@ -109,6 +109,44 @@ def _store16(base, x, i_r: tl.constexpr, i_c: tl.constexpr, o_c, BT: tl.constexp
 
 
 @triton.jit
+def _within_halves_exact(b_aqk, b_p, b_q, b_k, b_G, o_t, BT: tl.constexpr, BK: tl.constexpr, OP: tl.constexpr,
+                         PREC: tl.constexpr, SAFE_SPAN: tl.constexpr):
+    """The pairs the level-32 product leaves (inside each 32-row half, and the diagonal) of one key
+    block, exactly: the level-16 product (anchors 15, 47) plus one anchor per 16-row quarter (row 7 of
+    it) when no factor exceeds exp(SAFE_SPAN) over the key block (tier 1), else the five levels 16 .. 1
+    and the diagonal as a plain row sum (tier 2). b_q, b_k [BT, BK] fp32 (scaled, normalised), b_G
+    [BT, BK] the in-chunk cumulative log-decay; the parts are added to b_aqk, b_p -> (b_aqk, b_p, tier)."""
+    QB: tl.constexpr = BT // 4
+    up, b_e, pair = level_factors(b_G, o_t, 1, BT, BK)
+    b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(OP)
+    b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(OP)
+    b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(OP))
+    b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
+    b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
+    b_Ga = tl.gather(b_G, tl.broadcast_to((o_t // QB * QB + QB // 2 - 1)[:, None], [BT, BK]), 0)
+    tier = 1
+    if tl.max(tl.max(tl.abs(b_G - b_Ga), axis=1), axis=0) <= SAFE_SPAN:
+        b_eq = tl.exp(tl.minimum(b_G - b_Ga, SAFE_SPAN))
+        b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Ga - b_G, SAFE_SPAN))).to(OP))
+        same = (o_t[:, None] // QB) == (o_t[None, :] // QB)
+        b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
+                          tl.dot((b_q * b_eq).to(OP), b_kc, input_precision=PREC), 0.0)
+        b_p += tl.where(same & (o_t[:, None] > o_t[None, :]), tl.dot((b_k * b_eq).to(OP), b_kc, input_precision=PREC),
+                        0.0)
+    else:
+        b_aqk += tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.0)
+        for lvl in range(2, 6):
+            up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
+            b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(OP)
+            b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(OP)
+            b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(OP))
+            b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
+            b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
+        tier = 2
+    return b_aqk, b_p, tier
+
+
+@triton.jit
 def kda_intra_fwd_kernel(
     q, k, g, A_log, dt_bias, Aqk, w, qg, kd, dl, Pbuf, exact_flag, gam, inorm, chunk_bounds,
     scale, lower_bound,
@@ -129,7 +167,6 @@ def kda_intra_fwd_kernel(
     overflowed at the same place, keep fp32)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + FBK - 1) // FBK
-    QB: tl.constexpr = BT // 4
     if EXACT:
         n_flag = tl.load(exact_flag + (i_c * HV + i_hv) * NK)
         for i_f in range(1, NK):
@@ -181,34 +218,8 @@ def kda_intra_fwd_kernel(
                 b_k = tl.load(k_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rk[:, None]
                 b_G = _load_gamma(g_base, A_log, dt_bias, lower_bound, o_t, m_t, o_k, m_k, i_hv, SG, K,
                                   HAS_GATE, HAS_BIAS, HAS_LB)
-                # the fast launch added the level-32 product; the diagonal and the pairs inside each
-                # half are left, through the level-16 product and one anchor per quarter (row 7 of it)
-                # when no factor exceeds exp(SAFE_SPAN) (the diagonal from that product), else through
-                # the five levels 16 .. 1 and the diagonal as a plain row sum
-                up, b_e, pair = level_factors(b_G, o_t, 1, BT, BK)
-                b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(OP)
-                b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(OP)
-                b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(OP))
-                b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
-                b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
-                b_Ga = tl.gather(b_G, tl.broadcast_to((o_t // QB * QB + QB // 2 - 1)[:, None], [BT, BK]), 0)
-                if tl.max(tl.max(tl.abs(b_G - b_Ga), axis=1), axis=0) <= SAFE_SPAN:
-                    b_eq = tl.exp(tl.minimum(b_G - b_Ga, SAFE_SPAN))
-                    b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Ga - b_G, SAFE_SPAN))).to(OP))
-                    same = (o_t[:, None] // QB) == (o_t[None, :] // QB)
-                    b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
-                                      tl.dot((b_q * b_eq).to(OP), b_kc, input_precision=PREC), 0.0)
-                    b_p += tl.where(same & (o_t[:, None] > o_t[None, :]), tl.dot((b_k * b_eq).to(OP), b_kc, input_precision=PREC),
-                                    0.0)
-                else:
-                    b_aqk += tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.0)
-                    for lvl in range(2, 6):
-                        up, b_e, pair = level_factors(b_G, o_t, lvl, BT, BK)
-                        b_qs = tl.where(up[:, None], b_q * b_e, 0.0).to(OP)
-                        b_kr = tl.where(up[:, None], b_k * b_e, 0.0).to(OP)
-                        b_kc = tl.trans(tl.where(up[:, None], 0.0, b_k * b_e).to(OP))
-                        b_aqk += tl.where(pair, tl.dot(b_qs, b_kc, input_precision=PREC), 0.0)
-                        b_p += tl.where(pair, tl.dot(b_kr, b_kc, input_precision=PREC), 0.0)
+                b_aqk, b_p, tier = _within_halves_exact(b_aqk, b_p, b_q, b_k, b_G, o_t, BT, BK, OP, PREC, SAFE_SPAN)
+                if tier == 2:
                     tl.store(f_base + i_k // FBK + tl.arange(0, 1), tl.full([1], 2, tl.int32))
         else:
             b_q = tl.load(q_base + p_tk, mask=m, other=0.0).to(tl.float32) * b_rq[:, None]
@@ -233,7 +244,6 @@ def kda_intra_fwd_kernel(
                 # products finite; otherwise this key block is flagged and left to the exact launch.
                 lo = o_t < BT // 2
                 b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
-                tl.store(f_base + i_k // FBK + tl.arange(0, 1), tl.full([1], 0, tl.int32) + (span > SAFE_SPAN).to(tl.int32))
                 b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
                 b_kc = tl.trans(tl.where(lo[:, None], b_k * b_e, 0.0).to(OP))
                 b_aqk += tl.dot(tl.where(lo[:, None], 0.0, b_q * b_e).to(OP), b_kc, input_precision=PREC)
@@ -247,6 +257,10 @@ def kda_intra_fwd_kernel(
                                       tl.dot((b_q * b_eq).to(OP), b_kc, input_precision=PREC), 0.0)
                     b_p += tl.where(same & (o_t[:, None] > o_t[None, :]),
                                     tl.dot((b_k * b_eq).to(OP), b_kc, input_precision=PREC), 0.0)
+                    flag = 0
+                else:
+                    flag = 1  # left to the exact launch
+                tl.store(f_base + i_k // FBK + tl.arange(0, 1), tl.full([1], 0, tl.int32) + flag)
     if not PAIRS:
         return
     p_a = a_base + o_t[:, None] * SA + o_t[None, :]
