@@ -5,7 +5,10 @@ bf16 inputs, fresh random data each case, thresholds from issue 3: outputs and f
 forward + backward at 2 heads so the float64 autograd reference fits), packed varlen with initial
 states, the unbounded Kimi gate at typical / benchmark (dt_bias ~ N(-3, 0.5)) / near-zero / very
 negative values, the bounded gate, GVA, and the decode step from a state pool with slot indices;
-then forward + backward with fp16 and fp32 inputs and at head dims 256 and 64.
+then forward + backward with fp16 and fp32 inputs and at head dims 256 and 64. After each backward
+case an "info" line (not a check) gives dA_log's and ddt_bias's error relative to the sum of their
+summands' magnitudes and the cancellation of that sum (both are sums over every token of terms of
+either sign, so a small error per term can be a large relative error of the sum).
 
     PYTHONPATH=src python3 benchmarks/check_kda_gpu.py [--dtypes-only]
 """
@@ -70,6 +73,9 @@ def make_inputs(B, T, H, HV, K, V, gate: str, dev, dtype=None, N=None):
 def run_ref(x, cu=None, grad=False):
     d = {n: (t.detach().double().requires_grad_(grad) if torch.is_tensor(t) else t) for n, t in x.items()}
     g = kda_gate(d["g"], d["A_log"], d["dt_bias"], d["lower_bound"])
+    if grad:
+        g.retain_grad()  # for the summand scale of dA_log (summed_param_report)
+        d["_logdecay"] = g
     o, s = kda_reference(l2norm(d["q"]), l2norm(d["k"]), d["v"], g, torch.sigmoid(d["beta"]),
                          initial_state=d["h0"], output_final_state=True, cu_seqlens=cu)
     return d, o, s
@@ -110,6 +116,33 @@ def case_backward(name, B, T, H, HV, K, gate, dev, cu=None, dtype=None):
     names = ["q", "k", "v", "g", "beta", "h0", "A_log"] + (["dt_bias"] if gate != "safe" else ["dt_bias"])
     for n in names:
         check(f"{name} d{n}", rel(od[n].grad, rd[n].grad), 1e-2)
+    summed_param_report(name, od, rd)
+
+
+def summed_param_report(name, od, rd) -> None:
+    """Information, not a check: dA_log and ddt_bias are sums over every token (and channel) of
+    terms of both signs, so their relative error is the terms' error times the cancellation
+    cond = sum |terms| / |sum terms|. Prints the error relative to sum |terms| and the largest cond."""
+    glog, dglog = rd["_logdecay"].detach(), rd["_logdecay"].grad
+    a = rd["A_log"].detach().exp()[:, None]  # [HV, 1]
+    if rd["lower_bound"] is None:  # g = -a softplus(x): dg / dA_log = g
+        dg_dalog = glog
+    else:  # g = lb sigmoid(a x): dg / dA_log = lb s (1 - s) a x
+        x = rd["g"].detach() + rd["dt_bias"].detach().view(glog.shape[-2], glog.shape[-1])
+        sg = torch.sigmoid(a * x)
+        dg_dalog = rd["lower_bound"] * sg * (1 - sg) * a * x
+    terms = {  # per parameter entry: the summands of its gradient (float64 reference)
+        "A_log": (dglog * dg_dalog).transpose(-2, -1).reshape(-1, glog.shape[-2]),  # [B T K, HV]
+        "dt_bias": rd["g"].grad.reshape(-1, glog.shape[-2] * glog.shape[-1]),  # [B T, HV K]: ddt_bias = sum draw
+    }
+    for n, t in terms.items():
+        if rd[n].grad is None or od[n].grad is None:
+            continue
+        scale = t.abs().sum(0)
+        err = (od[n].grad.double().reshape(-1) - rd[n].grad.reshape(-1)).norm() / scale.norm()
+        cond = (scale / t.sum(0).abs().clamp_min(1e-300)).max()
+        print(f"  info {name} d{n}: error / sum|terms| {err.item():.1e}, cancellation cond <= {cond.item():.1e}",
+              flush=True)
 
 
 def case_decode(dev, B=64, P=80, H=32, K=128, T=2):
