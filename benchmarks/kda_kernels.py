@@ -248,7 +248,7 @@ def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
         "bwd: state-grad products": lambda: kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds),
         "bwd: intra backward": lambda: kda_intra_bwd(q, k, v, g, beta, meta.chunk_bounds, st, gr, **kw),
         "bwd: intra backward launch 1 (dA_kk; launch 2 = the row above minus this)":
-            lambda: intra_bwd_dkk(v, beta, meta.chunk_bounds, st, gr, use_beta_sigmoid=True),
+            lambda: intra_bwd_dkk(v, beta, meta.chunk_bounds, st, gr, use_beta_sigmoid=True, dv_dtype=v.dtype),
     }
 
 
