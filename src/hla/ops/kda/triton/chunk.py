@@ -96,10 +96,11 @@ class KDAChunkTriton(torch.autograd.Function):
                             meta.chunk_bounds, need_dh0=h0 is not None)
         del h, vnew
         d = kda_intra_bwd(q, k, v, g, beta, meta.chunk_bounds, st, gr, **kw)
-        dq = d["dq"].view(B, T, H, K).to(q.dtype)
-        dk = d["dk"].view(B, T, H, K).to(k.dtype)
-        dv = d["dv"].view(B, T, HV, V).to(v.dtype)
-        dg = d["dg"].view(B, T, HV, K).to(g.dtype)
+        # dq, dk, dv, dg come in their inputs' dtypes (kda_intra_bwd writes them so); dbeta is fp32
+        dq = d["dq"].view(B, T, H, K)
+        dk = d["dk"].view(B, T, H, K)
+        dv = d["dv"].view(B, T, HV, V)
+        dg = d["dg"].view(B, T, HV, K)
         dbeta = d["dbeta"].view(B, T, HV).to(beta.dtype)
         return dq, dk, dv, dg, dbeta, d["dA_log"], d["ddt_bias"], gr["dh0"], None
 

@@ -113,7 +113,9 @@ def kda_state_grad_chain_kernel(
         # anyway, and with one stage this spills less (76 B against 240 B at BV = 32, 4 warps).
         b_do = tl.load(do + row * V + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
         b_A = tl.load(Aqk + row * BT + p_tt, mask=m_t[:, None], other=0.0)  # [BT, BT] fp32
-        b_qgt = tl.load(qg + row * K + p_kt, mask=tl.trans(m_tk), other=0.0)  # [BK, BT], loaded transposed
+        # qg and w are loaded transposed ([BK, BT]) rather than tl.trans'd: tried against the bf16 dot
+        # fault (it did not fix it), kept because the launch was timed and sanitizer-checked this way
+        b_qgt = tl.load(qg + row * K + p_kt, mask=tl.trans(m_tk), other=0.0)
         b_dl = tl.load(dl + i_ch * K + o_k, mask=m_k, other=0.0)  # [BK]
         # A^T do in tf32: splitting A as well costs spills (164 B at BV = 64) for an off-chain term.
         b_adv = tl.dot(tl.trans(b_A), b_do.to(tl.float32))  # [BT, BV]
@@ -224,9 +226,9 @@ def kda_state_grad_chain(
         raise ValueError(f"do: expected [TT, HV, V] = {[TT, HV, V]}, got {list(do.shape)}")
     if dht is not None and dht.shape != (N, HV, K, V):
         raise ValueError(f"dht: expected [N, HV, K, V] = {[N, HV, K, V]}, got {list(dht.shape)}")
-    bv, nw, ns, f32, sp = _chain_launch(K, V, st["w"].dtype)
+    bv, nw, ns, fd, sp = _chain_launch(K, V, st["w"].dtype)
     BV, num_warps, num_stages = block_v or bv, num_warps or nw, num_stages or ns
-    f32_dots = f32 if f32_dots is None else f32_dots
+    f32_dots = fd if f32_dots is None else f32_dots
     split = sp if split is None else split
     dev, f32 = do.device, torch.float32
     dh = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
