@@ -30,6 +30,7 @@ from hla.ops.kda.triton.intra_bwd import (  # noqa: E402
 )
 from hla.ops.kda.triton.recurrence import kda_recurrence_fwd_kernel  # noqa: E402
 from hla.ops.kda.triton.recurrence_bwd import (  # noqa: E402
+    kda_chain_adv_kernel,
     kda_state_grad_chain_kernel,
     kda_state_grad_products_kernel,
 )
@@ -70,11 +71,16 @@ def cases():
                     WRITE_O=True, SPLIT=split, NUM_STAGES=3), 4, 3)
     chain_t = dict(w=BF16, qg=BF16, kd=BF16, dl=F32, Aqk=F32, do=BF16, dht=F32, dh=F32, dvnew=F32, dh0=F32,
                    cu_seqlens=I32, chunk_offsets=I32)
-    # launched at K <= 128: BV 32 / 4 warps / 2 stages with fp32 dots (recurrence_bwd._chain_launch)
-    for bv, nw, ns, f32, split in ((32, 4, 2, True, True), (32, 4, 2, True, False), (64, 8, 1, False, True)):
-        yield (f"chain BV={bv} {'fp32' if f32 else 'bf16'} dots split={split}", kda_state_grad_chain_kernel,
-               chain_t, dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True, NUM_STAGES=ns,
-                             F32_DOTS=f32, SPLIT=split), nw, ns)
+    # recurrence_bwd._chain_launch picks the launch: 16-bit inputs the first row (K <= 128), fp32 inputs
+    # the second (fp32 tiles), K > 128 the third; the last row is FLA's precision (dS rounded to bf16).
+    for bv, nw, ns, f32, mixed, pre in ((32, 4, 3, False, "hilo", True), (32, 4, 1, True, "tf32", False),
+                                        (64, 8, 1, False, "hilo", False), (32, 4, 3, False, "bf16", True)):
+        yield (f"chain BV={bv} {'fp32' if f32 else 'bf16'} dots {mixed} pre_adv={pre}",
+               kda_state_grad_chain_kernel, chain_t,
+               dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True,
+                    NUM_STAGES=ns, F32_DOTS=f32, MIXED=mixed, PRE_ADV=pre), nw, ns)
+    yield ("chain A^T do launch (pre_adv)", kda_chain_adv_kernel,
+           dict(Aqk=F32, do=BF16, adv=F32, chunk_bounds=I32), dict(HV=HV, V=V, BV=64, BT=BT), 4, 1)
     prod_t = dict(w=BF16, qg=BF16, kd=BF16, h=F32, vnew=F32, dh=F32, dvnew=F32, do=BF16, dqg=F32, dw=F32,
                   dkd=F32, dA=F32, ddl=F32, chunk_bounds=I32)
     for bv in (64, 32):  # launched: 64 (0.42 ms against 0.47 at 32, H200, session 5)

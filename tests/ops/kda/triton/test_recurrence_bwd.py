@@ -81,20 +81,26 @@ def _walk_reference(meta, st, s0, do, dS, *, keep_exits=False):
 
 
 CASES = [
-    # B, T, H, HV, K, V, cu_seqlens, h0, dht, chain BV, products BV
-    pytest.param(2, 128, 1, 2, 32, 64, None, True, True, 32, 32, id="batch2-gva-k32v64"),
-    pytest.param(1, 200, 1, 2, 32, 32, [0, 70, 200], False, False, None, 16, id="varlen-70-130-bare"),
-    pytest.param(1, 200, 2, 2, 64, 32, [0, 70, 70, 200], True, True, 16, None, id="varlen-70-0-130-h0-dht-k64"),
+    # B, T, H, HV, K, V, cu_seqlens, h0, dht, chain launch options, products BV
+    pytest.param(2, 128, 1, 2, 32, 64, None, True, True, dict(block_v=32), 32, id="batch2-gva-k32v64"),
+    pytest.param(1, 200, 1, 2, 32, 32, [0, 70, 200], False, False, {}, 16, id="varlen-70-130-bare"),
+    pytest.param(1, 200, 2, 2, 64, 32, [0, 70, 70, 200], True, True, dict(block_v=16), None,
+                 id="varlen-70-0-130-h0-dht-k64"),
+    # A_qk^T do formed by its own launch first
+    pytest.param(1, 200, 2, 2, 64, 32, [0, 70, 70, 200], True, True, dict(block_v=16, pre_adv=True),
+                 None, id="varlen-h0-dht-k64-preadv"),
+    pytest.param(1, 130, 1, 1, 96, 32, None, True, True, dict(block_v=32, pre_adv=True), None, id="k96-preadv"),
 ]
 
 
-@pytest.mark.parametrize("B,T,H,HV,K,V,cu,h0,dht,bv_chain,bv_prod", CASES)
+@pytest.mark.parametrize("B,T,H,HV,K,V,cu,h0,dht,chain_opts,bv_prod", CASES)
 def test_state_grad_chain_and_products_match_float64_autograd(nan_empty, B, T, H, HV, K, V, cu, h0, dht,
-                                                            bv_chain, bv_prod):
+                                                            chain_opts, bv_prod):
     cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
     meta, st, s0, h, vnew, do, dS = _stages(B, T, H, HV, K, V, cu, h0=h0, dht=dht)
     ref = _walk_reference(meta, st, s0, do, dS)
-    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=h0, block_v=bv_chain)
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=h0,
+                                          chunk_bounds=meta.chunk_bounds, **chain_opts)
     out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds, block_v=bv_prod)
     assert rel(dvnew, ref["du"]) < 1e-5
     for n in ("dqg", "dw", "dkd", "dA", "ddl"):
@@ -122,21 +128,32 @@ def test_state_grad_k256_uses_two_key_blocks():
         assert rel(out[n], ref[n]) < 1e-5, n
 
 
-def test_state_grad_chain_bf16_inputs_split_products():
-    # bf16 w/qg/kd/do: the chain multiplies bf16 tiles by fp32 dS and dv_new split into bf16 hi + lo
-    # (emulated in fp32 under the interpreter, whose bf16 products are wrong and whose fp32 -> bf16
-    # rounding truncates, and h, v_new come
-    # from the fp32 forward: hence the looser bound). Against float64 autograd on the same bf16 values.
-    meta, st, s0, h, vnew, do, dS = _stages(1, 130, 1, 2, 32, 32, h0=True, dht=True)
+@pytest.mark.parametrize("mixed,tol", [("tf32", 3e-3), ("hilo", 3e-3), ("bf16", 2e-2)])
+@pytest.mark.parametrize("pre_adv", [False, True])
+def test_state_grad_chain_bf16_inputs(mixed, tol, pre_adv):
+    # bf16 w/qg/kd/do: the chain multiplies bf16 tiles by the fp32 dS and dv_new as tf32, as bf16 hi + lo or
+    # rounded to bf16 (emulated in fp32 under the interpreter, whose bf16 products are wrong and whose
+    # fp32 -> bf16 rounding truncates, and h, v_new come from the fp32 forward: hence the looser bounds).
+    # Against float64 autograd on the same bf16 values.
+    meta, st, s0, h, vnew, do, dS = _stages(1, 130, 1, 2, 64, 32, h0=True, dht=True)
     st = dict(st, **{n: st[n].bfloat16() for n in ("w", "qg", "kd")})
     do = do.bfloat16()
     ref = _walk_reference(meta, st, s0, do, dS)
-    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True)
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True, mixed=mixed,
+                                          pre_adv=pre_adv, chunk_bounds=meta.chunk_bounds)
     out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds)
-    assert rel(dvnew, ref["du"]) < 3e-3
-    assert rel(dh0, ref["dh0"]) < 3e-3
+    assert rel(dvnew, ref["du"]) < tol
+    assert rel(dh0, ref["dh0"]) < tol
     for n in ("dqg", "dw", "dkd", "dA", "ddl"):
-        assert rel(out[n], ref[n]) < 3e-3, n
+        assert rel(out[n], ref[n]) < tol, n
+
+
+def test_state_grad_chain_rejects_bad_launch():
+    meta, st, s0, h, vnew, do, dS = _stages(1, 64, 1, 1, 32, 32, h0=False, dht=False)
+    with pytest.raises(ValueError, match="mixed"):
+        kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, need_dh0=False, mixed="fp8")
+    with pytest.raises(ValueError, match="pre_adv"):
+        kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, need_dh0=False, pre_adv=True)
 
 
 def test_state_grad_chain_dh_equals_autograd_float64():

@@ -8,21 +8,24 @@ Per chunk c (S = the state at chunk entry, fp32 ``[K, V]``; dS = the gradient of
     dA_qk = tril(do v_new^T),  ddl = sum_v S * dS        (products)
 
 Only ``dv_new`` and the state update sit on the reverse dependency chain, so the chain kernel keeps
-just dS ``[K, BV]`` in registers and writes dS per chunk; A_qk^T do and qg^T do do not depend on dS
-and their loads come first in the loop body. Every other product needs dS and S of one chunk only:
+just dS ``[K, BV]`` in registers and writes dS per chunk;
+A_qk^T do is formed before the walk by a parallel launch (``kda_chain_adv_kernel``, into dv_new's
+buffer), and qg^T do does not depend on dS either: its loads come first in the loop body. Every other product needs dS and S of one chunk only:
 one program per (chunk, value head) sums them over all value blocks in registers and writes each
 gradient once, instead of one partial per value block (recurrence.py's single-kernel backward wrote
 ``[NV, ...]`` partials and spilled).
 
 Registers (the single kernel spilled): pointers are an int64 scalar base per chunk plus int32 tile
-offsets, never int64 offset tiles. Precision: the chain's products with the fp32 dS and dv_new were
-bf16 hi + lo halves (two bf16 tensor-core products, ~16 mantissa bits against tf32's 10); since
-session 5 (``_chain_launch``) they are one tf32 product at K <= 128, 32 value columns, which is
-faster and moves dh by 7.5e-5; K > 128 keeps the halves. A_qk^T do and the products kernel multiply
-in fp32 (tf32 on the GPU). Register and spill rows: benchmarks/kda_prefill_regs.py --only chain.
+offsets, never int64 offset tiles. Precision: the chain's products of bf16 tiles with the fp32 dS and
+dv_new are bf16 hi + lo halves (two bf16 tensor-core products, ~16 mantissa bits against tf32's 10;
+FLA 0.6.0 rounds dS to bf16); fp32 inputs multiply in tf32. A_qk^T do and the products kernel
+multiply in fp32 (tf32 on the GPU). ``_chain_launch`` gives the launch and its history; register and
+spill rows: benchmarks/kda_prefill_regs.py --only chain.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -45,19 +48,21 @@ def _dot_bf16(a, b, acc, F32_DOTS: tl.constexpr):
 
 
 @triton.jit
-def _dot_mixed(a, b, acc, F32_DOTS: tl.constexpr, SPLIT: tl.constexpr = True):
+def _dot_mixed(a, b, acc, F32_DOTS: tl.constexpr, MIXED: tl.constexpr):
     """acc + a @ b in fp32, each operand in its storage dtype.
 
     Two bf16 tiles go to the tensor cores as they are (their products are exact in fp32). An fp32 tile
-    meeting a bf16 one is split into bf16 hi + lo (SPLIT): two bf16 products keep ~16 of its mantissa
-    bits (a tf32 product keeps 10), and the bf16 tile never becomes an fp32 copy in registers (64
-    registers a thread for [64, 128] at 4 warps). Any other pair, and a mixed one without SPLIT, is
-    multiplied in fp32 (tf32 on the GPU).
+    meeting a bf16 one is multiplied by MIXED: "hilo" splits it into bf16 hi + lo (two bf16 products
+    keep ~16 of its mantissa bits, and the bf16 tile never becomes an fp32 copy in registers), "bf16"
+    rounds it to bf16 (one product, 8 bits, as FLA 0.6.0's chain does), "tf32" multiplies both as fp32
+    (tf32 on the GPU, 10 bits). Any other pair is multiplied in fp32 (tf32 on the GPU).
     """
     if (a.dtype == tl.bfloat16) and (b.dtype == tl.bfloat16):
         return _dot_bf16(a, b, acc, F32_DOTS)
-    elif not SPLIT:
+    elif MIXED == "tf32":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif MIXED == "bf16":
+        return _dot_bf16(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, F32_DOTS)
     elif (a.dtype == tl.bfloat16) and (b.dtype == tl.float32):
         b_hi = b.to(tl.bfloat16)
         b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
@@ -71,13 +76,33 @@ def _dot_mixed(a, b, acc, F32_DOTS: tl.constexpr, SPLIT: tl.constexpr = True):
 
 
 @triton.jit
+def kda_chain_adv_kernel(Aqk, do, adv, chunk_bounds, HV: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+                         BT: tl.constexpr):
+    """adv = A_qk^T do per (chunk, value head, value block), fp32: the chain's one term that needs no dS."""
+    i_c, i_hv, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(chunk_bounds + 2 * i_c)
+    eos = tl.load(chunk_bounds + 2 * i_c + 1)
+    o_i = tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_t = o_i < eos - bos
+    m_tv = m_t[:, None] & (o_v < V)[None, :]
+    row = bos.to(tl.int64) * HV + i_hv
+    p_tv = o_i[:, None] * (HV * V) + o_v[None, :]
+    b_A = tl.load(Aqk + row * BT + o_i[:, None] * (HV * BT) + o_i[None, :], mask=m_t[:, None], other=0.0)
+    b_do = tl.load(do + row * V + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+    tl.store(adv + row * V + p_tv, tl.dot(tl.trans(b_A), b_do), mask=m_tv)
+
+
+@triton.jit
 def kda_state_grad_chain_kernel(
     w, qg, kd, dl, Aqk, do, dht, dh, dvnew, dh0, cu_seqlens, chunk_offsets,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NUM_STAGES: tl.constexpr, F32_DOTS: tl.constexpr,
-    SPLIT: tl.constexpr = True,
+    MIXED: tl.constexpr, PRE_ADV: tl.constexpr,
 ):
+    # PRE_ADV: dvnew holds A_qk^T do on entry (kda_chain_adv_kernel), read and overwritten here,
+    # instead of the product inside the walk.
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
     seq_bos = tl.load(cu_seqlens + i_n)
@@ -112,21 +137,24 @@ def kda_state_grad_chain_kernel(
         # their products below: with two stages the pipeliner prefetches every load of the next chunk
         # anyway, and with one stage this spills less (76 B against 240 B at BV = 32, 4 warps).
         b_do = tl.load(do + row * V + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
-        b_A = tl.load(Aqk + row * BT + p_tt, mask=m_t[:, None], other=0.0)  # [BT, BT] fp32
         # qg and w are loaded transposed ([BK, BT]) rather than tl.trans'd: tried against the bf16 dot
         # fault (it did not fix it), kept because the launch was timed and sanitizer-checked this way
         b_qgt = tl.load(qg + row * K + p_kt, mask=tl.trans(m_tk), other=0.0)
         b_dl = tl.load(dl + i_ch * K + o_k, mask=m_k, other=0.0)  # [BK]
-        # A^T do in tf32: splitting A as well costs spills (164 B at BV = 64) for an off-chain term.
-        b_adv = tl.dot(tl.trans(b_A), b_do.to(tl.float32))  # [BT, BV]
-        b_acc = _dot_mixed(b_qgt, b_do, tl.zeros([BK, BV], dtype=tl.float32), F32_DOTS)  # qg^T do
+        if PRE_ADV:
+            b_adv = tl.load(dvnew + row * V + p_tv, mask=m_tv, other=0.0)
+        else:
+            # A^T do in tf32: splitting A as well costs spills (164 B at BV = 64) for an off-chain term.
+            b_A = tl.load(Aqk + row * BT + p_tt, mask=m_t[:, None], other=0.0)  # [BT, BT] fp32
+            b_adv = tl.dot(tl.trans(b_A), b_do.to(tl.float32))  # [BT, BV]
+        b_acc = _dot_mixed(b_qgt, b_do, tl.zeros([BK, BV], dtype=tl.float32), F32_DOTS, MIXED)  # qg^T do
         # The chain.
         tl.store(dh + i_ch * (K * V) + p_s, b_ds, mask=m_s)
         b_kd = tl.load(kd + row * K + p_tk, mask=m_tk, other=0.0)
-        b_dvn = _dot_mixed(b_kd, b_ds, b_adv, F32_DOTS, SPLIT)  # [BT, BV]
+        b_dvn = _dot_mixed(b_kd, b_ds, b_adv, F32_DOTS, MIXED)  # [BT, BV]
         tl.store(dvnew + row * V + p_tv, b_dvn, mask=m_tv)
         b_wt = tl.load(w + row * K + p_kt, mask=tl.trans(m_tk), other=0.0)  # [BK, BT]
-        b_ds = _dot_mixed(b_wt, -b_dvn, b_acc + b_ds * b_dl[:, None], F32_DOTS, SPLIT)
+        b_ds = _dot_mixed(b_wt, -b_dvn, b_acc + b_ds * b_dl[:, None], F32_DOTS, MIXED)
 
     if STORE_DH0:
         tl.store(dh0 + (i_n * HV + i_hv).to(tl.int64) * (K * V) + p_s, b_ds, mask=m_s)
@@ -184,26 +212,39 @@ def kda_state_grad_products_kernel(
         tl.store(dA + row * BT + o_i[:, None] * (HV * BT) + o_i[None, :], b_dA, mask=m_t[:, None])
 
 
-def _chain_launch(K: int, V: int, dtype: torch.dtype) -> tuple[int, int, int, bool, bool]:
-    """(value columns, warps, stages, fp32 dots, hi + lo split) of the chain. Its bf16 products faulted at 16 and 32
-    value columns (out-of-bounds shared-memory reads, compute-sanitizer, H200), which held it at 64
-    columns, 64 programs at B1 H32 (0.99 ms at T8192). The same values as fp32 tiles (tf32, exact for
-    bf16 values) ran clean at 32 columns: 0.72 ms at 4 warps / 2 stages (2026-11-26, session 5 in
-    benchmarks/kda_notes.md). K > 128 keeps the launch that was checked there (64 columns, bf16).
-    fp32 tiles take one stage: two asked for 279 KB of shared memory (the H200 has 227 KB). The bf16
-    tiles' products with the fp32 dS and dv_new: one tf32 product each instead of hi + lo halves at
-    K <= 128 (0.73 -> 0.66 ms at B1 T8192 H32; dh and dv_new move by 7.5e-5 relative, well under what
-    the bf16 w and kd already cost)."""
+class ChainLaunch(NamedTuple):
+    block_v: int
+    num_warps: int
+    num_stages: int
+    f32_dots: bool
+    mixed: str
+    pre_adv: bool
+
+
+def _chain_launch(K: int, V: int, dtype: torch.dtype) -> ChainLaunch:
+    """The chain's launch (H200, B1 T8192 H32 D128, 2026-11-26; benchmarks/kda_notes.md, sessions 5-6).
+
+    16-bit inputs, K <= 128: bf16 products, dS and dv_new as hi + lo halves, 32 value columns (128
+    programs at B1 H32), 4 warps, 3 stages, A_qk^T do formed first by its own launch (pre_adv): 0.40 ms
+    with that launch, against 0.67 for session 5's tf32 launch. With A_qk^T do (a tf32 product of an
+    fp32 tile) inside the walk, every bf16 launch at 16 or 32 columns faulted or returned non-finite
+    values (compute-sanitizer: out-of-bounds shared-memory reads at the bf16 tl.dot; a Triton
+    code-generation fault we did not isolate further); without it they run clean. 4 stages need 247 KB
+    of shared memory. fp32 inputs: fp32 tiles (tf32), one stage (two asked for 279 KB; the H200 has
+    227). K > 128 keeps the launch checked in session 4 (64 columns, bf16, 8 warps)."""
+    if K <= 128 and dtype.itemsize <= 2:
+        return ChainLaunch(min(32, next_pow2(V)), 4, 3, False, "hilo", True)
     if K <= 128:
-        return min(32, next_pow2(V)), 4, 2 if dtype.itemsize <= 2 else 1, True, False
-    return min(64, next_pow2(V)), 8, 1, False, True
+        return ChainLaunch(min(32, next_pow2(V)), 4, 1, True, "tf32", False)
+    return ChainLaunch(min(64, next_pow2(V)), 8, 1, False, "hilo", False)
 
 
 def kda_state_grad_chain(
     st: dict[str, torch.Tensor], do: torch.Tensor, dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, *, need_dh0: bool, block_v: int | None = None,
     num_warps: int | None = None, num_stages: int | None = None, f32_dots: bool | None = None,
-    split: bool | None = None,
+    mixed: str | None = None, pre_adv: bool | None = None,
+    chunk_bounds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Reverse walk over each sequence's chunks with dS ``[K, BV]`` fp32 in registers.
 
@@ -212,7 +253,10 @@ def kda_state_grad_chain(
             dl ``[NC, HV, K]`` fp32 (exp of each chunk's last cumulative gate).
         do: ``[TT, HV, V]`` bf16 or fp32; dht: ``[N, HV, K, V]`` fp32 or None (zero).
         cu_seqlens: ``[N + 1]`` int32; chunk_offsets: ``[N + 1]`` int32, first global chunk of each sequence.
-        block_v, num_warps, num_stages, f32_dots, split: the launch (None: ``_chain_launch``'s choice).
+        block_v, num_warps, num_stages, f32_dots, mixed, pre_adv: the launch (None: ``_chain_launch``'s
+            choice; mixed: "tf32", "hilo" or "bf16", how a bf16 tile meets the fp32 dS or dv_new;
+            pre_adv forms A_qk^T do by a parallel launch first, which needs chunk_bounds ``[NC, 2]``
+            int32).
 
     Returns:
         dh ``[NC, HV, K, V]`` fp32 (the gradient of each chunk's exit state), dvnew ``[TT, HV, V]`` fp32
@@ -226,21 +270,31 @@ def kda_state_grad_chain(
         raise ValueError(f"do: expected [TT, HV, V] = {[TT, HV, V]}, got {list(do.shape)}")
     if dht is not None and dht.shape != (N, HV, K, V):
         raise ValueError(f"dht: expected [N, HV, K, V] = {[N, HV, K, V]}, got {list(dht.shape)}")
-    bv, nw, ns, fd, sp = _chain_launch(K, V, st["w"].dtype)
-    BV, num_warps, num_stages = block_v or bv, num_warps or nw, num_stages or ns
-    f32_dots = fd if f32_dots is None else f32_dots
-    split = sp if split is None else split
+    launch = _chain_launch(K, V, st["w"].dtype)
+    BV, num_warps, num_stages = block_v or launch.block_v, num_warps or launch.num_warps, num_stages or launch.num_stages
+    f32_dots = launch.f32_dots if f32_dots is None else f32_dots
+    mixed = launch.mixed if mixed is None else mixed
+    pre_adv = launch.pre_adv if pre_adv is None else pre_adv
+    if mixed not in ("tf32", "hilo", "bf16"):
+        raise ValueError(f"mixed: expected 'tf32', 'hilo' or 'bf16', got {mixed!r}")
+    if pre_adv and chunk_bounds is None:
+        raise ValueError("pre_adv: needs chunk_bounds [NC, 2]")
     dev, f32 = do.device, torch.float32
     dh = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
     dvnew = torch.empty(TT, HV, V, device=dev, dtype=f32)
     dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32) if need_dh0 else None
+    do = do.contiguous()
+    if pre_adv and NC > 0:
+        BVa = min(64, next_pow2(V))
+        kda_chain_adv_kernel[(NC, HV, triton.cdiv(V, BVa))](st["Aqk"], do, dvnew, chunk_bounds, HV=HV, V=V, BV=BVa,
+                                                             BT=BT, num_warps=4, num_stages=1)
     kda_state_grad_chain_kernel[(triton.cdiv(V, BV), N * HV)](
-        st["w"], st["qg"], st["kd"], st["dl"], st["Aqk"], do.contiguous(),
+        st["w"], st["qg"], st["kd"], st["dl"], st["Aqk"], do,
         dht.contiguous() if dht is not None else dvnew, dh, dvnew, dh0 if dh0 is not None else dvnew,
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=BT,
         HAS_DHT=dht is not None, STORE_DH0=need_dh0, NUM_STAGES=num_stages,
-        F32_DOTS=INTERPRET or f32_dots, SPLIT=split,
+        F32_DOTS=INTERPRET or f32_dots, MIXED=mixed, PRE_ADV=pre_adv,
         num_warps=num_warps, num_stages=num_stages,
     )
     return dh, dvnew, dh0
@@ -298,6 +352,7 @@ def kda_state_grad(
     """The chain, then the products: one dict (du, dqg, dw, dkd
     ``[TT, HV, *]``, dA ``[TT, HV, 64]``, ddl ``[NC, HV, K]`` fp32, dh0 ``[N, HV, K, V]`` or None), with the
     chunks' ``[NC, 2]`` token bounds as one more argument. The ``[NC, HV, K, V]`` fp32 dh lives in between."""
-    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dht, cu_seqlens, chunk_offsets, need_dh0=need_dh0)
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dht, cu_seqlens, chunk_offsets, need_dh0=need_dh0,
+                                          chunk_bounds=chunk_bounds)
     out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, chunk_bounds)
     return dict(out, du=dvnew, dh0=dh0)
