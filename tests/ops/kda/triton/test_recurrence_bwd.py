@@ -99,8 +99,8 @@ def test_state_grad_chain_and_products_match_float64_autograd(nan_empty, B, T, H
     cu = torch.tensor(cu, dtype=torch.int32) if cu is not None else None
     meta, st, s0, h, vnew, do, dS = _stages(B, T, H, HV, K, V, cu, h0=h0, dht=dht)
     ref = _walk_reference(meta, st, s0, do, dS)
-    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=h0,
-                                          chunk_bounds=meta.chunk_bounds, **chain_opts)
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=h0,
+                                          **chain_opts)
     out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds, block_v=bv_prod)
     assert rel(dvnew, ref["du"]) < 1e-5
     for n in ("dqg", "dw", "dkd", "dA", "ddl"):
@@ -139,8 +139,8 @@ def test_state_grad_chain_bf16_inputs(mixed, tol, pre_adv):
     st = dict(st, **{n: st[n].bfloat16() for n in ("w", "qg", "kd")})
     do = do.bfloat16()
     ref = _walk_reference(meta, st, s0, do, dS)
-    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True, mixed=mixed,
-                                          pre_adv=pre_adv, chunk_bounds=meta.chunk_bounds)
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=True,
+                                          mixed=mixed, pre_adv=pre_adv)
     out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds)
     assert rel(dvnew, ref["du"]) < tol
     assert rel(dh0, ref["dh0"]) < tol
@@ -151,16 +151,16 @@ def test_state_grad_chain_bf16_inputs(mixed, tol, pre_adv):
 def test_state_grad_chain_rejects_bad_launch():
     meta, st, s0, h, vnew, do, dS = _stages(1, 64, 1, 1, 32, 32, h0=False, dht=False)
     with pytest.raises(ValueError, match="mixed"):
-        kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, need_dh0=False, mixed="fp8")
-    with pytest.raises(ValueError, match="pre_adv"):
-        kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, need_dh0=False, pre_adv=True)
+        kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=False, mixed="fp8")
+    with pytest.raises(ValueError, match="chunk_bounds"):
+        kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, meta.chunk_bounds[:, :1], need_dh0=False)
 
 
 def test_state_grad_chain_dh_equals_autograd_float64():
     # dh[c] must be the gradient of the loss w.r.t. chunk c's exit state, from plain float64 autograd.
     cu = torch.tensor([0, 70, 200], dtype=torch.int32)
     meta, st, s0, h, vnew, do, dS = _stages(1, 200, 1, 2, 32, 64, cu, h0=True, dht=True)
-    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, need_dh0=True)
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=True)
     ref = _walk_reference(meta, st, s0, do, dS, keep_exits=True)
     assert rel(dh, ref["dh"]) < 1e-5
     assert rel(dh0, ref["dh0"]) < 1e-5

@@ -241,10 +241,9 @@ def _chain_launch(K: int, V: int, dtype: torch.dtype) -> ChainLaunch:
 
 def kda_state_grad_chain(
     st: dict[str, torch.Tensor], do: torch.Tensor, dht: torch.Tensor | None,
-    cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, *, need_dh0: bool, block_v: int | None = None,
-    num_warps: int | None = None, num_stages: int | None = None, f32_dots: bool | None = None,
-    mixed: str | None = None, pre_adv: bool | None = None,
-    chunk_bounds: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, chunk_bounds: torch.Tensor, *, need_dh0: bool,
+    block_v: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    f32_dots: bool | None = None, mixed: str | None = None, pre_adv: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Reverse walk over each sequence's chunks with dS ``[K, BV]`` fp32 in registers.
 
@@ -252,11 +251,11 @@ def kda_state_grad_chain(
         st: the intra stage's dict: w, qg, kd ``[TT, HV, K]`` (bf16 or fp32), Aqk ``[TT, HV, 64]`` fp32,
             dl ``[NC, HV, K]`` fp32 (exp of each chunk's last cumulative gate).
         do: ``[TT, HV, V]`` bf16 or fp32; dht: ``[N, HV, K, V]`` fp32 or None (zero).
-        cu_seqlens: ``[N + 1]`` int32; chunk_offsets: ``[N + 1]`` int32, first global chunk of each sequence.
+        cu_seqlens: ``[N + 1]`` int32; chunk_offsets: ``[N + 1]`` int32, first global chunk of each sequence;
+            chunk_bounds: ``[NC, 2]`` int32 (first token, end token) of each chunk.
         block_v, num_warps, num_stages, f32_dots, mixed, pre_adv: the launch (None: ``_chain_launch``'s
             choice; mixed: "tf32", "hilo" or "bf16", how a bf16 tile meets the fp32 dS or dv_new;
-            pre_adv forms A_qk^T do by a parallel launch first, which needs chunk_bounds ``[NC, 2]``
-            int32).
+            pre_adv forms A_qk^T do by a parallel launch first).
 
     Returns:
         dh ``[NC, HV, K, V]`` fp32 (the gradient of each chunk's exit state), dvnew ``[TT, HV, V]`` fp32
@@ -277,8 +276,8 @@ def kda_state_grad_chain(
     pre_adv = launch.pre_adv if pre_adv is None else pre_adv
     if mixed not in ("tf32", "hilo", "bf16"):
         raise ValueError(f"mixed: expected 'tf32', 'hilo' or 'bf16', got {mixed!r}")
-    if pre_adv and chunk_bounds is None:
-        raise ValueError("pre_adv: needs chunk_bounds [NC, 2]")
+    if chunk_bounds.shape != (max(NC, 1), 2):
+        raise ValueError(f"chunk_bounds: expected [NC, 2] = {[max(NC, 1), 2]}, got {list(chunk_bounds.shape)}")
     dev, f32 = do.device, torch.float32
     dh = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
     dvnew = torch.empty(TT, HV, V, device=dev, dtype=f32)
@@ -352,7 +351,6 @@ def kda_state_grad(
     """The chain, then the products: one dict (du, dqg, dw, dkd
     ``[TT, HV, *]``, dA ``[TT, HV, 64]``, ddl ``[NC, HV, K]`` fp32, dh0 ``[N, HV, K, V]`` or None), with the
     chunks' ``[NC, 2]`` token bounds as one more argument. The ``[NC, HV, K, V]`` fp32 dh lives in between."""
-    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dht, cu_seqlens, chunk_offsets, need_dh0=need_dh0,
-                                          chunk_bounds=chunk_bounds)
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dht, cu_seqlens, chunk_offsets, chunk_bounds, need_dh0=need_dh0)
     out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, chunk_bounds)
     return dict(out, du=dvnew, dh0=dh0)
