@@ -8,9 +8,9 @@ Per chunk c (S = the state at chunk entry, fp32 ``[K, V]``; dS = the gradient of
     dA_qk = tril(do v_new^T),  ddl = sum_v S * dS        (products)
 
 Only ``dv_new`` and the state update sit on the reverse dependency chain, so the chain kernel keeps
-just dS ``[K, BV]`` in registers and writes dS per chunk;
-A_qk^T do is formed before the walk by a parallel launch (``kda_chain_adv_kernel``, into dv_new's
-buffer), and qg^T do does not depend on dS either: its loads come first in the loop body. Every other product needs dS and S of one chunk only:
+just dS ``[K, BV]`` in registers and writes dS per chunk; A_qk^T do is formed before the walk by a
+parallel launch (``kda_chain_adv_kernel``, into dv_new's buffer), and qg^T do does not depend on dS
+either: its loads come first in the loop body. Every other product needs dS and S of one chunk only:
 one program per (chunk, value head) sums them over all value blocks in registers and writes each
 gradient once, instead of one partial per value block (recurrence.py's single-kernel backward wrote
 ``[NV, ...]`` partials and spilled).
@@ -213,6 +213,10 @@ def kda_state_grad_products_kernel(
 
 
 class ChainLaunch(NamedTuple):
+    """The chain's launch: value columns per program, warps, pipeline stages, fp32 copies of bf16 tiles
+    (tf32 products), how bf16 tiles meet the fp32 dS / dv_new ("tf32", "hilo", "bf16"), and whether
+    A_qk^T do is formed by its own launch before the walk."""
+
     block_v: int
     num_warps: int
     num_stages: int
@@ -226,7 +230,8 @@ def _chain_launch(K: int, V: int, dtype: torch.dtype) -> ChainLaunch:
 
     16-bit inputs, K <= 128: bf16 products, dS and dv_new as hi + lo halves, 32 value columns (128
     programs at B1 H32), 4 warps, 3 stages, A_qk^T do formed first by its own launch (pre_adv): 0.40 ms
-    with that launch, against 0.67 for session 5's tf32 launch. With A_qk^T do (a tf32 product of an
+    with that launch, against 0.67 for session 5's tf32 launch (fp16 tiles take the same launch with
+    tf32 products: the split and the bf16 products are for bf16 tiles only). With A_qk^T do (a tf32 product of an
     fp32 tile) inside the walk, every bf16 launch at 16 or 32 columns faulted or returned non-finite
     values (compute-sanitizer: out-of-bounds shared-memory reads at the bf16 tl.dot; a Triton
     code-generation fault we did not isolate further); without it they run clean. 4 stages need 247 KB
