@@ -113,7 +113,7 @@ def case_backward(name, B, T, H, HV, K, gate, dev, cu=None, dtype=None):
     torch.autograd.backward([o, s], [do.to(o.dtype), ds.float()])
     check(f"{name} o", rel(o, ro), 5e-3)
     check(f"{name} final_state", rel(s, rs), 5e-3)
-    names = ["q", "k", "v", "g", "beta", "h0", "A_log"] + (["dt_bias"] if gate != "safe" else ["dt_bias"])
+    names = ["q", "k", "v", "g", "beta", "h0", "A_log", "dt_bias"]
     for n in names:
         check(f"{name} d{n}", rel(od[n].grad, rd[n].grad), 1e-2)
     summed_param_report(name, od, rd)

@@ -236,16 +236,18 @@ def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
 
     _, _, h, vnew = states()
     do = torch.randn_like(v)
-    dh, dvnew, _ = kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, meta.chunk_bounds,
-                                          need_dh0=False)
+
+    def chain():
+        return kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=False)
+
+    dh, dvnew, _ = chain()
     gr = kda_state_grad(st, h, vnew, do, None, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=False)
     return {
         "bwd: stage-1 recompute (per-token tensors; A_qk, P, M saved by the forward)":
             lambda: kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw, saved=saved,
                                   store_gamma=True),
         "bwd: states (recurrence storing h, v_new)": states,
-        "bwd: state-grad chain (A_qk^T do launch + the walk)":
-            lambda: kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=False),
+        "bwd: state-grad chain (A_qk^T do launch + the walk)": chain,
         "bwd: state-grad products": lambda: kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds),
         "bwd: intra backward": lambda: kda_intra_bwd(q, k, v, g, beta, meta.chunk_bounds, st, gr, **kw),
         "bwd: intra backward launch 1 (dA_kk; launch 2 = the row above minus this)":

@@ -114,14 +114,14 @@ def kda_recurrence_fwd(
     V = st["u"].shape[-1]
     N = cu_seqlens.shape[0] - 1
     NC = st["dl"].shape[0]
-    BV = block_v or _pick_bv(N * HV, V)
     if K > 128:
         # K = 256 on the H200 (2026-11-26, compute-sanitizer): BV 16 / 4 warps, BV 32 / 4 or 8 warps read
-        # shared memory out of bounds in the output product (a code-generation fault, the same symptom as
-        # the chain's in recurrence_bwd.py); BV 16 and 64 at 8 warps ran clean.
-        BV = block_v or min(64, next_pow2(V))
-        num_warps = num_warps or 8
-    num_warps = num_warps or 4
+        # shared memory out of bounds in the output product (a code-generation fault; the chain's, in
+        # recurrence_bwd.py, came from a tf32 product beside bf16 ones in one loop, as this loop has
+        # too); BV 16 and 64 at 8 warps ran clean.
+        BV, num_warps = block_v or min(64, next_pow2(V)), num_warps or 8
+    else:
+        BV, num_warps = block_v or _pick_bv(N * HV, V), num_warps or 4
     dev = st["w"].device
     o = torch.empty(TT, HV, V, device=dev, dtype=out_dtype) if write_o else None
     ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None

@@ -39,9 +39,9 @@ BT = 64
 @triton.jit
 def _dot_bf16(a, b, acc, F32_DOTS: tl.constexpr):
     # F32_DOTS multiplies the same (bf16-exact) values as fp32 tiles, tf32 on the GPU, which is exact
-    # for them: the interpreter multiplies bf16 tiles wrongly, and on the H200 the bf16 products of
-    # the chain faulted (out-of-bounds shared-memory reads) at 16 and 32 value columns while the fp32
-    # ones ran clean (compute-sanitizer, 2026-11-26; benchmarks/kda_notes.md, session 5).
+    # for them: the interpreter multiplies bf16 tiles wrongly. (Session 5 also took it on the H200,
+    # where the bf16 chain faulted; the trigger was the tf32 A_qk^T do product in the same loop, which
+    # the 16-bit launch now forms first: _chain_launch.)
     if F32_DOTS:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc)
