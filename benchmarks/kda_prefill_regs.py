@@ -95,10 +95,13 @@ def cases():
     block_t = dict(q=BF16, k=BF16, gam=F32, inorm=F32, beta=BF16, dx=F32, dP=F32, dqg=F32, dkd=F32,
                    dA=F32, dq=F32, dk=F32, dgam=F32, dbeta=F32, dkk_part=F32, chunk_bounds=I32, scale="fp32")
     # launched: BK 128 / 8 warps / 128 registers (intra_bwd.BLOCK_K, NUM_WARPS, MAX_REGISTERS)
-    for bk, nw, prec, cap in ((128, 8, "tf32", 128), (128, 8, "tf32", None), (32, 4, "tf32", 128),
-                              (64, 4, "tf32", 128), (32, 4, "tf32x3", None)):
-        yield (f"intra_bwd block BK={bk} {prec} cap {cap}", kda_intra_bwd_block_kernel, block_t,
-               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec), nw, 1, cap)
+    # (branch inblock-tc: the in-block products' precision inp as a last field)
+    for bk, nw, prec, cap, inp in ((128, 8, "tf32", 128, "tf32x3"), (128, 8, "tf32", 128, "tf32"),
+                                   (128, 8, "tf32", None, "tf32x3"), (128, 8, "tf32", 168, "tf32x3"),
+                                   (32, 4, "tf32", 128, "tf32x3"), (64, 4, "tf32", 128, "tf32x3")):
+        yield (f"intra_bwd block BK={bk} {prec} in-block {inp} cap {cap}", kda_intra_bwd_block_kernel, block_t,
+               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec, SAFE_SPAN=40.0,
+                    IN_PREC=inp), nw, 1, cap)
     gate_t = dict(g=BF16, A_log=F32, dt_bias=F32, dl=F32, dgam=F32, dkk_part=F32, ddl=F32, dg=BF16, dbias_part=F32,
                   dalog_part=F32, chunk_bounds=I32, lower_bound="fp32")
     yield ("intra_bwd gate BK=32", kda_intra_bwd_gate_kernel, gate_t, dict(HV=HV, K=K, BK=32, BT=BT, **GATE), 4, 1)

@@ -29,6 +29,17 @@ def test_intra_bwd_key_block_widths(monkeypatch, block_k):
     _check_gradients("kimi", HV=1)
 
 
+def test_intra_bwd_in_block_products_and_steps_agree(monkeypatch):
+    """The in-block pairs as anchored products (taken where the span allows)
+    and as 16 steps (forced by a negative span limit) both match the reference, and differ from each
+    other only by rounding (so the products path did run)."""
+    products = _check_gradients("kimi", HV=1)
+    monkeypatch.setattr(intra_bwd, "IN_BLOCK_SPAN", -1.0)
+    steps = _check_gradients("kimi", HV=1)
+    diffs = [rel(a, b) for a, b in zip(products, steps, strict=True)]
+    assert max(diffs) < 1e-5 and any(d > 0 for d in diffs), diffs
+
+
 def _check_gradients(gate, HV):
     torch.manual_seed(3)
     cu = torch.tensor([0, 37, 150])  # second sequence: a full chunk, then a partial one (49 rows)
@@ -48,6 +59,7 @@ def _check_gradients(gate, HV):
     tol = 5e-3 if gate == "veryneg" else 1e-4
     for n, gr, rr in zip(names, grads, ref, strict=True):
         assert rel(gr, rr) < (max(tol, 1e-3) if n == "A_log" else tol), (n, rel(gr, rr))
+    return grads
 
 
 def test_intra_bwd_needs_gamma_from_the_recompute():

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hla.ops.kda.triton import intra
 from hla.ops.kda.triton.common import (
     INTERPRET,
     beta_rows,
@@ -54,6 +55,10 @@ from hla.ops.kda.triton.common import (
 DKK_PRECISION = "tf32"
 DKK_BLOCK_K, DKK_NUM_WARPS = 32, 4
 BLOCK_PRECISION = "tf32"
+# The in-block pairs as anchored products (branch inblock-tc, not timed): tf32x3, because these are the
+# closest pairs (largest decay factors) and dGamma = x dx - y dy cancels (see the module docstring).
+IN_BLOCK_PRECISION = "tf32x3"
+IN_BLOCK_SPAN: float | None = None  # the anchored products' span limit; None: intra.SAFE_SPAN (tests: -1, steps only)
 BLOCK_K, NUM_WARPS, MAX_REGISTERS = 128, 8, 128
 GATE_BLOCK_K, GATE_NUM_WARPS = 32, 4
 
@@ -206,12 +211,34 @@ def _step_math(b_Gc, b_Gt, b_kt, b_qt, b_ac, b_pc, b_ar, b_pr, b_dqr, b_dkr, b_d
 
 
 @triton.jit
+def _in_block_products(a_base, p_base, r_c, m_c, o16, m, b_Gc, b_Ga, b_q, b_yk, SA: tl.constexpr, BT: tl.constexpr,
+                       SAFE_SPAN: tl.constexpr, IN_PREC: tl.constexpr):
+    """The in-block pairs as [16, 16] x [16, BK] products about one anchor row a of the block (when no
+    |Gamma_i - Gamma_a| over the block exceeds SAFE_SPAN): exp(G_i - G_t) = exp(G_i - G_a) exp(G_a - G_t)
+    with both factors <= exp(SAFE_SPAN), exact up to rounding; masked pairs multiply a zero entry of
+    dA_qk / dP. Same sums as the 16 steps of ``_step_math`` -> (dq_r, dk_r, dk_c) parts [16, BK]."""
+    b_up = tl.where(m, tl.exp(tl.minimum(b_Gc - b_Ga[None, :], SAFE_SPAN)), 0.0)  # exp(G_i - G_a)
+    b_dn = tl.where(m, tl.exp(tl.minimum(b_Ga[None, :] - b_Gc, SAFE_SPAN)), 0.0)  # exp(G_a - G_i)
+    m2 = m_c[:, None] & m_c[None, :]
+    p_blk = r_c[:, None] * SA + r_c[None, :]
+    b_A = tl.load(a_base + p_blk, mask=m2 & (o16[:, None] >= o16[None, :]), other=0.0)  # dA_qk[i, t], t <= i
+    b_P = tl.load(p_base + r_c[:, None] * BT + r_c[None, :], mask=m2 & (o16[:, None] > o16[None, :]), other=0.0)
+    b_kdn = b_yk * b_dn
+    i_dqr = b_up * tl.dot(b_A, b_kdn, input_precision=IN_PREC)
+    i_dkr = b_up * tl.dot(b_P, b_kdn, input_precision=IN_PREC)
+    i_dkc = b_dn * (tl.dot(tl.trans(b_A), b_q * b_up, input_precision=IN_PREC)
+                    + tl.dot(tl.trans(b_P), b_yk * b_up, input_precision=IN_PREC))
+    return i_dqr, i_dkr, i_dkc
+
+
+@triton.jit
 def kda_intra_bwd_block_kernel(
     q, k, gam, inorm, beta, dx, dP, dqg, dkd, dA,
     dq, dk, dgam, dbeta, dkk_part, chunk_bounds,
     scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
     USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, ONE_PASS: tl.constexpr,
+    SAFE_SPAN: tl.constexpr, IN_PREC: tl.constexpr,
 ):
     """Launch 2 (one program per chunk, value head and 16-row block c): the pair-sum gradients of the
     block's rows (row sides dq_r, dk_r) and columns (column side dk_c), exact for any gate, with Gamma
@@ -221,8 +248,10 @@ def kda_intra_bwd_block_kernel(
     - pairs with earlier rows (j < 16c): anchor a = 16c - 1, exp(G_i - G_a) <= 1 and exp(G_a - G_j) <= 1,
       one [16, 64] x [64, BK] product each for dA_qk and dP;
     - pairs with later rows (i >= 16c + 16): anchor a = 16c + 15, likewise, transposed tiles;
-    - pairs inside the block: 16 steps on CUDA cores, step t takes row t as the column of the row
-      sides and as the row of the column side, one exp(-|G_i - G_t|) per step (<= 1 both ways).
+    - pairs inside the block: about the anchor a = 16c + 7 (``_in_block_products``, IN_PREC products)
+      when no |G_i - G_a| over the block and key block exceeds SAFE_SPAN, else 16 steps on CUDA cores,
+      step t taking row t as the column of the row sides and as the row of the column side, one
+      exp(-|G_i - G_t|) per step (<= 1 both ways).
 
     Then the per-token terms, dbeta and the l2norm backward of the block's rows; dGamma (before the
     in-chunk reverse cumsum) goes to dgam and the block's sum of dkd * kd to dkk_part, for the gate
@@ -303,25 +332,32 @@ def kda_intra_bwd_block_kernel(
             b_dkc = tl.exp(tl.minimum(b_Ga[None, :] - b_Gc, 0.0)) * (
                 tl.dot(b_tAT, b_xq, input_precision=PREC) + tl.dot(b_tPT, b_xk, input_precision=PREC))
 
-        # pairs inside the block: step t is column t of the row sides (rows i >= t of dA_qk, i > t of
-        # dP) and row t of the column side (columns j <= t of dA_qk, j < t of dP)
-        # separate accumulators: the cross-block sums above sit in the products' (mma) layout, and
-        # carrying them through these steps cost three [16, BK] layout conversions (shared memory and
-        # barriers) per step (TTGIR; 3.12 -> 2.81 ms for the three launches, H200, B1 T8192 H32 Kimi gate)
-        i_dqr = tl.zeros([16, BK], dtype=tl.float32)
-        i_dkr = tl.zeros([16, BK], dtype=tl.float32)
-        i_dkc = tl.zeros([16, BK], dtype=tl.float32)
-        # the next step's row loads are issued before this step's arithmetic: their latency, not the
-        # arithmetic, is what the loop waits on (2.93 -> 2.81 ms, same run)
-        n_Gt, n_kt, n_qt, n_ac, n_pc, n_ar, n_pr = _step_loads(
-            g_base, k_base, q_base, n_base, a_base, p_base, r_c, m_c, o16, o_k, m_k, c, 0, n_rows, scale,
-            HV, SQ, SG, SA, BT)
-        for t in range(16):
-            b_Gt, b_kt, b_qt, b_ac, b_pc, b_ar, b_pr = n_Gt, n_kt, n_qt, n_ac, n_pc, n_ar, n_pr
+        # pairs inside the block: one anchor (row 7, or the last row of a short block) when the span allows
+        b_Ga = tl.load(g_base + tl.minimum(c * 16 + 7, n_rows - 1) * SG + o_k, mask=m_k, other=0.0)
+        span = tl.max(tl.max(tl.where(m, tl.abs(b_Gc - b_Ga[None, :]), 0.0), axis=1), axis=0)
+        if span <= SAFE_SPAN:
+            i_dqr, i_dkr, i_dkc = _in_block_products(a_base, p_base, r_c, m_c, o16, m, b_Gc, b_Ga, b_q, b_yk, SA, BT,
+                                                     SAFE_SPAN, IN_PREC)
+        else:
+            # pairs inside the block: step t is column t of the row sides (rows i >= t of dA_qk, i > t of
+            # dP) and row t of the column side (columns j <= t of dA_qk, j < t of dP)
+            # separate accumulators: the cross-block sums above sit in the products' (mma) layout, and
+            # carrying them through these steps cost three [16, BK] layout conversions (shared memory and
+            # barriers) per step (TTGIR; 3.12 -> 2.81 ms for the three launches, H200, B1 T8192 H32 Kimi gate)
+            i_dqr = tl.zeros([16, BK], dtype=tl.float32)
+            i_dkr = tl.zeros([16, BK], dtype=tl.float32)
+            i_dkc = tl.zeros([16, BK], dtype=tl.float32)
+            # the next step's row loads are issued before this step's arithmetic: their latency, not the
+            # arithmetic, is what the loop waits on (2.93 -> 2.81 ms, same run)
             n_Gt, n_kt, n_qt, n_ac, n_pc, n_ar, n_pr = _step_loads(
-                g_base, k_base, q_base, n_base, a_base, p_base, r_c, m_c, o16, o_k, m_k, c, t + 1, n_rows,
-                scale, HV, SQ, SG, SA, BT)
-            i_dqr, i_dkr, i_dkc = _step_math(b_Gc, b_Gt, b_kt, b_qt, b_ac, b_pc, b_ar, b_pr, i_dqr, i_dkr, i_dkc)
+                g_base, k_base, q_base, n_base, a_base, p_base, r_c, m_c, o16, o_k, m_k, c, 0, n_rows, scale,
+                HV, SQ, SG, SA, BT)
+            for t in range(16):
+                b_Gt, b_kt, b_qt, b_ac, b_pc, b_ar, b_pr = n_Gt, n_kt, n_qt, n_ac, n_pc, n_ar, n_pr
+                n_Gt, n_kt, n_qt, n_ac, n_pc, n_ar, n_pr = _step_loads(
+                    g_base, k_base, q_base, n_base, a_base, p_base, r_c, m_c, o16, o_k, m_k, c, t + 1, n_rows,
+                    scale, HV, SQ, SG, SA, BT)
+                i_dqr, i_dkr, i_dkc = _step_math(b_Gc, b_Gt, b_kt, b_qt, b_ac, b_pc, b_ar, b_pr, i_dqr, i_dkr, i_dkc)
         b_dqr += i_dqr
         b_dkr += i_dkr
         b_dkc += i_dkc
@@ -485,7 +521,7 @@ def kda_intra_bwd(
         dq, dk, dgam, dbeta, dkk_part, chunk_bounds, float(scale),
         H=H, HV=HV, K=K, BK=BK, BT=64,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else BLOCK_PRECISION,
-        ONE_PASS=one_pass,
+        ONE_PASS=one_pass, SAFE_SPAN=intra.SAFE_SPAN if IN_BLOCK_SPAN is None else IN_BLOCK_SPAN, IN_PREC="ieee" if INTERPRET else IN_BLOCK_PRECISION,
         num_warps=num_warps or NUM_WARPS, num_stages=1, **({"maxnreg": cap} if cap and not INTERPRET else {}),
     )
     kda_intra_bwd_gate_kernel[(NC, HV)](
