@@ -52,9 +52,10 @@ def cases():
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=64 if exact else bk, BT=BT, USE_L2=True, PREC="tf32",
                     SAFE_SPAN=40.0, EXACT=exact, PAIRS=True, STORE_GAMMA=False, OP=tl.bfloat16, **GATE), nw, 1)
     # the backward's recompute with A_qk, P, M saved: per-token tensors, Gamma and the row norms
-    yield ("intra per-token BK=64", kda_intra_fwd_kernel, intra_t,
-           dict(H=HV, HV=HV, K=K, BK=64, FBK=64, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=40.0, EXACT=False,
-                PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, **GATE), 4, 1)
+    for bk, nw, ls in ((64, 4, 1), (64, 4, 2), (32, 4, 1), (32, 4, 2), (128, 8, 1), (64, 8, 2)):
+        yield (f"intra per-token BK={bk} loop stages {ls}", kda_intra_fwd_kernel, intra_t,
+               dict(H=HV, HV=HV, K=K, BK=bk, FBK=bk, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=40.0, EXACT=False,
+                    PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, LOOP_STAGES=ls, **GATE), nw, 1)
     solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32)
     for nw in (1, 2, 4):
         yield ("solve", kda_intra_solve_kernel, solve_t,

@@ -68,6 +68,11 @@ from hla.ops.kda.triton.common import (
 # when no factor exceeds exp(SAFE_SPAN): then even the masked-out products (up to exp(2 SAFE_SPAN)) stay
 # finite in fp32 and bf16. Tests set it to -1 to force the six-level split everywhere.
 SAFE_SPAN = 40.0
+# The backward's recompute (per-token tensors only): key-block width, warps and software-pipeline
+# stages of its key-block loop; the pair launches keep kda_intra_fwd's arguments. H200, B1 T8192 H32
+# D128 (session 7): BK 32 0.460 ms (167 registers, 3 programs per SM), BK 64 0.495 (255, 2), 2 loop
+# stages 0.49-0.56, BK 128 / 8 warps 0.61.
+RECOMPUTE_BLOCK_K, RECOMPUTE_WARPS, RECOMPUTE_LOOP_STAGES = 32, 4, 1
 
 
 @triton.jit
@@ -155,6 +160,7 @@ def kda_intra_fwd_kernel(
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
     USE_L2: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr, EXACT: tl.constexpr,
     PAIRS: tl.constexpr = True, STORE_GAMMA: tl.constexpr = False, OP: tl.constexpr = tl.bfloat16,
+    LOOP_STAGES: tl.constexpr = 1,
 ):
     """EXACT=False: everything, with the one-anchor product where the span allows, flagging the key
     blocks (of FBK = BK channels) where it did not. EXACT=True (second launch, BK <= FBK): the
@@ -206,7 +212,7 @@ def kda_intra_fwd_kernel(
     b_aqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_p = tl.zeros([BT, BT], dtype=tl.float32)
     f_base = exact_flag + (i_c * HV + i_hv) * NK
-    for i_k in range(0, K, BK):
+    for i_k in tl.range(0, K, BK, num_stages=LOOP_STAGES):
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
         m = m_t[:, None] & m_k[None, :]
@@ -429,6 +435,8 @@ def kda_intra_fwd(
                         else torch.ones(TT, HV, 2, device=dev, dtype=f32))
     has_gate = A_log is not None
     BK = min(block_k, next_pow2(K))
+    if not pairs:
+        BK, num_warps = min(RECOMPUTE_BLOCK_K, next_pow2(K)), RECOMPUTE_WARPS
     # the flags are neither written nor read without the pair products
     flag = torch.empty(NC, HV, triton.cdiv(K, BK) if pairs else 1, device=dev, dtype=torch.int32)
     # the exact launch may use narrower key blocks than the flags' (fewer spills, see the docstring)
@@ -444,13 +452,13 @@ def kda_intra_fwd(
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
             SAFE_SPAN=SAFE_SPAN if safe_span is None else safe_span, EXACT=exact, PAIRS=pairs,
             STORE_GAMMA=store_gamma and not exact, OP=pair_operand_dtype(q.dtype),
-            num_warps=nw, num_stages=1,
+            LOOP_STAGES=1 if pairs or INTERPRET else RECOMPUTE_LOOP_STAGES, num_warps=nw, num_stages=1,
         )
     if pairs:
         out["exact_flag"] = flag
     kda_intra_solve_kernel[(NC, HV)](
         v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
-        HV=HV, K=K, V=V, BK=BK, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
+        HV=HV, K=K, V=V, BK=min(block_k, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
         PREC="ieee" if INTERPRET else "tf32", PREC_INV="ieee" if INTERPRET else prec_inv, INVERT=pairs,
         num_warps=solve_warps, num_stages=1,
     )

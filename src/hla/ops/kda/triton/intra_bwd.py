@@ -35,7 +35,6 @@ import torch
 import triton
 import triton.language as tl
 
-from hla.ops.kda.triton import intra
 from hla.ops.kda.triton.common import (
     INTERPRET,
     beta_rows,
@@ -55,10 +54,17 @@ from hla.ops.kda.triton.common import (
 DKK_PRECISION = "tf32"
 DKK_BLOCK_K, DKK_NUM_WARPS = 32, 4
 BLOCK_PRECISION = "tf32"
-# The in-block pairs as anchored products (branch inblock-tc, not timed): tf32x3, because these are the
-# closest pairs (largest decay factors) and dGamma = x dx - y dy cancels (see the module docstring).
+# The in-block pairs as anchored products where max |Gamma_i - Gamma_anchor| over the 16-row block and
+# key block is <= IN_BLOCK_SPAN, else 16 CUDA-core steps (tests set -1 to force the steps). Unlike the
+# forward's half-anchor products, masked pairs here multiply zeros of dA_qk / dP loaded as such, so no
+# product holds exp(2 span): the largest operand is exp(span) |x| and a sum of 16 of them, 1e26 * 16 |dA x|
+# at 60, far from fp32's 3e38. At the benchmark's Kimi gate 9.4% of blocks exceed 40, 0.5% exceed 60
+# (float64 count, T 2048 H 32). H200, B1 T8192 H32 D128 Kimi gate, the three launches (session 7): steps
+# everywhere 2.49 ms, products to span 40 2.20, to span 60 2.12; tf32 instead of tf32x3 2.14 at span 40
+# but K = V = 64 dA_log 1.3e-2 in check_kda_gpu.py (tf32x3: 2.1e-3): these are the closest pairs (largest
+# decay factors) and dGamma = x dx - y dy cancels (see the module docstring).
 IN_BLOCK_PRECISION = "tf32x3"
-IN_BLOCK_SPAN: float | None = None  # the anchored products' span limit; None: intra.SAFE_SPAN (tests: -1, steps only)
+IN_BLOCK_SPAN = 60.0
 BLOCK_K, NUM_WARPS, MAX_REGISTERS = 128, 8, 128
 GATE_BLOCK_K, GATE_NUM_WARPS = 32, 4
 
@@ -521,7 +527,7 @@ def kda_intra_bwd(
         dq, dk, dgam, dbeta, dkk_part, chunk_bounds, float(scale),
         H=H, HV=HV, K=K, BK=BK, BT=64,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else BLOCK_PRECISION,
-        ONE_PASS=one_pass, SAFE_SPAN=intra.SAFE_SPAN if IN_BLOCK_SPAN is None else IN_BLOCK_SPAN, IN_PREC="ieee" if INTERPRET else IN_BLOCK_PRECISION,
+        ONE_PASS=one_pass, SAFE_SPAN=IN_BLOCK_SPAN, IN_PREC="ieee" if INTERPRET else IN_BLOCK_PRECISION,
         num_warps=num_warps or NUM_WARPS, num_stages=1, **({"maxnreg": cap} if cap and not INTERPRET else {}),
     )
     kda_intra_bwd_gate_kernel[(NC, HV)](
