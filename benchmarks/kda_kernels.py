@@ -103,13 +103,6 @@ def ours_fwd(x):
                             use_beta_sigmoid=True, chunk_size=64)[0]
 
 
-def ours_kept_fwd(x):
-    """ours with save_intermediates: stage 1's per-token tensors kept for the backward, not recomputed."""
-    return kda_chunk_triton(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=x["q"].shape[-1] ** -0.5,
-                            A_log=x["A_log"], dt_bias=x["dt_bias"], lower_bound=x["lower_bound"], use_qk_l2norm=True,
-                            use_beta_sigmoid=True, save_intermediates=True)[0]
-
-
 def fla_fwd(x):
     return fla_chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], A_log=x["A_log"], dt_bias=x["dt_bias"],
                          use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True,
@@ -134,23 +127,6 @@ def time_prefill(fwd, x, backward=True):
         t.requires_grad_(False)
         t.grad = None
     return t_f, t_fb
-
-
-def graph_mb(fwd, x) -> float:
-    """MB the autograd graph of one forward keeps for the backward: memory allocated after the forward,
-    less before it and less the output (the inputs exist either way)."""
-    leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias")]
-    for t in leaves:
-        t.requires_grad_(True)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    o = fwd(x)
-    torch.cuda.synchronize()
-    held = torch.cuda.memory_allocated() - base - o.numel() * o.element_size()
-    del o
-    for t in leaves:
-        t.requires_grad_(False)
-    return held / 1e6
 
 
 def decode_inputs(B, H, D, sets):
@@ -340,21 +316,13 @@ class Report:
         lines = [self.head, "", f"Copy ceiling {_f(self.bw, '.0f')} GB/s (read+write of a 1 GiB fp32 buffer); "
                  f"bf16 GEMM 8192^3 {_f(self.tf, '.0f')} TFLOP/s.", ""]
         if self.rows:
-            lines += ["'kept': ours with save_intermediates=True (stage 1's per-token tensors kept, not recomputed). "
-                      "Graph MB: memory one forward's autograd graph holds for the backward (beyond inputs and "
-                      "output).",
-                      "",
-                      "| B | T | H | D | gate | fwd ours ms | fwd FLA ms | fwd speedup | fwd+bwd ours ms | "
-                      "fwd+bwd FLA ms | fwd+bwd speedup | fwd+bwd kept ms | kept speedup | "
-                      "graph MB ours / kept / FLA |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += ["| B | T | H | D | gate | fwd ours ms | fwd FLA ms | fwd speedup | fwd+bwd ours ms | "
+                      "fwd+bwd FLA ms | fwd+bwd speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in self.rows:
                 lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['gate']} | "
                              f"{_f(r['ours_fwd'], '.3f')} | {_f(r['fla_fwd'], '.3f')} | "
                              f"{_ratio(r['fla_fwd'], r['ours_fwd'])} | {_f(r['ours_fb'], '.3f')} | "
-                             f"{_f(r['fla_fb'], '.3f')} | {_ratio(r['fla_fb'], r['ours_fb'])} | "
-                             f"{_f(r['ours_kept_fb'], '.3f')} | {_ratio(r['fla_fb'], r['ours_kept_fb'])} | "
-                             f"{_f(r['mb_ours'], '.0f')} / {_f(r['mb_kept'], '.0f')} / {_f(r['mb_fla'], '.0f')} |")
+                             f"{_f(r['fla_fb'], '.3f')} | {_ratio(r['fla_fb'], r['ours_fb'])} |")
         if self.drows:
             lines += ["", "Decode step (T=1, H=32, D=128, fp32 state pool in place, CUDA graph):", "",
                       "| batch | ours us | ours GB/s | ours % copy | FLA us | FLA GB/s | FLA % copy | speedup |",
@@ -459,18 +427,12 @@ def main(argv=None) -> int:
                 bwd = not args.no_bwd and i_s < args.fwd_only_after
                 of, ofb = time_prefill(ours_fwd, x, bwd)
                 ff, ffb = time_prefill(fla_fwd, x, bwd) if fla_chunk_kda is not None else (float("nan"),) * 2
-                nan = float("nan")
-                okb = time_prefill(ours_kept_fwd, x, True)[1] if bwd else nan
-                mb = [graph_mb(f, x) if bwd else nan for f in (ours_fwd, ours_kept_fwd)]
-                mb.append(graph_mb(fla_fwd, x) if bwd and fla_chunk_kda is not None else nan)
                 rep.rows.append(dict(kind="prefill", B=B, T=T, H=H, D=D, gate=gate, ours_fwd=of, fla_fwd=ff,
-                                     ours_fb=ofb, fla_fb=ffb, ours_kept_fb=okb, mb_ours=mb[0], mb_kept=mb[1],
-                                     mb_fla=mb[2]))
+                                     ours_fb=ofb, fla_fb=ffb))
                 rep.save()
                 print(f"B{B} T{T} H{H} D{D} {gate:5}: fwd ours {of:.3f} ms FLA {_f(ff, '.3f')} ms "
                       f"({_ratio(ff, of)}) | fwd+bwd ours {_f(ofb, '.3f')} ms FLA {_f(ffb, '.3f')} ms "
-                      f"({_ratio(ffb, ofb)}) | kept {_f(okb, '.3f')} ms ({_ratio(ffb, okb)}) | graph MB ours "
-                      f"{_f(mb[0], '.0f')} kept {_f(mb[1], '.0f')} FLA {_f(mb[2], '.0f')} "
+                      f"({_ratio(ffb, ofb)}) "
                       f"[{time.perf_counter() - t0:.0f} s]", flush=True)
                 del x
                 torch.cuda.empty_cache()

@@ -188,7 +188,6 @@ def kda(
     use_qk_l2norm: bool = False,
     use_beta_sigmoid: bool = False,
     chunk_size: int = 64,
-    save_intermediates: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kimi Delta Attention over whole sequences (prefill and training), differentiable.
 
@@ -212,10 +211,6 @@ def kda(
         use_qk_l2norm: l2-normalise q and k inside (float32, eps 1e-6 inside the sqrt).
         use_beta_sigmoid: apply a sigmoid to ``beta``.
         chunk_size: 64 (default), 32 or 16, for the chunked paths.
-        save_intermediates: triton backend: keep the per-token tensors of the intra-chunk stage for
-            the backward instead of recomputing them (faster backward, about twice the memory the
-            autograd graph keeps; ``hla.ops.kda.triton.chunk``). The other backends use torch
-            autograd and ignore it.
 
     Returns:
         ``o: [B, T, HV, V]`` in ``v.dtype`` and the final state (float32; float64 for float64 input)
@@ -239,7 +234,6 @@ def kda(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
             use_qk_l2norm=use_qk_l2norm, use_beta_sigmoid=use_beta_sigmoid, chunk_size=chunk_size,
-            save_intermediates=save_intermediates,
         )
     q, k, g, beta = _preprocess(q, k, g, beta, A_log, dt_bias, lower_bound, use_qk_l2norm, use_beta_sigmoid)
     if backend == "reference":

@@ -10,11 +10,6 @@ tensors of stage 1 (qg, kd, w, u and, for the intra backward, Gamma in fp32 and 
 norms: larger than the matrices, cheap to form), re-runs the recurrence storing each chunk's entry
 state and v_new, walks the chunks in reverse for the state gradients and forms the per-chunk
 products (recurrence_bwd.py), then differentiates stage 1 (intra_bwd.py). No torch autograd inside.
-
-``save_intermediates=True`` keeps those per-token tensors from the forward instead (w, qg, kd in the
-input dtype, u, Gamma and dl in fp32, the inverse norms): 1808 more bytes per token and head at K = V
-= 128 with bf16 inputs on top of the matrices' 768 (the inputs are kept either way), and no recompute
-in the backward (0.46 + 0.14 ms of launches at B1 T8192 H32 D128 on an H200, session 7).
 """
 
 from __future__ import annotations
@@ -63,10 +58,6 @@ def _intra_kwargs(opts: dict, A_log: torch.Tensor | None, dt_bias: torch.Tensor 
                 use_qk_l2norm=opts["use_qk_l2norm"], use_beta_sigmoid=opts["use_beta_sigmoid"])
 
 
-# stage 1's per-token tensors, kept by the forward with save_intermediates (else recomputed)
-_KEPT = ("w", "u", "qg", "kd", "dl", "gam", "inorm")
-
-
 class KDAChunkTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
@@ -82,29 +73,23 @@ class KDAChunkTriton(torch.autograd.Function):
             return v.new_empty(B, T, HV, V), ht
         flat = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta)]
         h0 = initial_state.contiguous() if initial_state is not None else None
-        keep = opts["save_intermediates"]
-        st = kda_intra_fwd(*flat, meta.chunk_bounds, chunk_size=meta.BT, **_intra_kwargs(opts, A_log, dt_bias),
-                           store_gamma=keep)
+        st = kda_intra_fwd(*flat, meta.chunk_bounds, chunk_size=meta.BT, **_intra_kwargs(opts, A_log, dt_bias))
         o, ht, _, _ = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=h0,
                                          output_final_state=opts["output_final_state"], out_dtype=v.dtype)
-        ctx.save_for_backward(*flat, A_log, dt_bias, h0, st["Aqk"], st["P"], st["M"],
-                              *(st[n] for n in _KEPT if keep))
+        ctx.save_for_backward(*flat, A_log, dt_bias, h0, st["Aqk"], st["P"], st["M"])
         ctx.meta, ctx.opts, ctx.shape = meta, opts, (B, T, H, K, HV, V)
         return o.view(B, T, HV, V), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, A_log, dt_bias, h0, Aqk, P, M, *kept = ctx.saved_tensors
+        q, k, v, g, beta, A_log, dt_bias, h0, Aqk, P, M = ctx.saved_tensors
         meta, opts = ctx.meta, ctx.opts
         B, T, H, K, HV, V = ctx.shape
         TT = meta.TT
         kw = _intra_kwargs(opts, A_log, dt_bias)
-        if kept:  # save_intermediates: stage 1's per-token tensors come from the forward
-            st = dict(zip(_KEPT, kept, strict=True), Aqk=Aqk, P=P, M=M)
-        else:  # recompute them
-            st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw,
-                               saved=dict(Aqk=Aqk, P=P, M=M), store_gamma=True)
-        # the states: h at each chunk's entry, v_new
+        # Recompute stage 1's per-token tensors and the states (h at each chunk's entry, v_new).
+        st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw,
+                           saved=dict(Aqk=Aqk, P=P, M=M), store_gamma=True)
         _, _, h, vnew = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=h0,
                                            output_final_state=False, out_dtype=v.dtype, store_h=True, write_o=False)
         gr = kda_state_grad(st, h, vnew, do.reshape(TT, HV, V), dht, meta.cu, meta.chunk_offsets,
@@ -137,7 +122,6 @@ def kda_chunk_triton(
     use_qk_l2norm: bool = False,
     use_beta_sigmoid: bool = False,
     chunk_size: int = 64,
-    save_intermediates: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked KDA forward (differentiable) on CUDA tensors (or the Triton interpreter).
 
@@ -147,8 +131,6 @@ def kda_chunk_triton(
         initial_state: ``[N, HV, K, V]`` float32; N = B, or the number of packed sequences.
         cu_seqlens: ``[N + 1]`` packed-sequence boundaries (then B == 1).
         chunk_size: 64 (the kernels are laid out for four 16-row blocks).
-        save_intermediates: keep stage 1's per-token tensors for the backward instead of recomputing
-            them (faster backward, about twice the memory kept per layer: see the module docstring).
 
     Returns:
         ``o: [B, T, HV, V]`` in v.dtype and the final state ``[N, HV, K, V]`` float32 (or None).
@@ -159,7 +141,7 @@ def kda_chunk_triton(
         initial_state = initial_state.float()
     opts = dict(scale=float(scale), output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 lower_bound=lower_bound, use_qk_l2norm=use_qk_l2norm, use_beta_sigmoid=use_beta_sigmoid,
-                chunk_size=chunk_size, save_intermediates=bool(save_intermediates))
+                chunk_size=chunk_size)
     A_log_f = A_log.reshape(-1).float() if A_log is not None else None
     dt_f = dt_bias.reshape(-1).float() if dt_bias is not None else None
     o, ht = KDAChunkTriton.apply(q, k, v, g, beta, A_log_f, dt_f, initial_state, opts)
