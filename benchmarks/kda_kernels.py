@@ -129,6 +129,23 @@ def time_prefill(fwd, x, backward=True):
     return t_f, t_fb
 
 
+def graph_mb(fwd, x) -> float:
+    """MB the autograd graph of one forward keeps for the backward: memory allocated after the forward,
+    less before it and less the output (the inputs exist either way)."""
+    leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias")]
+    for t in leaves:
+        t.requires_grad_(True)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    o = fwd(x)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base - o.numel() * o.element_size()
+    del o
+    for t in leaves:
+        t.requires_grad_(False)
+    return held / 1e6
+
+
 def decode_inputs(B, H, D, sets):
     bf = torch.bfloat16
     steps = []
@@ -316,13 +333,17 @@ class Report:
         lines = [self.head, "", f"Copy ceiling {_f(self.bw, '.0f')} GB/s (read+write of a 1 GiB fp32 buffer); "
                  f"bf16 GEMM 8192^3 {_f(self.tf, '.0f')} TFLOP/s.", ""]
         if self.rows:
-            lines += ["| B | T | H | D | gate | fwd ours ms | fwd FLA ms | fwd speedup | fwd+bwd ours ms | "
-                      "fwd+bwd FLA ms | fwd+bwd speedup |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += ["Graph MB: memory one forward's autograd graph holds for the backward (beyond inputs and "
+                      "output).", "",
+                      "| B | T | H | D | gate | fwd ours ms | fwd FLA ms | fwd speedup | fwd+bwd ours ms | "
+                      "fwd+bwd FLA ms | fwd+bwd speedup | graph MB ours / FLA |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in self.rows:
                 lines.append(f"| {r['B']} | {r['T']} | {r['H']} | {r['D']} | {r['gate']} | "
                              f"{_f(r['ours_fwd'], '.3f')} | {_f(r['fla_fwd'], '.3f')} | "
                              f"{_ratio(r['fla_fwd'], r['ours_fwd'])} | {_f(r['ours_fb'], '.3f')} | "
-                             f"{_f(r['fla_fb'], '.3f')} | {_ratio(r['fla_fb'], r['ours_fb'])} |")
+                             f"{_f(r['fla_fb'], '.3f')} | {_ratio(r['fla_fb'], r['ours_fb'])} | "
+                             f"{_f(r.get('mb_ours'), '.0f')} / {_f(r.get('mb_fla'), '.0f')} |")
         if self.drows:
             lines += ["", "Decode step (T=1, H=32, D=128, fp32 state pool in place, CUDA graph):", "",
                       "| batch | ours us | ours GB/s | ours % copy | FLA us | FLA GB/s | FLA % copy | speedup |",
@@ -427,12 +448,15 @@ def main(argv=None) -> int:
                 bwd = not args.no_bwd and i_s < args.fwd_only_after
                 of, ofb = time_prefill(ours_fwd, x, bwd)
                 ff, ffb = time_prefill(fla_fwd, x, bwd) if fla_chunk_kda is not None else (float("nan"),) * 2
+                nan = float("nan")
+                mb = (graph_mb(ours_fwd, x) if bwd else nan,
+                      graph_mb(fla_fwd, x) if bwd and fla_chunk_kda is not None else nan)
                 rep.rows.append(dict(kind="prefill", B=B, T=T, H=H, D=D, gate=gate, ours_fwd=of, fla_fwd=ff,
-                                     ours_fb=ofb, fla_fb=ffb))
+                                     ours_fb=ofb, fla_fb=ffb, mb_ours=mb[0], mb_fla=mb[1]))
                 rep.save()
                 print(f"B{B} T{T} H{H} D{D} {gate:5}: fwd ours {of:.3f} ms FLA {_f(ff, '.3f')} ms "
                       f"({_ratio(ff, of)}) | fwd+bwd ours {_f(ofb, '.3f')} ms FLA {_f(ffb, '.3f')} ms "
-                      f"({_ratio(ffb, ofb)}) "
+                      f"({_ratio(ffb, ofb)}) | graph MB ours {_f(mb[0], '.0f')} FLA {_f(mb[1], '.0f')} "
                       f"[{time.perf_counter() - t0:.0f} s]", flush=True)
                 del x
                 torch.cuda.empty_cache()
