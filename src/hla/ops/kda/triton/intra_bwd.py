@@ -8,7 +8,9 @@ those of q, k, v, the raw gate (and A_log, dt_bias) and beta, in three launches:
    and the rows' inverse norms that the backward's stage-1 recompute stored (``store_gamma``), so
    any row is one load away. Pairs across blocks take the anchor Gamma at the block boundary, both
    factors <= 1 for every gate (no span test, no exponent split: exact where the forward needs its
-   exact launch); pairs inside a block take one exponential each, 16 steps on CUDA cores in fp32.
+   exact launch); pairs inside a block are four [16, 16] x [16, BK] tf32x3 products about the block's
+   row 7 where no |Gamma_i - Gamma_7| exceeds IN_BLOCK_SPAN (else 16 steps on CUDA cores in fp32, one
+   exponential each).
 3. kda_intra_bwd_gate_kernel (one program per chunk and value head): the in-chunk reverse cumsum of
    dGamma and the gate backward (raw gate, A_log, dt_bias).
 
