@@ -3,12 +3,13 @@
 The forward intra stage (src/hla/ops/kda/triton/intra.py) writes a pair decay exp(Gamma_i - Gamma_j)
 as a product of two factors through an anchor row a. Pairs in different blocks of a level are exact
 (both factors <= 1); pairs inside one block of B rows share one anchor (row B/2 - 1 of the block),
-and that product is only safe when no factor exceeds exp(SAFE_SPAN = 40). Tier t (1..5): the exact
-levels that split blocks of 64, 32, ... rows into halves of 32, 16, ..., 64 >> t rows, then one
-anchor per block of B = 64 >> t rows (32 = the fast pass, 16, 8, 4, 2); tier 6: all six levels
-(always valid). Per (chunk, head, key block of 64 channels) this prints the smallest valid tier,
-per chunk-head the largest over its key blocks. The first column is the fast pass's own test
-(`half_anchors`, slightly conservative); the others use the exact span max |Gamma_i - Gamma_a|.
+and that product is only safe when no factor exceeds exp(SAFE_SPAN) (intra.py: 80 with the l2norm
+fused). Tier t (1..5): the exact levels that split blocks of 64, 32, ... rows into halves of 32, 16,
+..., 64 >> t rows, then one anchor per block of B = 64 >> t rows (32 = the fast pass, 16, 8, 4, 2);
+tier 6: all six levels (always valid). Per (chunk, head, key block of 64 channels) this prints the
+smallest valid tier, per chunk-head the largest over its key blocks. The first column is the fast
+pass's own test (`half_anchors`, slightly conservative); the others use the exact span max |Gamma_i
+- Gamma_a|.
 
     PYTHONPATH=src python3 benchmarks/kda_gate_spans.py [--T 1024] [--H 32] [--D 128] [--seeds 8]
 
@@ -23,7 +24,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-BT, BK, SAFE_SPAN = 64, 64, 40.0
+from hla.ops.kda.triton.intra import SAFE_SPAN
+
+BT, BK = 64, 64
 
 
 def chunk_gamma(T: int, H: int, D: int, gen: torch.Generator, gate: str) -> torch.Tensor:

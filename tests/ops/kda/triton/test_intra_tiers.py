@@ -101,3 +101,26 @@ def test_intra_recompute_from_saved_matrices_matches_full_stage():
     saved["M"] = saved["M"] * 2
     doubled = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, **kw, saved=saved)
     assert rel(doubled["u"], 2 * full["u"]) < 1e-6
+
+
+def test_intra_span_limit_with_fused_l2norm():
+    """With the l2norm fused (|q|, |k| <= 1 per element) the fast pass takes half spans up to 80, not the
+    raw-input 40: the gate above moves tier 1 (16-row spans ~50: masked-out products up to exp(100),
+    past fp32's range, dropped by the select) to the fast pass and tier 2 (8-row spans ~70) to the
+    quarter anchors, and the pair sums still match float64."""
+    torch.manual_seed(1)
+    T, HV, K, V = 170, 2, 128, 16
+    NC, NK = -(-T // BT), -(-K // BK)
+    tiers = torch.arange(NC * HV * NK).view(NC, HV, NK) % 3
+    q = torch.nn.functional.normalize(torch.randn(1, T, HV, K), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(1, T, HV, K), dim=-1)
+    v, beta = torch.randn(1, T, HV, V), torch.rand(1, T, HV)
+    g = _tiered_gate(T, HV, K, tiers)
+    meta = _ChunkMeta(1, T, None, BT, q.device)
+    st = kda_intra_fwd(q[0], k[0], v[0], g[0], beta[0], meta.chunk_bounds, scale=K**-0.5, A_log=None, dt_bias=None,
+                       lower_bound=None, use_qk_l2norm=True, use_beta_sigmoid=False)
+    assert torch.equal(st["exact_flag"].long(), (tiers == 2).long())
+    A, P = _pair_sums_f64(q, k, g, K**-0.5, T)
+    assert torch.isfinite(st["Aqk"]).all() and torch.isfinite(st["P"]).all()
+    assert rel(st["Aqk"], A) < 1e-5
+    assert rel(st["P"], P) < 1e-5

@@ -17,9 +17,9 @@ wrong otherwise). Three launches:
    buffer), and A_qk, P from two products per key block (BK = 64 channels): pairs across the two
    32-row halves use the anchor a = 31, ``exp(G_i - G_j) = exp(G_i - G_a) exp(G_a - G_j)`` with both
    factors <= 1 (always exact, always added); pairs inside a half and the diagonal use one anchor per
-   half (rows 15, 47), exact up to rounding when no factor exceeds exp(SAFE_SPAN) (then even the
-   masked-out products, up to exp(2 SAFE_SPAN), stay finite). A key block where some factor would
-   exceed it gets no within-half product and is flagged (exact_flag[c, h, key block] = 1).
+   half (rows 15, 47), exact up to rounding when no factor exceeds exp(SAFE_SPAN) (see there for why
+   the masked-out products may overflow). A key block where some factor would exceed it gets no
+   within-half product and is flagged (exact_flag[c, h, key block] = 1).
 2. Exact pass (chunk-heads with a flagged key block; the others return at once): for the flagged
    key blocks only, the within-half pairs and the diagonal, by the level-16 product (anchors 15, 47:
    exact) plus one anchor per 16-row quarter (row 7 of it) when max |Gamma_i - Gamma_anchor| <=
@@ -64,10 +64,19 @@ from hla.ops.kda.triton.common import (
     tile_row,
 )
 
-# A chunk's K block takes the one-anchor fast path (and, in the exact launch, the quarter-anchor tier)
-# when no factor exceeds exp(SAFE_SPAN): then even the masked-out products (up to exp(2 SAFE_SPAN)) stay
-# finite in fp32 and bf16. Tests set it to -1 to force the six-level split everywhere.
-SAFE_SPAN = 40.0
+# A chunk's key block takes the one-anchor fast path (and, in the exact launch, the quarter-anchor tier)
+# when no factor exp(|Gamma_i - Gamma_anchor|) exceeds exp(SAFE_SPAN). What bounds it is the operands:
+# q_i exp(G_i - G_a) and k_j exp(G_a - G_j) must stay finite in bf16 / fp32 (max 3.4e38 = exp(88.7)),
+# i.e. |x| exp(SAFE_SPAN) < 3.4e38: |x| < 6e3 at 80. With the l2norm fused, |q| <= |scale| (taken when
+# <= 1e3) and |k| <= 1 per element; raw q / k are unbounded, so without it the limit is RAW_SAFE_SPAN
+# (|x| < 1.5e21). Every kept entry (j <= i) is a sum of terms each <= |q_id k_jd| (both factors of channel d multiply to
+# exp(G_id - G_jd) <= 1); the masked-out entries (j > i, or the other half) reach exp(2 SAFE_SPAN) and
+# overflow to inf in the fp32 accumulator, which is harmless: each output entry accumulates only its own
+# terms and the select that masks it drops it. Session 1-6 kept the masked entries finite too (40); at
+# the benchmark's Kimi gate 43-61% of key blocks fail the fast test at 40, 2% at 80 (float64 count,
+# T 4096 H 32, two seeds). Tests set SAFE_SPAN to -1 to force the six-level split everywhere.
+SAFE_SPAN = 80.0
+RAW_SAFE_SPAN = 40.0
 # The backward's recompute (per-token tensors only): key-block width, warps and software-pipeline
 # stages of its key-block loop; the pair launches keep kda_intra_fwd's arguments. H200, B1 T8192 H32
 # D128 (session 7): BK 32 0.460 ms (167 registers, 3 programs per SM), BK 64 0.495 (255, 2), 2 loop
@@ -169,7 +178,7 @@ def kda_intra_fwd_kernel(
     forward): only the per-token tensors qg, kd, dl and k exp(Gamma). STORE_GAMMA: also Gamma ([TT, HV,
     K] fp32) and the rows' inverse norms 1 / |q|, 1 / |k| ([TT, HV, 2] fp32), which the intra backward
     reads row by row. OP: the pair products' operand dtype (bf16 for 16-bit inputs: the factors reach
-    exp(SAFE_SPAN) = 2e17, past fp16's 65504; fp32 inputs, and the interpreter, whose bf16 products
+    exp(SAFE_SPAN), past fp16's 65504; fp32 inputs, and the interpreter, whose bf16 products
     overflowed at the same place, keep fp32)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + FBK - 1) // FBK
@@ -246,8 +255,8 @@ def kda_intra_fwd_kernel(
             if PAIRS:
                 # Pairs across the two halves (i >= 32 > j): the level-32 anchor (row 31), both factors <= 1,
                 # always exact. Pairs inside a half (and the diagonal): one anchor per half (rows 15 and 47),
-                # exact up to rounding when no factor exceeds exp(SAFE_SPAN), which also keeps the masked-out
-                # products finite; otherwise this key block is flagged and left to the exact launch.
+                # exact up to rounding when no factor exceeds exp(SAFE_SPAN); otherwise this key block is
+                # flagged and left to the exact launch.
                 lo = o_t < BT // 2
                 b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
                 b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
@@ -365,7 +374,7 @@ def kda_intra_solve_kernel(
 
 def pair_operand_dtype(dtype: torch.dtype):
     """The pair products' operand dtype for inputs of this dtype: bf16 for 16-bit inputs (the factors
-    reach exp(SAFE_SPAN) = 2e17, past fp16's 65504: fp16 operands gave inf outputs on the H200), fp32
+    reach exp(SAFE_SPAN), 5.5e34, past fp16's 65504: fp16 operands gave inf outputs on the H200), fp32
     for fp32 inputs and under the interpreter (whose bf16 products overflowed at the same place)."""
     return tl.float32 if dtype == torch.float32 or INTERPRET else tl.bfloat16
 
@@ -434,6 +443,8 @@ def kda_intra_fwd(
         out["inorm"] = (torch.empty(TT, HV, 2, device=dev, dtype=f32) if use_qk_l2norm
                         else torch.ones(TT, HV, 2, device=dev, dtype=f32))
     has_gate = A_log is not None
+    span_limit = safe_span if safe_span is not None else (
+        SAFE_SPAN if use_qk_l2norm and abs(scale) <= 1e3 else min(SAFE_SPAN, RAW_SAFE_SPAN))
     BK = min(block_k, next_pow2(K))
     if not pairs:
         BK, num_warps = min(RECOMPUTE_BLOCK_K, next_pow2(K)), RECOMPUTE_WARPS
@@ -450,7 +461,7 @@ def kda_intra_fwd(
             H=H, HV=HV, K=K, BK=bk, FBK=BK, BT=64,
             HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
-            SAFE_SPAN=SAFE_SPAN if safe_span is None else safe_span, EXACT=exact, PAIRS=pairs,
+            SAFE_SPAN=span_limit, EXACT=exact, PAIRS=pairs,
             STORE_GAMMA=store_gamma and not exact, OP=pair_operand_dtype(q.dtype),
             LOOP_STAGES=1 if pairs or INTERPRET else RECOMPUTE_LOOP_STAGES, num_warps=nw, num_stages=1,
         )
