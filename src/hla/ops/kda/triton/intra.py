@@ -69,14 +69,15 @@ from hla.ops.kda.triton.common import (
 # A chunk's key block takes the one-anchor fast path (and, in the exact launch, the quarter-anchor tier)
 # when no factor exp(|Gamma_i - Gamma_anchor|) exceeds exp(SAFE_SPAN). What bounds it is the operands:
 # q_i exp(G_i - G_a) and k_j exp(G_a - G_j) must stay finite in bf16 / fp32 (max 3.4e38 = exp(88.7)),
-# i.e. |x| exp(SAFE_SPAN) < 3.4e38: |x| < 6e3 at 80. With the l2norm fused, |q| <= |scale| (taken when
-# <= 1e3) and |k| <= 1 per element; raw q / k are unbounded, so without it the limit is RAW_SAFE_SPAN
-# (|x| < 1.5e21). Every kept entry (j <= i) is a sum of terms each <= |q_id k_jd| (both factors of channel d multiply to
-# exp(G_id - G_jd) <= 1); the masked-out entries (j > i, or the other half) reach exp(2 SAFE_SPAN) and
-# overflow to inf in the fp32 accumulator, which is harmless: each output entry accumulates only its own
-# terms and the select that masks it drops it. Session 1-6 kept the masked entries finite too (40); at
-# the benchmark's Kimi gate 43-61% of key blocks fail the fast test at 40, 2% at 80 (float64 count,
-# T 4096 H 32, two seeds). Tests set SAFE_SPAN to -1 to force the six-level split everywhere.
+# i.e. |x| exp(SAFE_SPAN) < 3.4e38: |x| < 6e3 at 80. With the l2norm fused, |q| <= |scale| (taken when <=
+# 1e3) and |k| <= 1 per element; raw q / k are unbounded, so without it the limit is RAW_SAFE_SPAN (|x| <
+# 1.5e21). Every kept entry (j <= i) is a sum of terms each <= |q_id k_jd| (both factors of channel d
+# multiply to exp(G_id - G_jd) <= 1); the masked-out entries (j > i, or the other half) reach exp(2
+# SAFE_SPAN) and overflow to inf in the fp32 accumulator, which is harmless: each output entry
+# accumulates only its own terms and the select that masks it drops it. Session 1-6 kept the masked
+# entries finite too (40); at the benchmark's Kimi gate 45% of key blocks fail the fast test at 40, 4.4%
+# at 80 (benchmarks/kda_gate_spans.py). Tests set SAFE_SPAN to -1 to force the six-level split
+# everywhere.
 SAFE_SPAN = 80.0
 RAW_SAFE_SPAN = 40.0
 # The backward's recompute (per-token tensors only): key-block width, warps and software-pipeline
