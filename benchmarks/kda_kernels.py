@@ -19,6 +19,7 @@ one prefill row), `--no-prefill` (decode table and sweep only), `--shapes 1,2 --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -109,40 +110,46 @@ def fla_fwd(x):
                          safe_gate=x["lower_bound"] is not None, lower_bound=x["lower_bound"])[0]
 
 
+@contextlib.contextmanager
+def grad_leaves(x):
+    """The differentiable inputs of ``x`` with requires_grad set for the block, cleared (and their
+    grads dropped) after it."""
+    leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias")]
+    for t in leaves:
+        t.requires_grad_(True)
+    try:
+        yield leaves
+    finally:
+        for t in leaves:
+            t.requires_grad_(False)
+            t.grad = None
+
+
 def time_prefill(fwd, x, backward=True):
     with torch.no_grad():
         t_f = ms(lambda: fwd(x))
     if not backward:
         return t_f, float("nan")
-    leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias")]
-    for t in leaves:
-        t.requires_grad_(True)
     do = torch.randn_like(x["v"])
 
     def step():
         fwd(x).backward(do)
 
-    t_fb = ms(step, grad_to_none=leaves)
-    for t in leaves:
-        t.requires_grad_(False)
-        t.grad = None
+    with grad_leaves(x) as leaves:
+        t_fb = ms(step, grad_to_none=leaves)
     return t_f, t_fb
 
 
 def graph_mb(fwd, x) -> float:
     """MB the autograd graph of one forward keeps for the backward: memory allocated after the forward,
     less before it and less the output (the inputs exist either way)."""
-    leaves = [x[n] for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias")]
-    for t in leaves:
-        t.requires_grad_(True)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    o = fwd(x)
-    torch.cuda.synchronize()
-    held = torch.cuda.memory_allocated() - base - o.numel() * o.element_size()
-    del o
-    for t in leaves:
-        t.requires_grad_(False)
+    with grad_leaves(x):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        o = fwd(x)
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - base - o.numel() * o.element_size()
+        del o
     return held / 1e6
 
 

@@ -22,8 +22,9 @@ import triton.language as tl
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(__file__))
 
-from hla.ops.kda.triton.intra import kda_intra_fwd_kernel, kda_intra_solve_kernel  # noqa: E402
+from hla.ops.kda.triton.intra import SAFE_SPAN, kda_intra_fwd_kernel, kda_intra_solve_kernel  # noqa: E402
 from hla.ops.kda.triton.intra_bwd import (  # noqa: E402
+    IN_BLOCK_SPAN,
     kda_intra_bwd_block_kernel,
     kda_intra_bwd_dkk_kernel,
     kda_intra_bwd_gate_kernel,
@@ -50,12 +51,13 @@ def cases():
                           (True, 32, 4), (True, 64, 4), (True, 32, 8), (True, 64, 8)):
         yield (f"intra {'exact' if exact else 'fast'} BK={bk}", kda_intra_fwd_kernel, intra_t,
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=64 if exact else bk, BT=BT, USE_L2=True, PREC="tf32",
-                    SAFE_SPAN=40.0, EXACT=exact, PAIRS=True, STORE_GAMMA=False, OP=tl.bfloat16, **GATE), nw, 1)
+                    SAFE_SPAN=SAFE_SPAN, EXACT=exact, PAIRS=True, STORE_GAMMA=False, OP=tl.bfloat16, **GATE), nw, 1)
     # the backward's recompute with A_qk, P, M saved: per-token tensors, Gamma and the row norms
-    for bk, nw, ls in ((64, 4, 1), (64, 4, 2), (32, 4, 1), (32, 4, 2), (128, 8, 1), (64, 8, 2)):
-        yield (f"intra per-token BK={bk} loop stages {ls}", kda_intra_fwd_kernel, intra_t,
-               dict(H=HV, HV=HV, K=K, BK=bk, FBK=bk, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=40.0, EXACT=False,
-                    PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, LOOP_STAGES=ls, **GATE), nw, 1)
+    # (launched: BK 32 / 4 warps, intra.RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS)
+    for bk, nw in ((32, 4), (64, 4), (128, 8)):
+        yield (f"intra per-token BK={bk}", kda_intra_fwd_kernel, intra_t,
+               dict(H=HV, HV=HV, K=K, BK=bk, FBK=bk, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=SAFE_SPAN, EXACT=False,
+                    PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, **GATE), nw, 1)
     solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32)
     for nw in (1, 2, 4):
         yield ("solve", kda_intra_solve_kernel, solve_t,
@@ -96,12 +98,12 @@ def cases():
     block_t = dict(q=BF16, k=BF16, gam=F32, inorm=F32, beta=BF16, dx=F32, dP=F32, dqg=F32, dkd=F32,
                    dA=F32, dq=F32, dk=F32, dgam=F32, dbeta=F32, dkk_part=F32, chunk_bounds=I32, scale="fp32")
     # launched: BK 128 / 8 warps / 128 registers (intra_bwd.BLOCK_K, NUM_WARPS, MAX_REGISTERS)
-    # (branch inblock-tc: the in-block products' precision inp as a last field)
+    # (the in-block products' precision inp as a last field; launched: BK 128, tf32, tf32x3, cap 128)
     for bk, nw, prec, cap, inp in ((128, 8, "tf32", 128, "tf32x3"), (128, 8, "tf32", 128, "tf32"),
                                    (128, 8, "tf32", None, "tf32x3"), (128, 8, "tf32", 168, "tf32x3"),
                                    (32, 4, "tf32", 128, "tf32x3"), (64, 4, "tf32", 128, "tf32x3")):
         yield (f"intra_bwd block BK={bk} {prec} in-block {inp} cap {cap}", kda_intra_bwd_block_kernel, block_t,
-               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec, SAFE_SPAN=40.0,
+               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec, SAFE_SPAN=IN_BLOCK_SPAN,
                     IN_PREC=inp), nw, 1, cap)
     gate_t = dict(g=BF16, A_log=F32, dt_bias=F32, dl=F32, dgam=F32, dkk_part=F32, ddl=F32, dg=BF16, dbias_part=F32,
                   dalog_part=F32, chunk_bounds=I32, lower_bound="fp32")

@@ -80,11 +80,11 @@ from hla.ops.kda.triton.common import (
 # everywhere.
 SAFE_SPAN = 80.0
 RAW_SAFE_SPAN = 40.0
-# The backward's recompute (per-token tensors only): key-block width, warps and software-pipeline
-# stages of its key-block loop; the pair launches keep kda_intra_fwd's arguments. H200, B1 T8192 H32
-# D128 (session 7): BK 32 0.460 ms (167 registers, 3 programs per SM), BK 64 0.495 (255, 2), 2 loop
-# stages 0.49-0.56, BK 128 / 8 warps 0.61.
-RECOMPUTE_BLOCK_K, RECOMPUTE_WARPS, RECOMPUTE_LOOP_STAGES = 32, 4, 1
+# The backward's recompute (per-token tensors only): default key-block width and warps. H200, B1 T8192
+# H32 D128 (session 7): BK 32 0.460 ms (167 registers, 3 programs per SM), BK 64 0.495 (255, 2), BK 128
+# / 8 warps 0.61; its key-block loop software-pipelined (tl.range num_stages 2) was slower at every
+# width (0.49-0.69 ms), so the loop stays a plain range.
+RECOMPUTE_BLOCK_K, RECOMPUTE_WARPS = 32, 4
 
 
 @triton.jit
@@ -172,7 +172,6 @@ def kda_intra_fwd_kernel(
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
     USE_L2: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr, EXACT: tl.constexpr,
     PAIRS: tl.constexpr = True, STORE_GAMMA: tl.constexpr = False, OP: tl.constexpr = tl.bfloat16,
-    LOOP_STAGES: tl.constexpr = 1,
 ):
     """EXACT=False: everything, with the one-anchor product where the span allows, flagging the key
     blocks (of FBK = BK channels) where it did not. EXACT=True (second launch, BK <= FBK): the
@@ -224,7 +223,7 @@ def kda_intra_fwd_kernel(
     b_aqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_p = tl.zeros([BT, BT], dtype=tl.float32)
     f_base = exact_flag + (i_c * HV + i_hv) * NK
-    for i_k in tl.range(0, K, BK, num_stages=LOOP_STAGES):
+    for i_k in range(0, K, BK):
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
         m = m_t[:, None] & m_k[None, :]
@@ -397,8 +396,8 @@ def kda_intra_fwd(
     use_qk_l2norm: bool,
     use_beta_sigmoid: bool,
     chunk_size: int = 64,
-    num_warps: int = 4,
-    block_k: int = 64,
+    num_warps: int | None = None,
+    block_k: int | None = None,
     exact_block_k: int = 32,
     exact_warps: int = 4,
     prec_inv: str = "ieee",
@@ -413,6 +412,8 @@ def kda_intra_fwd(
     fp32, and per chunk-head P (the unscaled strictly-lower key-key products) and M = (I + diag(beta)
     P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them), and exact_flag ``[NC, HV,
     cdiv(K, block_k)]`` int32 per key block: 0 fast pass, 1 level-16 + quarter anchors, 2 six levels.
+    block_k / num_warps: the first launch's key-block width and warps (None: 64 / 4 with the pair
+    products, RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS without); the solve's key blocks: block_k (None: 64).
     exact_block_k / exact_warps: the exact launch's key-block width (<= block_k) and warps.
     store_gamma: also return gam, Gamma ``[TT, HV, K]`` fp32, and inorm, the rows' 1 / |q| and 1 / |k|
     ``[TT, HV, 2]`` fp32 (ones without the l2norm): the intra backward's block launch reads them.
@@ -448,9 +449,9 @@ def kda_intra_fwd(
     has_gate = A_log is not None
     span_limit = safe_span if safe_span is not None else (
         SAFE_SPAN if use_qk_l2norm and abs(scale) <= 1e3 else min(SAFE_SPAN, RAW_SAFE_SPAN))
-    BK = min(block_k, next_pow2(K))
-    if not pairs:
-        BK, num_warps = min(RECOMPUTE_BLOCK_K, next_pow2(K)), RECOMPUTE_WARPS
+    solve_bk = min(block_k or 64, next_pow2(K))
+    BK = min(block_k or (64 if pairs else RECOMPUTE_BLOCK_K), next_pow2(K))
+    num_warps = num_warps or (4 if pairs else RECOMPUTE_WARPS)
     # the flags are neither written nor read without the pair products
     flag = torch.empty(NC, HV, triton.cdiv(K, BK) if pairs else 1, device=dev, dtype=torch.int32)
     # the exact launch may use narrower key blocks than the flags' (fewer spills, see the docstring)
@@ -466,13 +467,13 @@ def kda_intra_fwd(
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
             SAFE_SPAN=span_limit, EXACT=exact, PAIRS=pairs,
             STORE_GAMMA=store_gamma and not exact, OP=pair_operand_dtype(q.dtype),
-            LOOP_STAGES=1 if pairs or INTERPRET else RECOMPUTE_LOOP_STAGES, num_warps=nw, num_stages=1,
+            num_warps=nw, num_stages=1,
         )
     if pairs:
         out["exact_flag"] = flag
     kda_intra_solve_kernel[(NC, HV)](
         v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
-        HV=HV, K=K, V=V, BK=min(block_k, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
+        HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
         PREC="ieee" if INTERPRET else "tf32", PREC_INV="ieee" if INTERPRET else prec_inv, INVERT=pairs,
         num_warps=solve_warps, num_stages=1,
     )
