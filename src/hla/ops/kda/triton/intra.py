@@ -85,6 +85,11 @@ RAW_SAFE_SPAN = 40.0
 # / 8 warps 0.61; its key-block loop software-pipelined (tl.range num_stages 2) was slower at every
 # width (0.49-0.69 ms), so the loop stays a plain range.
 RECOMPUTE_BLOCK_K, RECOMPUTE_WARPS = 32, 4
+# The forward's launches (read at each call): the fast launch's key-block width and warps (also the flags'
+# key-block width), the exact launch's, and the solve's warps.
+FAST_BLOCK_K, FAST_WARPS = 64, 4
+EXACT_BLOCK_K, EXACT_WARPS = 32, 4
+SOLVE_WARPS = 2
 
 
 @triton.jit
@@ -398,10 +403,10 @@ def kda_intra_fwd(
     chunk_size: int = 64,
     num_warps: int | None = None,
     block_k: int | None = None,
-    exact_block_k: int = 32,
-    exact_warps: int = 4,
+    exact_block_k: int | None = None,
+    exact_warps: int | None = None,
     prec_inv: str = "ieee",
-    solve_warps: int = 2,
+    solve_warps: int | None = None,
     safe_span: float | None = None,
     saved: dict[str, torch.Tensor] | None = None,
     store_gamma: bool = False,
@@ -412,9 +417,10 @@ def kda_intra_fwd(
     fp32, and per chunk-head P (the unscaled strictly-lower key-key products) and M = (I + diag(beta)
     P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them), and exact_flag ``[NC, HV,
     cdiv(K, block_k)]`` int32 per key block: 0 fast pass, 1 level-16 + quarter anchors, 2 six levels.
-    block_k / num_warps: the first launch's key-block width and warps (None: 64 / 4 with the pair
-    products, RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS without); the solve's key blocks: block_k (None: 64).
-    exact_block_k / exact_warps: the exact launch's key-block width (<= block_k) and warps.
+    block_k / num_warps: the first launch's key-block width and warps (None: FAST_BLOCK_K / FAST_WARPS
+    with the pair products, RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS without); the solve's key blocks: block_k
+    (None: 64). exact_block_k / exact_warps: the exact launch's key-block width (<= block_k) and warps
+    (None: EXACT_BLOCK_K / EXACT_WARPS); solve_warps (None: SOLVE_WARPS).
     store_gamma: also return gam, Gamma ``[TT, HV, K]`` fp32, and inorm, the rows' 1 / |q| and 1 / |k|
     ``[TT, HV, 2]`` fp32 (ones without the l2norm): the intra backward's block launch reads them.
 
@@ -450,8 +456,9 @@ def kda_intra_fwd(
     span_limit = safe_span if safe_span is not None else (
         SAFE_SPAN if use_qk_l2norm and abs(scale) <= 1e3 else min(SAFE_SPAN, RAW_SAFE_SPAN))
     solve_bk = min(block_k or 64, next_pow2(K))
-    BK = min(block_k or (64 if pairs else RECOMPUTE_BLOCK_K), next_pow2(K))
-    num_warps = num_warps or (4 if pairs else RECOMPUTE_WARPS)
+    BK = min(block_k or (FAST_BLOCK_K if pairs else RECOMPUTE_BLOCK_K), next_pow2(K))
+    num_warps = num_warps or (FAST_WARPS if pairs else RECOMPUTE_WARPS)
+    exact_block_k, exact_warps = exact_block_k or EXACT_BLOCK_K, exact_warps or EXACT_WARPS
     # the flags are neither written nor read without the pair products
     flag = torch.empty(NC, HV, triton.cdiv(K, BK) if pairs else 1, device=dev, dtype=torch.int32)
     # the exact launch may use narrower key blocks than the flags' (fewer spills, see the docstring)
@@ -475,6 +482,6 @@ def kda_intra_fwd(
         v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
         HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
         PREC="ieee" if INTERPRET else "tf32", PREC_INV="ieee" if INTERPRET else prec_inv, INVERT=pairs,
-        num_warps=solve_warps, num_stages=1,
+        num_warps=solve_warps or SOLVE_WARPS, num_stages=1,
     )
     return out

@@ -397,44 +397,41 @@ def kda_intra_bwd_gate_kernel(
     HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
 ):
-    """Launch 3 (one program per chunk and value head): dGamma -> dg. Gamma = cumsum(g), so dg_i =
-    sum_{r >= i} dGamma_r + dGamma_last (= sum of the blocks' dkd * kd + ddl exp(Gamma_last)), then
-    the gate backward (raw gate, A_log, dt_bias). Writes dg (in g's dtype)."""
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    """Launch 3 (one program per chunk, value head and key block of BK channels): dGamma -> dg. Gamma =
+    cumsum(g), so dg_i = sum_{r >= i} dGamma_r + dGamma_last (= sum of the blocks' dkk_part + ddl
+    exp(Gamma_last)), then the gate backward (raw gate, A_log, dt_bias). Writes dg (in g's dtype), the
+    chunk's dt_bias part per channel and its A_log part per key block (dalog_part [NC, HV, NK])."""
+    i_c, i_hv, i_kb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NK: tl.constexpr = (K + BK - 1) // BK
     bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
     n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
     hk = (bos * HV + i_hv) * K
     SG: tl.constexpr = HV * K
     o_t = tl.arange(0, BT)
     m_t = o_t < n_rows
+    o_k = i_kb * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m = m_t[:, None] & m_k[None, :]
+    p_tk = hk + o_t[:, None] * SG + o_k[None, :]
+    # the four blocks' partial sums (a block past the chunk's end wrote none), then ddl exp(Gamma_last)
+    p_part = dkk_part + ((i_c * HV + i_hv) * 4).to(tl.int64) * K + o_k
+    b_dGl = tl.load(p_part, mask=m_k, other=0.0)
+    for blk in tl.static_range(1, 4):
+        b_dGl += tl.load(p_part + blk * K, mask=m_k & (n_rows > 16 * blk), other=0.0)
+    b_dGl += (tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k, other=0.0)
+              * tl.load(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k, other=0.0))
+    b_dG = tl.load(dgam + p_tk, mask=m, other=0.0)
+    b_dg = tl.where(m, tl.cumsum(b_dG, axis=0, reverse=True) + b_dGl[None, :], 0.0)
     if HAS_GATE:
         b_a = tl.exp(tl.load(A_log + i_hv).to(tl.float32))
-    b_dalog = tl.zeros([BK], dtype=tl.float32)
-    for i_k in range(0, K, BK):
-        o_k = i_k + tl.arange(0, BK)
-        m_k = o_k < K
-        m = m_t[:, None] & m_k[None, :]
-        p_tk = hk + o_t[:, None] * SG + o_k[None, :]
-        # the four blocks' partial sums (a block past the chunk's end wrote none), then ddl exp(Gamma_last)
-        p_part = dkk_part + ((i_c * HV + i_hv) * 4).to(tl.int64) * K + o_k
-        b_dGl = tl.load(p_part, mask=m_k, other=0.0)
-        for blk in tl.static_range(1, 4):
-            b_dGl += tl.load(p_part + blk * K, mask=m_k & (n_rows > 16 * blk), other=0.0)
-        b_dGl += (tl.load(ddl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k, other=0.0)
-                  * tl.load(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, mask=m_k, other=0.0))
-        b_dG = tl.load(dgam + p_tk, mask=m, other=0.0)
-        b_dg = tl.where(m, tl.cumsum(b_dG, axis=0, reverse=True) + b_dGl[None, :], 0.0)
-        if HAS_GATE:
-            b_dxr, b_dal = _gate_backward(b_dg, g + p_tk, m, dt_bias + i_hv * K + o_k, m_k, b_a, lower_bound,
-                                          HAS_BIAS, HAS_LB)
-            b_dalog += b_dal
-            tl.store(dg + p_tk, b_dxr.to(dg.dtype.element_ty), mask=m)
-            if HAS_BIAS:
-                tl.store(dbias_part + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.sum(b_dxr, axis=0), mask=m_k)
-        else:
-            tl.store(dg + p_tk, b_dg.to(dg.dtype.element_ty), mask=m)
-    if HAS_GATE:
-        tl.store(dalog_part + i_c * HV + i_hv, tl.sum(b_dalog, axis=0))
+        b_dxr, b_dal = _gate_backward(b_dg, g + p_tk, m, dt_bias + i_hv * K + o_k, m_k, b_a, lower_bound,
+                                      HAS_BIAS, HAS_LB)
+        tl.store(dg + p_tk, b_dxr.to(dg.dtype.element_ty), mask=m)
+        if HAS_BIAS:
+            tl.store(dbias_part + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.sum(b_dxr, axis=0), mask=m_k)
+        tl.store(dalog_part + (i_c * HV + i_hv) * NK + i_kb, tl.sum(b_dal, axis=0))
+    else:
+        tl.store(dg + p_tk, b_dg.to(dg.dtype.element_ty), mask=m)
 
 
 def intra_bwd_dkk(
@@ -445,8 +442,8 @@ def intra_bwd_dkk(
     gr: dict[str, torch.Tensor],
     *,
     use_beta_sigmoid: bool,
-    block_k: int = DKK_BLOCK_K,
-    num_warps: int = DKK_NUM_WARPS,
+    block_k: int | None = None,
+    num_warps: int | None = None,
     dv_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch 1 of the intra backward alone (the benchmark times it apart) -> dv ``[TT, HV, V]`` (in
@@ -462,9 +459,9 @@ def intra_bwd_dkk(
     kda_intra_bwd_dkk_kernel[(NC, HV)](
         v, beta, st["w"], st["u"], st["M"], st["P"], gr["du"], gr["dw"],
         dv, dx, dP, dbeta, chunk_bounds,
-        HV=HV, K=K, V=V, BK=min(block_k, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64,
+        HV=HV, K=K, V=V, BK=min(block_k or DKK_BLOCK_K, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64,
         USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else DKK_PRECISION,
-        num_warps=num_warps, num_stages=1,
+        num_warps=num_warps or DKK_NUM_WARPS, num_stages=1,
     )
     return dv, dx, dP, dbeta
 
@@ -488,14 +485,14 @@ def kda_intra_bwd(
     block_k: int | None = None,
     num_warps: int | None = None,
     max_registers: int | None = None,
-    dkk_block_k: int = DKK_BLOCK_K,
-    dkk_num_warps: int = DKK_NUM_WARPS,
+    dkk_block_k: int | None = None,
+    dkk_num_warps: int | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Flattened inputs as in ``kda_intra_fwd``; st: its outputs with ``store_gamma=True`` (w, u, M, P,
     dl, gam, inorm); gr: the stage-3 gradients (du, dqg, dw, dkd: fp32 token tensors, dA ``[TT, HV,
     64]``, ddl ``[NC, HV, K]``). block_k / num_warps / max_registers: the block launch (None: the
     module's BLOCK_K, NUM_WARPS, MAX_REGISTERS; max_registers 0 lets ptxas choose); dkk_block_k /
-    dkk_num_warps: the dA_kk launch.
+    dkk_num_warps: the dA_kk launch (None: DKK_BLOCK_K / DKK_NUM_WARPS).
 
     Returns dq, dk ``[TT, H, K]`` (grouped value heads summed) in q's / k's dtype, dv ``[TT, HV, V]`` in
     v's, dg ``[TT, HV, K]`` in g's (of the raw gate when A_log is given), dbeta ``[TT, HV]`` fp32, dA_log
@@ -521,7 +518,8 @@ def kda_intra_bwd(
     has_gate = A_log is not None
     has_bias = has_gate and dt_bias is not None
     dbias_part = torch.empty(NC, HV, K, device=dev, dtype=f32) if has_bias else dq
-    dalog_part = torch.empty(NC, HV, device=dev, dtype=f32) if has_gate else dq
+    gate_bk = min(GATE_BLOCK_K, next_pow2(K))
+    dalog_part = torch.empty(NC, HV, triton.cdiv(K, gate_bk), device=dev, dtype=f32) if has_gate else dq
     dkk_part = torch.empty(NC, HV, 4, K, device=dev, dtype=f32)
     cap = MAX_REGISTERS if max_registers is None else max_registers
     kda_intra_bwd_block_kernel[(NC, HV, 4)](
@@ -532,10 +530,10 @@ def kda_intra_bwd(
         ONE_PASS=one_pass, SAFE_SPAN=IN_BLOCK_SPAN, IN_PREC="ieee" if INTERPRET else IN_BLOCK_PRECISION,
         num_warps=num_warps or NUM_WARPS, num_stages=1, **({"maxnreg": cap} if cap and not INTERPRET else {}),
     )
-    kda_intra_bwd_gate_kernel[(NC, HV)](
+    kda_intra_bwd_gate_kernel[(NC, HV, triton.cdiv(K, gate_bk))](
         g, A_log if has_gate else g, dt_bias if dt_bias is not None else g, st["dl"], dgam, dkk_part, gr["ddl"],
         dg, dbias_part, dalog_part, chunk_bounds, float(lower_bound) if lower_bound is not None else 0.0,
-        HV=HV, K=K, BK=min(GATE_BLOCK_K, next_pow2(K)), BT=64, HAS_GATE=has_gate, HAS_BIAS=has_bias,
+        HV=HV, K=K, BK=gate_bk, BT=64, HAS_GATE=has_gate, HAS_BIAS=has_bias,
         HAS_LB=has_gate and lower_bound is not None, num_warps=GATE_NUM_WARPS, num_stages=1,
     )
     if HV != H:
@@ -543,5 +541,5 @@ def kda_intra_bwd(
         dk = dk.view(TT, H, HV // H, K).sum(2)
     dq, dk = dq.to(q.dtype), dk.to(k.dtype)
     return dict(dq=dq, dk=dk, dv=dv, dg=dg, dbeta=dbeta,
-                dA_log=dalog_part.sum(0) if has_gate else None,
+                dA_log=dalog_part.sum((0, 2)) if has_gate else None,
                 ddt_bias=dbias_part.sum(0).reshape(-1) if has_bias else None)
