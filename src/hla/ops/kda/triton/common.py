@@ -12,6 +12,22 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 _INTERPRET = tl.constexpr(INTERPRET)
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def exp_ftz(x):
+    """e^x as one MUFU ex2 of x log2(e) (tl.exp2 lowers to ex2.approx.ftz: 2 SASS an element against
+    tl.exp's 5, whose non-ftz ex2 adds a rescale for results below 2^-126). Results below 2^-126
+    (x < -87.3) become 0: every exponential in these kernels is a decay factor whose underflow is
+    harmless (the partner factor of an anchored product is <= exp(SAFE_SPAN) = exp(80), so a factor
+    that matters is >= exp(-80)), or a term that is then multiplied by O(1) values. The interpreter
+    keeps numpy's exp: its exp2 of a rounded x log2(e) only adds that rounding (2.6e-6 relative at x =
+    -60) to the fp32 tests' comparisons, and the GPU's tl.exp rounded the same product before."""
+    if _INTERPRET:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x * LOG2E)
 
 
 @triton.jit
@@ -33,7 +49,7 @@ def softplus_f32(x):
     # above. libdevice's logf (tl.log) costs ~25 instructions an element against ~4 here (sm_90a SASS), and
     # log(1 + t) itself lost up to 6e-4 relative at its old series cut (t = 1e-4). Above 20 it is x, as in
     # torch.
-    t = tl.exp(-tl.abs(x))
+    t = exp_ftz(-tl.abs(x))
     series = t * (1.0 - t * (0.5 - t * (0.3333333333333333 - 0.25 * t)))
     lp = tl.where(t < 0.015625, series, 0.6931471805599453 * _log2_approx(1.0 + t))
     return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + lp)
@@ -117,7 +133,7 @@ def level_factors(b_G, o_t, lvl, BT: tl.constexpr, BK: tl.constexpr):
     up = (blk % 2) == 1
     anchor = tl.where(up, blk * S - 1, blk * S + S - 1)
     b_Gx = tl.gather(b_G, tl.broadcast_to(anchor[:, None], [BT, BK]), 0)
-    b_e = tl.exp(tl.minimum(tl.where(up[:, None], b_G - b_Gx, b_Gx - b_G), 0.0))
+    b_e = exp_ftz(tl.minimum(tl.where(up[:, None], b_G - b_Gx, b_Gx - b_G), 0.0))
     pair = (o_t[:, None] // (2 * S)) == (o_t[None, :] // (2 * S))
     return up, b_e, pair
 

@@ -58,6 +58,7 @@ import triton.language as tl
 from hla.ops.kda.triton.common import (
     INTERPRET,
     beta_rows,
+    exp_ftz,
     half_anchors,
     kda_gate_f32,
     level_factors,
@@ -148,8 +149,8 @@ def _within_halves_exact(b_aqk, b_p, b_q, b_k, b_G, o_t, BT: tl.constexpr, BK: t
     b_Ga = tl.gather(b_G, tl.broadcast_to((o_t // QB * QB + QB // 2 - 1)[:, None], [BT, BK]), 0)
     tier = 1
     if tl.max(tl.max(tl.abs(b_G - b_Ga), axis=1), axis=0) <= SAFE_SPAN:
-        b_eq = tl.exp(tl.minimum(b_G - b_Ga, SAFE_SPAN))
-        b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Ga - b_G, SAFE_SPAN))).to(OP))
+        b_eq = exp_ftz(tl.minimum(b_G - b_Ga, SAFE_SPAN))
+        b_kc = tl.trans((b_k * exp_ftz(tl.minimum(b_Ga - b_G, SAFE_SPAN))).to(OP))
         same = (o_t[:, None] // QB) == (o_t[None, :] // QB)
         b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
                           tl.dot((b_q * b_eq).to(OP), b_kc, input_precision=PREC), 0.0)
@@ -250,12 +251,12 @@ def kda_intra_fwd_kernel(
                               HAS_GATE, HAS_BIAS, HAS_LB)
             # padding rows carry g = 0, so the last row holds Gamma at the chunk's last token
             b_Gl = tile_row(b_G, o_t, BT - 1)
-            b_eG = tl.exp(b_G)
+            b_eG = exp_ftz(b_G)
             if STORE_GAMMA:
                 tl.store((gam + hk_base) + p_hk, b_G, mask=m)
-            tl.store(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, tl.exp(b_Gl), mask=m_k)
+            tl.store(dl + (i_c * HV + i_hv).to(tl.int64) * K + o_k, exp_ftz(b_Gl), mask=m_k)
             tl.store((qg + hk_base) + p_hk, (b_q * b_eG).to(qg.dtype.element_ty), mask=m)
-            tl.store((kd + hk_base) + p_hk, (b_k * tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))).to(kd.dtype.element_ty),
+            tl.store((kd + hk_base) + p_hk, (b_k * exp_ftz(tl.minimum(b_Gl[None, :] - b_G, 0.0))).to(kd.dtype.element_ty),
                      mask=m)
             # k exp(Gamma), parked in w's buffer until the solve kernel turns it into w
             tl.store((w + hk_base) + p_hk, (b_k * b_eG).to(w.dtype.element_ty), mask=m)
@@ -266,14 +267,14 @@ def kda_intra_fwd_kernel(
                 # flagged and left to the exact launch.
                 lo = o_t < BT // 2
                 b_G1, b_G2, b_G3, span = half_anchors(b_G, b_Gl, o_t, BT)
-                b_e = tl.exp(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
+                b_e = exp_ftz(tl.minimum(tl.where(lo[:, None], b_G2[None, :] - b_G, b_G - b_G2[None, :]), 0.0))
                 b_kc = tl.trans(tl.where(lo[:, None], b_k * b_e, 0.0).to(OP))
                 b_aqk += tl.dot(tl.where(lo[:, None], 0.0, b_q * b_e).to(OP), b_kc, input_precision=PREC)
                 b_p += tl.dot(tl.where(lo[:, None], 0.0, b_k * b_e).to(OP), b_kc, input_precision=PREC)
                 if span <= SAFE_SPAN:
                     b_Gm = tl.where(lo[:, None], b_G1[None, :], b_G3[None, :])
-                    b_eq = tl.exp(tl.minimum(b_G - b_Gm, SAFE_SPAN))
-                    b_kc = tl.trans((b_k * tl.exp(tl.minimum(b_Gm - b_G, SAFE_SPAN))).to(OP))
+                    b_eq = exp_ftz(tl.minimum(b_G - b_Gm, SAFE_SPAN))
+                    b_kc = tl.trans((b_k * exp_ftz(tl.minimum(b_Gm - b_G, SAFE_SPAN))).to(OP))
                     same = lo[:, None] == lo[None, :]
                     b_aqk += tl.where(same & (o_t[:, None] >= o_t[None, :]),
                                       tl.dot((b_q * b_eq).to(OP), b_kc, input_precision=PREC), 0.0)

@@ -40,6 +40,7 @@ import triton.language as tl
 from hla.ops.kda.triton.common import (
     INTERPRET,
     beta_rows,
+    exp_ftz,
     kda_gate_f32_and_grads,
     next_pow2,
 )
@@ -146,8 +147,8 @@ def _token_terms(b_q, b_yk, b_G, b_Gl, b_beta, b_dqr, b_dkr, b_dkc, dx, dqg, dkd
     b_dq = b_dqr
     b_dk = b_dkr + b_dkc
     b_dG = b_q * b_dqr + b_yk * (b_dkr - b_dkc)
-    b_eG = tl.exp(b_G)
-    b_ed = tl.exp(tl.minimum(b_Gl[None, :] - b_G, 0.0))
+    b_eG = exp_ftz(b_G)
+    b_ed = exp_ftz(tl.minimum(b_Gl[None, :] - b_G, 0.0))
     b_dx = tl.load(dx + p_tk, mask=m, other=0.0)
     b_dqg = tl.load(dqg + p_tk, mask=m, other=0.0)
     b_dkd = tl.load(dkd + p_tk, mask=m, other=0.0)
@@ -211,7 +212,7 @@ def _step_loads(g_base, k_base, q_base, n_base, a_base, p_base, r_c, m_c, o16, o
 def _step_math(b_Gc, b_Gt, b_kt, b_qt, b_ac, b_pc, b_ar, b_pr, b_dqr, b_dkr, b_dkc):
     """One in-block step: exp(-|G_i - G_t|) <= 1 both ways, then the row sides' column t and the
     column side's row t."""
-    b_E = tl.exp(-tl.abs(b_Gc - b_Gt[None, :]))
+    b_E = exp_ftz(-tl.abs(b_Gc - b_Gt[None, :]))
     b_dqr += b_ac[:, None] * b_E * b_kt[None, :]
     b_dkr += b_pc[:, None] * b_E * b_kt[None, :]
     b_dkc += (b_ar[:, None] * b_qt[None, :] + b_pr[:, None] * b_kt[None, :]) * b_E
@@ -225,8 +226,8 @@ def _in_block_products(a_base, p_base, r_c, m_c, o16, m, b_Gc, b_Ga, b_q, b_yk, 
     |Gamma_i - Gamma_a| over the block exceeds SAFE_SPAN): exp(G_i - G_t) = exp(G_i - G_a) exp(G_a - G_t)
     with both factors <= exp(SAFE_SPAN), exact up to rounding; masked pairs multiply a zero entry of
     dA_qk / dP. Same sums as the 16 steps of ``_step_math`` -> (dq_r, dk_r, dk_c) parts [16, BK]."""
-    b_up = tl.where(m, tl.exp(tl.minimum(b_Gc - b_Ga[None, :], SAFE_SPAN)), 0.0)  # exp(G_i - G_a)
-    b_dn = tl.where(m, tl.exp(tl.minimum(b_Ga[None, :] - b_Gc, SAFE_SPAN)), 0.0)  # exp(G_a - G_i)
+    b_up = tl.where(m, exp_ftz(tl.minimum(b_Gc - b_Ga[None, :], SAFE_SPAN)), 0.0)  # exp(G_i - G_a)
+    b_dn = tl.where(m, exp_ftz(tl.minimum(b_Ga[None, :] - b_Gc, SAFE_SPAN)), 0.0)  # exp(G_a - G_i)
     m2 = m_c[:, None] & m_c[None, :]
     p_blk = r_c[:, None] * SA + r_c[None, :]
     b_A = tl.load(a_base + p_blk, mask=m2 & (o16[:, None] >= o16[None, :]), other=0.0)  # dA_qk[i, t], t <= i
@@ -315,8 +316,8 @@ def kda_intra_bwd_block_kernel(
             me = m_e[:, None] & m_k[None, :]
             b_G = tl.load(g_base + o_t[:, None] * SG + o_k[None, :], mask=me, other=0.0)
             b_kx = tl.load(k_base + o_t[:, None] * SQ + o_k[None, :], mask=me, other=0.0).to(tl.float32) \
-                * (b_ik[:, None] * tl.exp(tl.minimum(b_Ga[None, :] - b_G, 0.0)))
-            b_eo = tl.exp(tl.minimum(b_Gc - b_Ga[None, :], 0.0))
+                * (b_ik[:, None] * exp_ftz(tl.minimum(b_Ga[None, :] - b_G, 0.0)))
+            b_eo = exp_ftz(tl.minimum(b_Gc - b_Ga[None, :], 0.0))
             # [16, 64] parts of dA_qk / dP: the block's rows against the earlier columns (reloaded per
             # key block from L1 / L2: holding them across the loop costs 32 registers a thread)
             b_tA = tl.load(a_base + r_c[:, None] * SA + o_t[None, :], mask=m_c[:, None] & m_e[None, :], other=0.0)
@@ -329,7 +330,7 @@ def kda_intra_bwd_block_kernel(
             b_Ga = tl.load(g_base + (c * 16 + 15) * SG + o_k, mask=m_k, other=0.0)
             ml = m_l[:, None] & m_k[None, :]
             b_G = tl.load(g_base + o_t[:, None] * SG + o_k[None, :], mask=ml, other=0.0)
-            b_ea = tl.exp(tl.minimum(b_G - b_Ga[None, :], 0.0))
+            b_ea = exp_ftz(tl.minimum(b_G - b_Ga[None, :], 0.0))
             b_xq = tl.load(q_base + o_t[:, None] * SQ + o_k[None, :], mask=ml, other=0.0).to(tl.float32) \
                 * (b_iq[:, None] * b_ea)
             b_xk = tl.load(k_base + o_t[:, None] * SQ + o_k[None, :], mask=ml, other=0.0).to(tl.float32) \
@@ -337,7 +338,7 @@ def kda_intra_bwd_block_kernel(
             # the later rows' entries in the block's columns, transposed: [j in the block, i later]
             b_tAT = tl.load(a_base + o_t[None, :] * SA + r_c[:, None], mask=m_l[None, :], other=0.0)
             b_tPT = tl.load(p_base + o_t[None, :] * BT + r_c[:, None], mask=m_l[None, :], other=0.0)
-            b_dkc = tl.exp(tl.minimum(b_Ga[None, :] - b_Gc, 0.0)) * (
+            b_dkc = exp_ftz(tl.minimum(b_Ga[None, :] - b_Gc, 0.0)) * (
                 tl.dot(b_tAT, b_xq, input_precision=PREC) + tl.dot(b_tPT, b_xk, input_precision=PREC))
 
         # pairs inside the block: one anchor (row 7, or the last row of a short block) when the span allows
