@@ -46,14 +46,14 @@ def cases():
     intra_t = dict(q=BF16, k=BF16, g=BF16, A_log=F32, dt_bias=F32, Aqk=F32, w=BF16, qg=BF16, kd=BF16, dl=F32,
                    Pbuf=F32, exact_flag=I32, gam=F32, inorm=F32, chunk_bounds=I32, scale="fp32", lower_bound="fp32")
     # the fast launch sets the flags per key block of FBK channels; the exact launch may read them in
-    # narrower blocks (launched: fast BK 64 / 4 warps, exact BK 32 / 4 warps)
-    for exact, bk, nw in ((False, 64, 4), (False, 32, 4), (False, 64, 8),
-                          (True, 32, 4), (True, 64, 4), (True, 32, 8), (True, 64, 8)):
+    # narrower blocks (launched: fast BK 64 / 4 warps / 2 stages, exact BK 32 / 4 warps / 1 stage)
+    for exact, bk, nw, ns in ((False, 64, 4, 2), (False, 64, 4, 1), (False, 32, 4, 1), (False, 64, 8, 1),
+                              (True, 32, 4, 1), (True, 64, 4, 1), (True, 32, 8, 1), (True, 64, 8, 1)):
         yield (f"intra {'exact' if exact else 'fast'} BK={bk}", kda_intra_fwd_kernel, intra_t,
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=64 if exact else bk, BT=BT, USE_L2=True, PREC="tf32",
-                    SAFE_SPAN=SAFE_SPAN, EXACT=exact, PAIRS=True, STORE_GAMMA=False, OP=tl.bfloat16, **GATE), nw, 1)
+                    SAFE_SPAN=SAFE_SPAN, EXACT=exact, PAIRS=True, STORE_GAMMA=False, OP=tl.bfloat16, **GATE), nw, ns)
     # the backward's recompute with A_qk, P, M saved: per-token tensors, Gamma and the row norms
-    # (launched: BK 32 / 4 warps, intra.RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS)
+    # (launched: BK 64 / 4 warps, intra.RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS)
     for bk, nw in ((32, 4), (64, 4), (128, 8)):
         yield (f"intra per-token BK={bk}", kda_intra_fwd_kernel, intra_t,
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=bk, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=SAFE_SPAN, EXACT=False,
@@ -91,8 +91,9 @@ def cases():
                dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT), 8, 2)
     dkk_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, M=F32, P=F32, du=F32, dw=F32, dv=F32, dx=F32, dP=F32,
                  dbeta=F32, chunk_bounds=I32)
-    for bk, nw, prec in ((32, 4, "tf32x3"), (64, 4, "tf32x3"), (16, 4, "tf32x3"), (32, 8, "tf32x3"),
-                         (64, 8, "tf32x3"), (32, 4, "tf32")):
+    # launched: BK 32 / 2 warps, tf32 (intra_bwd.DKK_BLOCK_K, DKK_NUM_WARPS, DKK_PRECISION)
+    for bk, nw, prec in ((32, 2, "tf32"), (32, 4, "tf32"), (32, 4, "tf32x3"), (64, 4, "tf32x3"), (16, 4, "tf32x3"),
+                         (32, 8, "tf32x3"), (64, 8, "tf32x3")):
         yield (f"intra_bwd dkk BK={bk} {prec}", kda_intra_bwd_dkk_kernel, dkk_t,
                dict(HV=HV, K=K, V=V, BK=bk, BV=64, BT=BT, USE_SIGMOID=True, PREC=prec), nw, 1)
     block_t = dict(q=BF16, k=BF16, gam=F32, inorm=F32, beta=BF16, dx=F32, dP=F32, dqg=F32, dkd=F32,

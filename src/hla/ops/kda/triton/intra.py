@@ -84,11 +84,20 @@ RAW_SAFE_SPAN = 40.0
 # The backward's recompute (per-token tensors only): default key-block width and warps. H200, B1 T8192
 # H32 D128 (session 7): BK 32 0.460 ms (167 registers, 3 programs per SM), BK 64 0.495 (255, 2), BK 128
 # / 8 warps 0.61; its key-block loop software-pipelined (tl.range num_stages 2) was slower at every
-# width (0.49-0.69 ms), so the loop stays a plain range.
-RECOMPUTE_BLOCK_K, RECOMPUTE_WARPS = 32, 4
-# The forward's launches (read at each call): the fast launch's key-block width and warps (also the flags'
-# key-block width), the exact launch's, and the solve's warps.
+# width (0.49-0.69 ms), so the loop stays a plain range. Session 8 (exponentials on one MUFU op each):
+# BK 64 0.456-0.458 against BK 32 0.463-0.465 in three runs (Kimi gate; bounded 0.449 / 0.455), BK 64 / 8
+# warps 0.616, BK 16 / 2 warps 0.546.
+RECOMPUTE_BLOCK_K, RECOMPUTE_WARPS = 64, 4
+# The forward's launches (read at each call): the fast launch's key-block width, warps and pipeline
+# stages (the width is also the flags' key-block width), the exact launch's, and the solve's warps. H200,
+# B1 T8192 H32 D128 Kimi gate, the intra stage (fast + exact + solve), session 8: fast BK 64 / 4 warps
+# 0.840 ms, BK 32 / 4 0.915, BK 32 / 8 1.096, BK 64 / 8 1.041; 2 stages (the second key block's loads
+# issued during the first's products; 136 B of spills, 41 KB of shared memory) 0.699 against 0.720 at
+# 1 (bounded gate 0.640 / 0.661); solve 1 warp 1.054, 2 0.840, 4 0.938; exact BK 16 / 4 0.847, 32 / 8
+# 0.851 against 32 / 4 0.840. A split solve (the inverse alone, then w and u one column block per
+# program) was slower: 0.865 against 0.803 (the backward's recompute 0.538 against 0.474).
 FAST_BLOCK_K, FAST_WARPS = 64, 4
+FAST_STAGES = 2
 EXACT_BLOCK_K, EXACT_WARPS = 32, 4
 SOLVE_WARPS = 2
 
@@ -475,7 +484,7 @@ def kda_intra_fwd(
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
             SAFE_SPAN=span_limit, EXACT=exact, PAIRS=pairs,
             STORE_GAMMA=store_gamma and not exact, OP=pair_operand_dtype(q.dtype),
-            num_warps=nw, num_stages=1,
+            num_warps=nw, num_stages=FAST_STAGES if pairs and not exact else 1,
         )
     if pairs:
         out["exact_flag"] = flag

@@ -55,7 +55,9 @@ from hla.ops.kda.triton.common import (
 # gradients written by the kernels (no fp32 copy + cast): 2.53. Gate launch: BK 32 / 4 warps 2.49, BK 64 / 4
 # 2.53, BK 64 / 8 2.69; the reverse cumsum as a triangular tf32x3 product instead of tl.cumsum: +0.03-0.06.
 DKK_PRECISION = "tf32"
-DKK_BLOCK_K, DKK_NUM_WARPS = 32, 4
+# dA_kk launch (session 8, H200, B1 T8192 H32 D128): BK 32 / 2 warps 0.338 ms, 32 / 4 0.347, 64 / 4 0.387,
+# 16 / 4 0.400, 32 / 8 and 64 / 8 slower still.
+DKK_BLOCK_K, DKK_NUM_WARPS = 32, 2
 BLOCK_PRECISION = "tf32"
 # The in-block pairs as anchored products where max |Gamma_i - Gamma_anchor| over the 16-row block and
 # key block is <= IN_BLOCK_SPAN, else 16 CUDA-core steps (tests set -1 to force the steps). Unlike the
@@ -68,7 +70,13 @@ BLOCK_PRECISION = "tf32"
 # decay factors) and dGamma = x dx - y dy cancels (see the module docstring).
 IN_BLOCK_PRECISION = "tf32x3"
 IN_BLOCK_SPAN = 60.0
+# Session 8: the block launch at 16 warps (128 registers, no spills, one program per SM) 2.69 ms against
+# 2.06; uncapped (248 registers) 2.31, capped at 168 2.51; its earlier / later rows in tiles of the rows
+# that exist (16 / 32 / 64 instead of 64) 2.04 against 2.01-2.04 (more spills): not taken.
 BLOCK_K, NUM_WARPS, MAX_REGISTERS = 128, 8, 128
+# Gate launch, one program per (chunk, head, key block) since session 8 (a loop over key blocks before:
+# 141 registers, 3 programs per SM): the three launches 2.126 -> 2.062 ms; BK 16 / 2 warps 2.074, 32 / 2
+# 2.067, 64 / 4 2.110.
 GATE_BLOCK_K, GATE_NUM_WARPS = 32, 4
 
 
