@@ -99,8 +99,10 @@ def cases():
     block_t = dict(q=BF16, k=BF16, gam=F32, inorm=F32, beta=BF16, dx=F32, dP=F32, dqg=F32, dkd=F32,
                    dA=F32, dq=F32, dk=F32, dgam=F32, dbeta=F32, dkk_part=F32, chunk_bounds=I32, scale="fp32")
     # launched: BK 128 / 8 warps / 128 registers (intra_bwd.BLOCK_K, NUM_WARPS, MAX_REGISTERS)
-    # (the in-block products' precision inp as a last field; launched: BK 128, tf32, tf32x3, cap 128)
-    for bk, nw, prec, cap, inp in ((128, 8, "tf32", 128, "tf32x3"), (128, 8, "tf32", 128, "tf32"),
+    # (the in-block products' precision inp as a last field; launched: BK 128, tf32, bf16x3, cap 128)
+    for bk, nw, prec, cap, inp in ((128, 8, "tf32", 128, "bf16x3"), (128, 8, "tf32", 128, "tf32x3"),
+                                   (128, 8, "tf32", 128, "tf32"), (128, 8, "tf32", 128, "bf16x6"),
+                                   (128, 8, "bf16x3", 128, "bf16x3"),
                                    (128, 8, "tf32", None, "tf32x3"), (128, 8, "tf32", 168, "tf32x3"),
                                    (32, 4, "tf32", 128, "tf32x3"), (64, 4, "tf32", 128, "tf32x3")):
         yield (f"intra_bwd block BK={bk} {prec} in-block {inp} cap {cap}", kda_intra_bwd_block_kernel, block_t,

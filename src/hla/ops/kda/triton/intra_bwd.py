@@ -8,9 +8,9 @@ those of q, k, v, the raw gate (and A_log, dt_bias) and beta, in three launches:
    and the rows' inverse norms that the backward's stage-1 recompute stored (``store_gamma``), so
    any row is one load away. Pairs across blocks take the anchor Gamma at the block boundary, both
    factors <= 1 for every gate (no span test, no exponent split: exact where the forward needs its
-   exact launch); pairs inside a block are four [16, 16] x [16, BK] tf32x3 products about the block's
-   row 7 where no |Gamma_i - Gamma_7| exceeds IN_BLOCK_SPAN (else 16 steps on CUDA cores in fp32, one
-   exponential each).
+   exact launch); pairs inside a block are four [16, 16] x [16, BK] bf16x3 products (IN_BLOCK_PRECISION)
+   about the block's row 7 where no |Gamma_i - Gamma_7| exceeds IN_BLOCK_SPAN (else 16 steps on CUDA
+   cores in fp32, one exponential each).
 3. kda_intra_bwd_gate_kernel (one program per chunk and value head): the in-chunk reverse cumsum of
    dGamma and the gate backward (raw gate, A_log, dt_bias).
 
@@ -68,7 +68,13 @@ BLOCK_PRECISION = "tf32"
 # everywhere 2.49 ms, products to span 40 2.20, to span 60 2.12; tf32 instead of tf32x3 2.14 at span 40
 # but K = V = 64 dA_log 1.3e-2 in check_kda_gpu.py (tf32x3: 2.1e-3): these are the closest pairs (largest
 # decay factors) and dGamma = x dx - y dy cancels (see the module docstring).
-IN_BLOCK_PRECISION = "tf32x3"
+# Session 8: Triton 3.6's bf16x3 (each fp32 operand as two bf16 parts, three bf16 products: ~16 mantissa
+# bits, bf16 products at twice the tf32 rate, half the operand registers) 1.92 ms against tf32x3's 2.04
+# (bf16x6, ~24 bits: 2.00); check_kda_gpu.py: K = V = 64 dA_log 1.96e-3 (tf32x3 2.1e-3), every other value
+# within 1e-4 of the tf32x3 run, the known varlen near0 dA_log (1.85e-2) the only failure. Offline spills
+# 440 / 356 -> 352 / 256 B. The cross-block products as bf16x3 instead of tf32 spill twice as much (836 /
+# 764 B).
+IN_BLOCK_PRECISION = "bf16x3"
 IN_BLOCK_SPAN = 60.0
 # Session 8: the block launch at 16 warps (128 registers, no spills, one program per SM) 2.69 ms against
 # 2.06; uncapped (248 registers) 2.31, capped at 168 2.51; its earlier / later rows in tiles of the rows
