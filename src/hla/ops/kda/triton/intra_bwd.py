@@ -11,8 +11,8 @@ those of q, k, v, the raw gate (and A_log, dt_bias) and beta, in three launches:
    exact launch); pairs inside a block are four [16, 16] x [16, BK] bf16x3 products (IN_BLOCK_PRECISION)
    about the block's row 7 where no |Gamma_i - Gamma_7| exceeds IN_BLOCK_SPAN (else 16 steps on CUDA
    cores in fp32, one exponential each).
-3. kda_intra_bwd_gate_kernel (one program per chunk and value head): the in-chunk reverse cumsum of
-   dGamma and the gate backward (raw gate, A_log, dt_bias).
+3. kda_intra_bwd_gate_kernel (one program per chunk, value head and key block): the in-chunk reverse
+   cumsum of dGamma and the gate backward (raw gate, A_log, dt_bias).
 
 With X = diag(beta) k exp(Gamma), w = M X, u = M diag(beta) v and M = (I + diag(beta) P)^-1:
 
