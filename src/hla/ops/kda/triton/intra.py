@@ -100,6 +100,15 @@ FAST_BLOCK_K, FAST_WARPS = 64, 4
 FAST_STAGES = 2
 EXACT_BLOCK_K, EXACT_WARPS = 32, 4
 SOLVE_WARPS = 2
+# The solve's 16x16 inverses and off-diagonal blocks for 16-bit inputs (fp32 inputs and the interpreter
+# take ieee). H200, B1 T8192 H32 D128, intra stage at 2 solve warps, and the relative error of M against a
+# float64 inverse of the same P (session 9): ieee 0.703 ms / 3.2e-9, tf32x3 0.833 / 3.7e-9, bf16x6 0.714 /
+# 2.9e-9, bf16x3 0.673 / 7.1e-8, tf32 0.649 / 1.5e-5 (Kimi gate); bounded gate 0.643 / 0.770 / 0.652 /
+# 0.609 / 0.588 ms, tf32 1.4e-4; 4 warps slower at every precision. tf32 took 0.05 ms off the forward but
+# moved check_kda_gpu.py's bounded-gate dA_log from 4.1e-3 to 9.7e-3 (limit 1e-2): dA_log sums every
+# token's gradient, so M's rounding adds up. bf16x3 (~16 bits): fwd 0.962 -> 0.932 ms (bounded 0.900 ->
+# 0.869), that dA_log 4.1e-3, the veryneg one 2.5e-3 -> 3.0e-3, the known varlen near0 one 1.85e-2 -> 1.96e-2.
+SOLVE_INV_PRECISION = "bf16x3"
 
 
 @triton.jit
@@ -415,7 +424,7 @@ def kda_intra_fwd(
     block_k: int | None = None,
     exact_block_k: int | None = None,
     exact_warps: int | None = None,
-    prec_inv: str = "ieee",
+    prec_inv: str | None = None,
     solve_warps: int | None = None,
     safe_span: float | None = None,
     saved: dict[str, torch.Tensor] | None = None,
@@ -430,7 +439,8 @@ def kda_intra_fwd(
     block_k / num_warps: the first launch's key-block width and warps (None: FAST_BLOCK_K / FAST_WARPS
     with the pair products, RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS without); the solve's key blocks: block_k
     (None: 64). exact_block_k / exact_warps: the exact launch's key-block width (<= block_k) and warps
-    (None: EXACT_BLOCK_K / EXACT_WARPS); solve_warps (None: SOLVE_WARPS).
+    (None: EXACT_BLOCK_K / EXACT_WARPS); solve_warps (None: SOLVE_WARPS); prec_inv: the inverse's
+    products (None: SOLVE_INV_PRECISION for 16-bit inputs, ieee for fp32).
     store_gamma: also return gam, Gamma ``[TT, HV, K]`` fp32, and inorm, the rows' 1 / |q| and 1 / |k|
     ``[TT, HV, 2]`` fp32 (ones without the l2norm): the intra backward's block launch reads them.
 
@@ -488,10 +498,11 @@ def kda_intra_fwd(
         )
     if pairs:
         out["exact_flag"] = flag
+    inv_prec = "ieee" if INTERPRET else prec_inv or ("ieee" if q.dtype == torch.float32 else SOLVE_INV_PRECISION)
     kda_intra_solve_kernel[(NC, HV)](
         v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
         HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
-        PREC="ieee" if INTERPRET else "tf32", PREC_INV="ieee" if INTERPRET else prec_inv, INVERT=pairs,
+        PREC="ieee" if INTERPRET else "tf32", PREC_INV=inv_prec, INVERT=pairs,
         num_warps=solve_warps or SOLVE_WARPS, num_stages=1,
     )
     return out

@@ -34,6 +34,10 @@ import triton.language as tl
 from hla.ops.kda.triton.common import INTERPRET, next_pow2
 
 BT = 64
+# kda_chain_adv_kernel's value columns per program and warps (read at each call). H200, B1 T8192 H32
+# D128, the chain stage (this launch + the walk), two runs (session 9): BV 64 / 2 warps 0.377 / 0.376 ms,
+# 64 / 4 0.395 / 0.396, 128 / 4 0.403, 128 / 8 0.407, 32 / 2 0.405, 32 / 4 0.432.
+ADV_BLOCK_V, ADV_WARPS = 64, 2
 
 
 @triton.jit
@@ -289,9 +293,9 @@ def kda_state_grad_chain(
     dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32) if need_dh0 else None
     do = do.contiguous()
     if pre_adv and NC > 0:
-        BVa = min(64, next_pow2(V))
+        BVa = min(ADV_BLOCK_V, next_pow2(V))
         kda_chain_adv_kernel[(NC, HV, triton.cdiv(V, BVa))](st["Aqk"], do, dvnew, chunk_bounds, HV=HV, V=V, BV=BVa,
-                                                             BT=BT, num_warps=4, num_stages=1)
+                                                             BT=BT, num_warps=ADV_WARPS, num_stages=1)
     kda_state_grad_chain_kernel[(triton.cdiv(V, BV), N * HV)](
         st["w"], st["qg"], st["kd"], st["dl"], st["Aqk"], do,
         dht.contiguous() if dht is not None else dvnew, dh, dvnew, dh0 if dh0 is not None else dvnew,
