@@ -176,6 +176,12 @@ def _token_terms(b_q, b_yk, b_G, b_Gl, b_beta, b_dqr, b_dkr, b_dkc, dx, dqg, dkd
 
 
 @triton.jit
+def _l2norm_bwd(b_dy, b_y, b_c, b_inv):
+    """Gradient of rows x [R, BK] through y = x / |x|, from dy, y, c = sum_d y dy ([R]) and 1 / |x| ([R])."""
+    return (b_dy - b_y * b_c[:, None]) * b_inv[:, None]
+
+
+@triton.jit
 def _finish_rows(q_base, k_base, dq, dk, dbeta_base, hk, rows, m_rows, b_db, b_beta, b_iq, b_ik, b_cq, b_ck,
                  HV: tl.constexpr, SQ: tl.constexpr, SG: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
                  USE_SIGMOID: tl.constexpr, USE_L2: tl.constexpr):
@@ -198,8 +204,8 @@ def _finish_rows(q_base, k_base, dq, dk, dbeta_base, hk, rows, m_rows, b_db, b_b
             b_yk = tl.load(k_base + p_qk, mask=m, other=0.0).to(tl.float32) * b_ik[:, None]
             b_dyq = tl.load(dq + p_tk, mask=m, other=0.0)
             b_dyk = tl.load(dk + p_tk, mask=m, other=0.0)
-            tl.store(dq + p_tk, (b_dyq - b_yq * b_cq[:, None]) * b_iq[:, None], mask=m)
-            tl.store(dk + p_tk, (b_dyk - b_yk * b_ck[:, None]) * b_ik[:, None], mask=m)
+            tl.store(dq + p_tk, _l2norm_bwd(b_dyq, b_yq, b_cq, b_iq), mask=m)
+            tl.store(dk + p_tk, _l2norm_bwd(b_dyk, b_yk, b_ck, b_ik), mask=m)
 
 
 @triton.jit
@@ -395,8 +401,8 @@ def kda_intra_bwd_block_kernel(
         if ONE_PASS and USE_L2:
             # one key block holds the whole rows, so b_cq / b_ck are complete: the l2norm backward here,
             # one store in dq's / dk's dtype, no read-back (y = q / |q| = b_q / scale, dy = scale b_dq)
-            b_dq = (b_dq * scale - b_q * (b_cq / scale)[:, None]) * b_iq_c[:, None]
-            b_dk = (b_dk - b_yk * b_ck[:, None]) * b_ik_c[:, None]
+            b_dq = _l2norm_bwd(b_dq * scale, b_q * (1.0 / scale), b_cq, b_iq_c)
+            b_dk = _l2norm_bwd(b_dk, b_yk, b_ck, b_ik_c)
         else:
             b_dq = b_dq * scale
         tl.store(dq + p_tk, b_dq.to(dq.dtype.element_ty), mask=m)
