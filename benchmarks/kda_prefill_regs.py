@@ -22,7 +22,12 @@ import triton.language as tl
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(__file__))
 
-from hla.ops.kda.triton.intra import SAFE_SPAN, kda_intra_fwd_kernel, kda_intra_solve_kernel  # noqa: E402
+from hla.ops.kda.triton.intra import (  # noqa: E402
+    SAFE_SPAN,
+    SOLVE_INV_PRECISION,
+    kda_intra_fwd_kernel,
+    kda_intra_solve_kernel,
+)
 from hla.ops.kda.triton.intra_bwd import (  # noqa: E402
     IN_BLOCK_SPAN,
     kda_intra_bwd_block_kernel,
@@ -59,9 +64,10 @@ def cases():
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=bk, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=SAFE_SPAN, EXACT=False,
                     PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, **GATE), nw, 1)
     solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32)
-    for nw in (1, 2, 4):
-        yield ("solve", kda_intra_solve_kernel, solve_t,
-               dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee",
+    # launched: 2 warps, the inverse in intra.SOLVE_INV_PRECISION for 16-bit inputs (ieee for fp32)
+    for nw, inv in ((2, SOLVE_INV_PRECISION), (1, "ieee"), (2, "ieee"), (4, "ieee")):
+        yield (f"solve inverse {inv}", kda_intra_solve_kernel, solve_t,
+               dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV=inv,
                     INVERT=True), nw, 1)
     yield ("solve, saved M", kda_intra_solve_kernel, solve_t,
            dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee",
