@@ -44,7 +44,8 @@ wrong otherwise). Three launches:
    added (3 products instead of 6 for the 31% of key blocks that need exactly it), 2.6 with every
    tier (not worth more code and registers). The bounded gate (lower_bound = -5) flags nothing.
 3. Solve: M = (I + diag(beta) P)^-1 from the 16x16 diagonal inverses (product form ``(I + N)^-1 =
-   (I - N)(I + N^2)(I + N^4)(I + N^8)``, N^16 = 0, fp32) and ``M_IJ = -D_I sum_{J <= L < I} A_IL M_LJ``,
+   (I - N)(I + N^2)(I + N^4)(I + N^8)``, N^16 = 0, fp32; the 16x16 products in bf16x3 for 16-bit inputs,
+   ieee for fp32: SOLVE_INV_PRECISION) and ``M_IJ = -D_I sum_{J <= L < I} A_IL M_LJ``,
    then w = M diag(beta) (k exp(Gamma)) and u = M diag(beta) v as one [64, 64] product each. P and M
    go through per-chunk buffers (Triton cannot slice register tiles); the backward reads both.
 """
