@@ -1,4 +1,4 @@
-"""fp16 inputs. The intra stage's pair-product factors reach exp(SAFE_SPAN) = 2e17, past fp16's 65504:
+"""fp16 inputs. The intra stage's pair-product factors reach exp(SAFE_SPAN) (5.5e34 at 80), past fp16's 65504:
 with operands in the input dtype, fp16 inputs gave inf outputs on the H200, so 16-bit inputs take bf16
 operands (the GPU check's fp16 case is the end-to-end guard; the interpreter multiplies in fp32)."""
 
