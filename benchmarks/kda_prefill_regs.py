@@ -112,7 +112,7 @@ def cases():
                                    (128, 8, "tf32", None, "tf32x3"), (128, 8, "tf32", 168, "tf32x3"),
                                    (32, 4, "tf32", 128, "tf32x3"), (64, 4, "tf32", 128, "tf32x3")):
         yield (f"intra_bwd block BK={bk} {prec} in-block {inp} cap {cap}", kda_intra_bwd_block_kernel, block_t,
-               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec, SAFE_SPAN=IN_BLOCK_SPAN,
+               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec, IN_SPAN=IN_BLOCK_SPAN,
                     IN_PREC=inp), nw, 1, cap)
     gate_t = dict(g=BF16, A_log=F32, dt_bias=F32, dl=F32, dgam=F32, dkk_part=F32, ddl=F32, dg=BF16, dbias_part=F32,
                   dalog_part=F32, chunk_bounds=I32, lower_bound="fp32")

@@ -241,13 +241,13 @@ def _step_math(b_Gc, b_Gt, b_kt, b_qt, b_ac, b_pc, b_ar, b_pr, b_dqr, b_dkr, b_d
 
 @triton.jit
 def _in_block_products(a_base, p_base, r_c, m_c, o16, m, b_Gc, b_Ga, b_q, b_yk, SA: tl.constexpr, BT: tl.constexpr,
-                       SAFE_SPAN: tl.constexpr, IN_PREC: tl.constexpr):
+                       IN_SPAN: tl.constexpr, IN_PREC: tl.constexpr):
     """The in-block pairs as [16, 16] x [16, BK] products about one anchor row a of the block (when no
-    |Gamma_i - Gamma_a| over the block exceeds SAFE_SPAN): exp(G_i - G_t) = exp(G_i - G_a) exp(G_a - G_t)
-    with both factors <= exp(SAFE_SPAN), exact up to rounding; masked pairs multiply a zero entry of
+    |Gamma_i - Gamma_a| over the block exceeds IN_SPAN): exp(G_i - G_t) = exp(G_i - G_a) exp(G_a - G_t)
+    with both factors <= exp(IN_SPAN), exact up to rounding; masked pairs multiply a zero entry of
     dA_qk / dP. Same sums as the 16 steps of ``_step_math`` -> (dq_r, dk_r, dk_c) parts [16, BK]."""
-    b_up = tl.where(m, exp_ftz(tl.minimum(b_Gc - b_Ga[None, :], SAFE_SPAN)), 0.0)  # exp(G_i - G_a)
-    b_dn = tl.where(m, exp_ftz(tl.minimum(b_Ga[None, :] - b_Gc, SAFE_SPAN)), 0.0)  # exp(G_a - G_i)
+    b_up = tl.where(m, exp_ftz(tl.minimum(b_Gc - b_Ga[None, :], IN_SPAN)), 0.0)  # exp(G_i - G_a)
+    b_dn = tl.where(m, exp_ftz(tl.minimum(b_Ga[None, :] - b_Gc, IN_SPAN)), 0.0)  # exp(G_a - G_i)
     m2 = m_c[:, None] & m_c[None, :]
     p_blk = r_c[:, None] * SA + r_c[None, :]
     b_A = tl.load(a_base + p_blk, mask=m2 & (o16[:, None] >= o16[None, :]), other=0.0)  # dA_qk[i, t], t <= i
@@ -267,7 +267,7 @@ def kda_intra_bwd_block_kernel(
     scale,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
     USE_L2: tl.constexpr, USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, ONE_PASS: tl.constexpr,
-    SAFE_SPAN: tl.constexpr, IN_PREC: tl.constexpr,
+    IN_SPAN: tl.constexpr, IN_PREC: tl.constexpr,
 ):
     """Launch 2 (one program per chunk, value head and 16-row block c): the pair-sum gradients of the
     block's rows (row sides dq_r, dk_r) and columns (column side dk_c), exact for any gate, with Gamma
@@ -278,7 +278,7 @@ def kda_intra_bwd_block_kernel(
       one [16, 64] x [64, BK] product each for dA_qk and dP;
     - pairs with later rows (i >= 16c + 16): anchor a = 16c + 15, likewise, transposed tiles;
     - pairs inside the block: about the anchor a = 16c + 7 (``_in_block_products``, IN_PREC products)
-      when no |G_i - G_a| over the block and key block exceeds SAFE_SPAN, else 16 steps on CUDA cores,
+      when no |G_i - G_a| over the block and key block exceeds IN_SPAN, else 16 steps on CUDA cores,
       step t taking row t as the column of the row sides and as the row of the column side, one
       exp(-|G_i - G_t|) per step (<= 1 both ways).
 
@@ -364,9 +364,9 @@ def kda_intra_bwd_block_kernel(
         # pairs inside the block: one anchor (row 7, or the last row of a short block) when the span allows
         b_Ga = tl.load(g_base + tl.minimum(c * 16 + 7, n_rows - 1) * SG + o_k, mask=m_k, other=0.0)
         span = tl.max(tl.max(tl.where(m, tl.abs(b_Gc - b_Ga[None, :]), 0.0), axis=1), axis=0)
-        if span <= SAFE_SPAN:
+        if span <= IN_SPAN:
             i_dqr, i_dkr, i_dkc = _in_block_products(a_base, p_base, r_c, m_c, o16, m, b_Gc, b_Ga, b_q, b_yk, SA, BT,
-                                                     SAFE_SPAN, IN_PREC)
+                                                     IN_SPAN, IN_PREC)
         else:
             # pairs inside the block: step t is column t of the row sides (rows i >= t of dA_qk, i > t of
             # dP) and row t of the column side (columns j <= t of dA_qk, j < t of dP)
@@ -548,7 +548,7 @@ def kda_intra_bwd(
         dq, dk, dgam, dbeta, dkk_part, chunk_bounds, float(scale),
         H=H, HV=HV, K=K, BK=BK, BT=64,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else BLOCK_PRECISION,
-        ONE_PASS=one_pass, SAFE_SPAN=IN_BLOCK_SPAN, IN_PREC="ieee" if INTERPRET else IN_BLOCK_PRECISION,
+        ONE_PASS=one_pass, IN_SPAN=IN_BLOCK_SPAN, IN_PREC="ieee" if INTERPRET else IN_BLOCK_PRECISION,
         num_warps=num_warps or NUM_WARPS, num_stages=1, **({"maxnreg": cap} if cap and not INTERPRET else {}),
     )
     kda_intra_bwd_gate_kernel[(NC, HV, triton.cdiv(K, gate_bk))](
