@@ -14,12 +14,28 @@ products (recurrence_bwd.py), then differentiates stage 1 (intra_bwd.py). No tor
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from hla.ops.kda.triton.intra import kda_intra_fwd
 from hla.ops.kda.triton.intra_bwd import kda_intra_bwd
 from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
 from hla.ops.kda.triton.recurrence_bwd import kda_state_grad
+
+
+@functools.lru_cache(maxsize=64)
+def _equal_length_bounds(B: int, T: int, BT: int, device: torch.device):
+    """chunk_bounds ``[NC, 2]``, chunk_offsets ``[B + 1]`` and cu ``[B + 1]`` (int32, on the device) of B
+    sequences of T tokens. Cached (nothing writes to them): building them took about fifteen tiny launches,
+    3% of a B1 T8192 H32 forward (H200, session 10: 0.924 -> 0.895 ms, two runs agree)."""
+    nt = -(-T // BT)
+    starts = torch.arange(nt, device=device, dtype=torch.int32) * BT
+    s = (torch.arange(B, device=device, dtype=torch.int32)[:, None] * T + starts[None, :]).reshape(-1)
+    e = torch.minimum(s + BT, (s // T + 1) * T) if T > 0 else s
+    bounds = torch.stack([s, e], 1) if B * nt else torch.zeros(1, 2, dtype=torch.int32, device=device)
+    return (bounds, torch.arange(B + 1, device=device, dtype=torch.int32) * nt,
+            torch.arange(B + 1, device=device, dtype=torch.int32) * T)
 
 
 class _ChunkMeta:
@@ -29,15 +45,8 @@ class _ChunkMeta:
         self.TT = B * T
         self.BT = BT
         if cu_seqlens is None:
-            # Equal lengths: built on the device, no host round trip.
-            nt = -(-T // BT)
-            starts = torch.arange(nt, device=device, dtype=torch.int32) * BT
-            s = (torch.arange(B, device=device, dtype=torch.int32)[:, None] * T + starts[None, :]).reshape(-1)
-            e = torch.minimum(s + BT, (s // T + 1) * T) if T > 0 else s
-            self.N, self.NC = B, B * nt
-            self.chunk_bounds = torch.stack([s, e], 1) if self.NC else torch.zeros(1, 2, dtype=torch.int32, device=device)
-            self.chunk_offsets = torch.arange(B + 1, device=device, dtype=torch.int32) * nt
-            self.cu = torch.arange(B + 1, device=device, dtype=torch.int32) * T
+            self.N, self.NC = B, B * -(-T // BT)
+            self.chunk_bounds, self.chunk_offsets, self.cu = _equal_length_bounds(B, T, BT, device)
             return
         cu = [int(x) for x in cu_seqlens.tolist()]
         bounds, offsets = [], [0]
