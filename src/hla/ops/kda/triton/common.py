@@ -15,6 +15,12 @@ _INTERPRET = tl.constexpr(INTERPRET)
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+def reg_cap(max_registers: int | None) -> dict:
+    """Launch option capping a kernel's registers per thread (more programs per SM, maybe spills);
+    None or 0: ptxas chooses. The interpreter takes no such option."""
+    return {"maxnreg": max_registers} if max_registers and not INTERPRET else {}
+
+
 @triton.jit
 def exp_ftz(x):
     """e^x as one MUFU ex2 of x log2(e) (tl.exp2 lowers to ex2.approx.ftz: 2 SASS an element against

@@ -43,6 +43,7 @@ from hla.ops.kda.triton.common import (
     exp_ftz,
     kda_gate_f32_and_grads,
     next_pow2,
+    reg_cap,
 )
 
 # Launch settings, read at each call, timed on the H200 (B1 T8192 H32 D128, benchmark Kimi gate,
@@ -57,7 +58,10 @@ from hla.ops.kda.triton.common import (
 DKK_PRECISION = "tf32"
 # dA_kk launch (session 8, H200, B1 T8192 H32 D128): BK 32 / 2 warps 0.338 ms, 32 / 4 0.347, 64 / 4 0.387,
 # 16 / 4 0.400, 32 / 8 and 64 / 8 slower still.
+# Session 10, two runs: 4 warps 0.346, 4 warps capped at 168 0.346 and at 128 0.333 (300 B of spills), 2 warps
+# capped at 168 0.548, against 0.336 for 2 warps uncapped (255 registers, 596 B of spills offline).
 DKK_BLOCK_K, DKK_NUM_WARPS = 32, 2
+DKK_MAX_REGISTERS = None
 BLOCK_PRECISION = "tf32"
 # The in-block pairs as anchored products where max |Gamma_i - Gamma_anchor| over the 16-row block and
 # key block is <= IN_BLOCK_SPAN, else 16 CUDA-core steps (tests set -1 to force the steps). Unlike the
@@ -84,6 +88,7 @@ BLOCK_K, NUM_WARPS, MAX_REGISTERS = 128, 8, 128
 # 141 registers, 3 programs per SM): the three launches 2.126 -> 2.062 ms; BK 16 / 2 warps 2.074, 32 / 2
 # 2.067, 64 / 4 2.110.
 GATE_BLOCK_K, GATE_NUM_WARPS = 32, 4
+GATE_MAX_REGISTERS = None
 
 
 @triton.jit
@@ -482,7 +487,7 @@ def intra_bwd_dkk(
         dv, dx, dP, dbeta, chunk_bounds,
         HV=HV, K=K, V=V, BK=min(block_k or DKK_BLOCK_K, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64,
         USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else DKK_PRECISION,
-        num_warps=num_warps or DKK_NUM_WARPS, num_stages=1,
+        num_warps=num_warps or DKK_NUM_WARPS, num_stages=1, **reg_cap(DKK_MAX_REGISTERS),
     )
     return dv, dx, dP, dbeta
 
@@ -549,13 +554,14 @@ def kda_intra_bwd(
         H=H, HV=HV, K=K, BK=BK, BT=64,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else BLOCK_PRECISION,
         ONE_PASS=one_pass, IN_SPAN=IN_BLOCK_SPAN, IN_PREC="ieee" if INTERPRET else IN_BLOCK_PRECISION,
-        num_warps=num_warps or NUM_WARPS, num_stages=1, **({"maxnreg": cap} if cap and not INTERPRET else {}),
+        num_warps=num_warps or NUM_WARPS, num_stages=1, **reg_cap(cap),
     )
     kda_intra_bwd_gate_kernel[(NC, HV, triton.cdiv(K, gate_bk))](
         g, A_log if has_gate else g, dt_bias if dt_bias is not None else g, st["dl"], dgam, dkk_part, gr["ddl"],
         dg, dbias_part, dalog_part, chunk_bounds, float(lower_bound) if lower_bound is not None else 0.0,
         HV=HV, K=K, BK=gate_bk, BT=64, HAS_GATE=has_gate, HAS_BIAS=has_bias,
         HAS_LB=has_gate and lower_bound is not None, num_warps=GATE_NUM_WARPS, num_stages=1,
+        **reg_cap(GATE_MAX_REGISTERS),
     )
     if HV != H:
         dq = dq.view(TT, H, HV // H, K).sum(2)

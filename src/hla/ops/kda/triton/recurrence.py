@@ -96,7 +96,9 @@ def kda_recurrence_fwd_kernel(
 
 
 def _pick_bv(n_programs_per_block: int, V: int) -> int:
-    # A sequential walk over chunks: at small batch, more value blocks keep more SMs busy.
+    # A sequential walk over chunks: at small batch, more value blocks keep more SMs busy. H200, B1 T8192
+    # H32 D128 (session 10, forward / states launch, ms): BV 32 at 4 warps 0.233 / 0.208, at 8 warps 0.372 /
+    # 0.283; BV 16 at 4 warps 0.392 / 0.242, at 8 warps 0.637 / 0.375.
     if n_programs_per_block >= 256:
         return min(64, next_pow2(V))
     return min(32, next_pow2(V))

@@ -31,13 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
-from hla.ops.kda.triton.common import INTERPRET, next_pow2
+from hla.ops.kda.triton.common import INTERPRET, next_pow2, reg_cap
 
 BT = 64
 # kda_chain_adv_kernel's value columns per program and warps (read at each call). H200, B1 T8192 H32
 # D128, the chain stage (this launch + the walk), two runs (session 9): BV 64 / 2 warps 0.377 / 0.376 ms,
 # 64 / 4 0.395 / 0.396, 128 / 4 0.403, 128 / 8 0.407, 32 / 2 0.405, 32 / 4 0.432.
 ADV_BLOCK_V, ADV_WARPS = 64, 2
+# The products launch's register cap (None: ptxas chooses, 255 at 8 warps, one program per SM): capped at 168
+# 0.706 ms and at 128 0.863 against 0.418 (session 10, H200, B1 T8192 H32 D128).
+PRODUCTS_MAX_REGISTERS = None
 
 
 @triton.jit
@@ -348,7 +351,7 @@ def kda_state_grad_products(
         h.contiguous(), vnew.contiguous(), dh.contiguous(), dvnew.contiguous(), do.contiguous(),
         out["dqg"], out["dw"], out["dkd"], out["dA"], out["ddl"], chunk_bounds,
         HV=HV, K=K, V=V, BK=BK, BV=BV, BT=BT,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **reg_cap(PRODUCTS_MAX_REGISTERS),
     )
     return out
 
