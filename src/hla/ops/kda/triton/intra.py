@@ -98,8 +98,9 @@ RECOMPUTE_BLOCK_K, RECOMPUTE_WARPS = 64, 4
 # 1 (bounded gate 0.640 / 0.661); solve 1 warp 1.054, 2 0.840, 4 0.938; exact BK 16 / 4 0.847, 32 / 8
 # 0.851 against 32 / 4 0.840. A split solve (the inverse alone, then w and u one column block per
 # program) was slower: 0.865 against 0.803 (the backward's recompute 0.538 against 0.474).
+# Session 10 (same-run pairs, intra stage): 3 fast stages 0.659 / 0.657 ms against 2 stages' 0.665 / 0.662.
 FAST_BLOCK_K, FAST_WARPS = 64, 4
-FAST_STAGES = 2
+FAST_STAGES = 3
 EXACT_BLOCK_K, EXACT_WARPS = 32, 4
 SOLVE_WARPS = 2
 # Register caps (None: ptxas chooses) of the fast launch, the backward's recompute (its first launch) and
