@@ -117,7 +117,7 @@ def cases():
     gate_t = dict(g=BF16, A_log=F32, dt_bias=F32, dl=F32, dgam=F32, dkk_part=F32, ddl=F32, dg=BF16, dbias_part=F32,
                   dalog_part=F32, chunk_bounds=I32, lower_bound="fp32")
     # launched: BK 32 / 4 warps (intra_bwd.GATE_BLOCK_K, GATE_NUM_WARPS), one program per key block
-    for bk, nw in ((32, 4), (16, 2), (32, 2), (64, 4)):
+    for bk, nw in ((32, 2), (16, 2), (32, 4), (64, 4)):
         yield (f"intra_bwd gate BK={bk}", kda_intra_bwd_gate_kernel, gate_t, dict(HV=HV, K=K, BK=bk, BT=BT, **GATE),
                nw, 1)
 

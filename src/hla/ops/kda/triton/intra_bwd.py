@@ -86,8 +86,10 @@ IN_BLOCK_SPAN = 60.0
 BLOCK_K, NUM_WARPS, MAX_REGISTERS = 128, 8, 128
 # Gate launch, one program per (chunk, head, key block) since session 8 (a loop over key blocks before:
 # 141 registers, 3 programs per SM): the three launches 2.126 -> 2.062 ms; BK 16 / 2 warps 2.074, 32 / 2
-# 2.067, 64 / 4 2.110.
-GATE_BLOCK_K, GATE_NUM_WARPS = 32, 4
+# 2.067, 64 / 4 2.110. Session 10 (the three launches, two runs each): 32 / 2 1.887 / 1.894 against 32 / 4
+# 1.913 / 1.915 (taken: 128 registers, 8 programs per SM), 32 / 2 capped at 96 1.882 / 1.890, 32 / 4 at 64
+# 1.954; then, with 32 / 2 as the reference at 1.920: 32 / 1 1.942, 64 / 2 1.951, 16 / 1 1.948, 64 / 4 1.971.
+GATE_BLOCK_K, GATE_NUM_WARPS = 32, 2
 GATE_MAX_REGISTERS = None
 
 
