@@ -23,8 +23,10 @@ os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(__file__))
 
 from hla.ops.kda.triton.intra import (  # noqa: E402
+    RECOMPUTE_MAX_REGISTERS,
     SAFE_SPAN,
     SOLVE_INV_PRECISION,
+    SOLVE_MAX_REGISTERS,
     kda_intra_fwd_kernel,
     kda_intra_solve_kernel,
 )
@@ -51,27 +53,30 @@ def cases():
     intra_t = dict(q=BF16, k=BF16, g=BF16, A_log=F32, dt_bias=F32, Aqk=F32, w=BF16, qg=BF16, kd=BF16, dl=F32,
                    Pbuf=F32, exact_flag=I32, gam=F32, inorm=F32, chunk_bounds=I32, scale="fp32", lower_bound="fp32")
     # the fast launch sets the flags per key block of FBK channels; the exact launch may read them in
-    # narrower blocks (launched: fast BK 64 / 4 warps / 2 stages, exact BK 32 / 4 warps / 1 stage)
-    for exact, bk, nw, ns in ((False, 64, 4, 2), (False, 64, 4, 1), (False, 32, 4, 1), (False, 64, 8, 1),
-                              (True, 32, 4, 1), (True, 64, 4, 1), (True, 32, 8, 1), (True, 64, 8, 1)):
+    # narrower blocks (launched: fast BK 64 / 4 warps / 3 stages, exact BK 32 / 4 warps / 1 stage)
+    for exact, bk, nw, ns in ((False, 64, 4, 3), (False, 64, 4, 2), (False, 64, 4, 1), (False, 32, 4, 1),
+                              (False, 64, 8, 1), (True, 32, 4, 1), (True, 64, 4, 1), (True, 32, 8, 1),
+                              (True, 64, 8, 1)):
         yield (f"intra {'exact' if exact else 'fast'} BK={bk}", kda_intra_fwd_kernel, intra_t,
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=64 if exact else bk, BT=BT, USE_L2=True, PREC="tf32",
                     SAFE_SPAN=SAFE_SPAN, EXACT=exact, PAIRS=True, STORE_GAMMA=False, OP=tl.bfloat16, **GATE), nw, ns)
     # the backward's recompute with A_qk, P, M saved: per-token tensors, Gamma and the row norms
-    # (launched: BK 64 / 4 warps, intra.RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS)
-    for bk, nw in ((32, 4), (64, 4), (128, 8)):
-        yield (f"intra per-token BK={bk}", kda_intra_fwd_kernel, intra_t,
+    # (launched: BK 64 / 4 warps / 168 registers, intra.RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS / RECOMPUTE_MAX_REGISTERS)
+    for bk, nw, cap in ((64, 4, RECOMPUTE_MAX_REGISTERS), (32, 4, None), (64, 4, None), (128, 8, None)):
+        yield (f"intra per-token BK={bk} cap {cap}", kda_intra_fwd_kernel, intra_t,
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=bk, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=SAFE_SPAN, EXACT=False,
-                    PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, **GATE), nw, 1)
+                    PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, **GATE), nw, 1, cap)
     solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32)
-    # launched: 2 warps, the inverse in intra.SOLVE_INV_PRECISION for 16-bit inputs (ieee for fp32)
-    for nw, inv in ((2, SOLVE_INV_PRECISION), (1, "ieee"), (2, "ieee"), (4, "ieee")):
-        yield (f"solve inverse {inv}", kda_intra_solve_kernel, solve_t,
+    # launched: 2 warps at 168 registers (intra.SOLVE_MAX_REGISTERS), the inverse in intra.SOLVE_INV_PRECISION for
+    # 16-bit inputs (ieee for fp32)
+    for nw, inv, cap in ((2, SOLVE_INV_PRECISION, SOLVE_MAX_REGISTERS), (2, SOLVE_INV_PRECISION, None),
+                         (1, "ieee", None), (2, "ieee", None), (4, "ieee", None)):
+        yield (f"solve inverse {inv} cap {cap}", kda_intra_solve_kernel, solve_t,
                dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV=inv,
-                    INVERT=True), nw, 1)
-    yield ("solve, saved M", kda_intra_solve_kernel, solve_t,
+                    INVERT=True), nw, 1, cap)
+    yield (f"solve, saved M cap {SOLVE_MAX_REGISTERS}", kda_intra_solve_kernel, solve_t,
            dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee",
-                INVERT=False), 2, 1)
+                INVERT=False), 2, 1, SOLVE_MAX_REGISTERS)
     rec_t = dict(w=BF16, u=F32, qg=BF16, kd=BF16, dl=F32, Aqk=F32, h0=F32, o=BF16, ht=F32, h=F32, vnew=F32,
                  cu_seqlens=I32, chunk_offsets=I32)
     for bv, split in ((32, True), (32, False), (64, True)):

@@ -104,11 +104,12 @@ FAST_STAGES = 3
 EXACT_BLOCK_K, EXACT_WARPS = 32, 4
 SOLVE_WARPS = 2
 # Register caps (None: ptxas chooses) of the fast launch, the backward's recompute (its first launch) and
-# the solve (both uses). H200, B1 T8192 H32 D128 Kimi gate, session 10, two runs each: the solve at 168
-# registers (6 programs per SM instead of 4, 84 B of spills) intra stage 0.664 / 0.663 -> 0.657 / 0.658 ms,
-# at 128 0.692, 4 warps at 128 0.718, and the backward's saved-M solve unchanged (0.4527 / 0.4529); the
-# recompute at 168 (3 programs per SM, 172 B of spills) 0.456 -> 0.450 in both runs, at 128 0.537; the fast
-# launch at 168 0.785 and 128 0.987 against 0.663 uncapped, 8 warps 0.840 (0.890 at 128).
+# the solve (both uses), for 16-bit inputs (fp32 inputs launch uncapped: not measured). H200, B1 T8192 H32
+# D128 Kimi gate, session 10, two runs each: the solve at 168 registers (6 programs per SM instead of 4,
+# 84 B of spills) intra stage 0.664 / 0.663 -> 0.657 / 0.658 ms, at 128 0.692, 4 warps at 128 0.718, and
+# the backward's saved-M solve unchanged (0.4527 / 0.4529); the recompute at 168 (3 programs per SM, 172 B
+# of spills) 0.456 -> 0.450 in both runs, at 128 0.537; the fast launch at 168 0.785 and 128 0.987 against
+# 0.663 uncapped, 8 warps 0.840 (0.890 at 128).
 FAST_MAX_REGISTERS = None
 RECOMPUTE_MAX_REGISTERS = 168
 SOLVE_MAX_REGISTERS = 168
@@ -491,6 +492,8 @@ def kda_intra_fwd(
     BK = min(block_k or (FAST_BLOCK_K if pairs else RECOMPUTE_BLOCK_K), next_pow2(K))
     num_warps = num_warps or (FAST_WARPS if pairs else RECOMPUTE_WARPS)
     exact_block_k, exact_warps = exact_block_k or EXACT_BLOCK_K, exact_warps or EXACT_WARPS
+    # the register caps were measured with 16-bit inputs; fp32 inputs (fp32 tiles, the ieee inverse) keep none
+    capped = q.dtype != torch.float32
     # the flags are neither written nor read without the pair products
     flag = torch.empty(NC, HV, triton.cdiv(K, BK) if pairs else 1, device=dev, dtype=torch.int32)
     # the exact launch may use narrower key blocks than the flags' (fewer spills, see the docstring)
@@ -507,7 +510,7 @@ def kda_intra_fwd(
             SAFE_SPAN=span_limit, EXACT=exact, PAIRS=pairs,
             STORE_GAMMA=store_gamma and not exact, OP=pair_operand_dtype(q.dtype),
             num_warps=nw, num_stages=FAST_STAGES if pairs and not exact else 1,
-            **reg_cap(None if exact else FAST_MAX_REGISTERS if pairs else RECOMPUTE_MAX_REGISTERS),
+            **reg_cap(None if exact or not capped else FAST_MAX_REGISTERS if pairs else RECOMPUTE_MAX_REGISTERS),
         )
     if pairs:
         out["exact_flag"] = flag
@@ -516,6 +519,6 @@ def kda_intra_fwd(
         v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
         HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
         PREC="ieee" if INTERPRET else "tf32", PREC_INV=inv_prec, INVERT=pairs,
-        num_warps=solve_warps or SOLVE_WARPS, num_stages=1, **reg_cap(SOLVE_MAX_REGISTERS),
+        num_warps=solve_warps or SOLVE_WARPS, num_stages=1, **reg_cap(SOLVE_MAX_REGISTERS if capped else None),
     )
     return out
