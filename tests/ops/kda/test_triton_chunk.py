@@ -113,6 +113,22 @@ def test_chunk_backward_bounded_gate_plain_beta():
         assert rel(gr, rr) < 1e-4, n
 
 
+@pytest.mark.parametrize("B,T", [(1, 1), (2, 64), (3, 130), (2, 0)])
+def test_equal_length_bounds_match_the_packed_form(B, T):
+    """The cached bounds of B sequences of T tokens are those of the same batch packed with cu_seqlens, and a
+    second call returns the cached tensors."""
+    from hla.ops.kda.triton.chunk import _ChunkMeta
+
+    dev = torch.device("cpu")
+    equal = _ChunkMeta(B, T, None, 64, dev)
+    packed = _ChunkMeta(1, B * T, torch.arange(B + 1) * T, 64, dev)
+    assert (equal.N, equal.NC) == (packed.N, packed.NC)
+    for name in ("chunk_bounds", "chunk_offsets", "cu"):
+        a, b = getattr(equal, name), getattr(packed, name)
+        assert a.dtype == b.dtype == torch.int32 and torch.equal(a, b), name
+    assert _ChunkMeta(B, T, None, 64, dev).chunk_bounds is equal.chunk_bounds
+
+
 def test_chunk_rejects_other_chunk_sizes():
     x = make_inputs(T=8)
     with pytest.raises(ValueError, match="chunk_size"):
