@@ -492,8 +492,9 @@ def kda_intra_fwd(
     BK = min(block_k or (FAST_BLOCK_K if pairs else RECOMPUTE_BLOCK_K), next_pow2(K))
     num_warps = num_warps or (FAST_WARPS if pairs else RECOMPUTE_WARPS)
     exact_block_k, exact_warps = exact_block_k or EXACT_BLOCK_K, exact_warps or EXACT_WARPS
-    # the register caps were measured with 16-bit inputs; fp32 inputs (fp32 tiles, the ieee inverse) keep none
-    capped = q.dtype != torch.float32
+    # the register caps and the inverse's precision were measured with 16-bit inputs; fp32 inputs (fp32 tiles)
+    # launch uncapped, with the ieee inverse
+    half_inputs = q.dtype != torch.float32
     # the flags are neither written nor read without the pair products
     flag = torch.empty(NC, HV, triton.cdiv(K, BK) if pairs else 1, device=dev, dtype=torch.int32)
     # the exact launch may use narrower key blocks than the flags' (fewer spills, see the docstring)
@@ -510,15 +511,15 @@ def kda_intra_fwd(
             SAFE_SPAN=span_limit, EXACT=exact, PAIRS=pairs,
             STORE_GAMMA=store_gamma and not exact, OP=pair_operand_dtype(q.dtype),
             num_warps=nw, num_stages=FAST_STAGES if pairs and not exact else 1,
-            **reg_cap(None if exact or not capped else FAST_MAX_REGISTERS if pairs else RECOMPUTE_MAX_REGISTERS),
+            **reg_cap(None if exact or not half_inputs else FAST_MAX_REGISTERS if pairs else RECOMPUTE_MAX_REGISTERS),
         )
     if pairs:
         out["exact_flag"] = flag
-    inv_prec = "ieee" if INTERPRET else prec_inv or ("ieee" if q.dtype == torch.float32 else SOLVE_INV_PRECISION)
+    inv_prec = "ieee" if INTERPRET else prec_inv or (SOLVE_INV_PRECISION if half_inputs else "ieee")
     kda_intra_solve_kernel[(NC, HV)](
         v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
         HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
         PREC="ieee" if INTERPRET else "tf32", PREC_INV=inv_prec, INVERT=pairs,
-        num_warps=solve_warps or SOLVE_WARPS, num_stages=1, **reg_cap(SOLVE_MAX_REGISTERS if capped else None),
+        num_warps=solve_warps or SOLVE_WARPS, num_stages=1, **reg_cap(SOLVE_MAX_REGISTERS if half_inputs else None),
     )
     return out
