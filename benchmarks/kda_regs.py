@@ -57,20 +57,28 @@ def ptxas_report(ptx: str) -> dict:
     return dict(regs=regs, spill_stores=spill_st, spill_loads=spill_ld)
 
 
-def compile_report(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 1,
-                   align: bool = True, maxnreg: int | None = None) -> dict:
-    """Compile any @triton.jit kernel for sm_90a and return ptxas' registers / spills plus shared memory.
+def compile_sm90(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 1,
+                 align: bool = True, maxnreg: int | None = None):
+    """Compile any @triton.jit kernel for sm_90a without a GPU; returns triton's compiled kernel (asm["ptx"],
+    asm["cubin"], metadata).
 
     types: the non-constexpr arguments ("*bf16", "*fp32", "i32", "fp32", ...); every other argument
-    must be in constexprs. With align, pointers carry the 16-byte divisibility hint the launcher
+    must be in constexprs (entries that are not arguments of fn are dropped, so callers can share one
+    dict across kernels). With align, pointers carry the 16-byte divisibility hint the launcher
     gives torch allocations (without it no load is vectorised and the counts are not the GPU's)."""
     sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
     attrs = ({(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
               if types.get(n, "").startswith("*")} if align else {})
     src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items() if k in fn.arg_names})
     options = {"num_warps": num_warps, "num_stages": num_stages} | ({"maxnreg": maxnreg} if maxnreg else {})
-    compiled = triton.compile(src, target=SM90, options=options)
+    return triton.compile(src, target=SM90, options=options)
+
+
+def compile_report(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 1,
+                   align: bool = True, maxnreg: int | None = None) -> dict:
+    """``compile_sm90``, then ptxas' registers / spills plus the shared memory."""
+    compiled = compile_sm90(fn, types, constexprs, num_warps, num_stages, align, maxnreg)
     return ptxas_report(compiled.asm["ptx"]) | dict(shared=compiled.metadata.shared)
 
 

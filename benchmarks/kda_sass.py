@@ -4,7 +4,8 @@ source line and per opcode (static counts: one pass through the code, loops coun
     PYTHONPATH=src python3 benchmarks/kda_sass.py "intra fast BK=64" [--top 30]
 
 The kernel is named by a prefix of a ``kda_prefill_regs.py`` row (the launched settings come first there);
-triton.compile builds the cubin with the ptxas bundled with Triton and its nvdisasm prints it with line info.
+kda_regs.compile_sm90 builds the cubin with the ptxas bundled with Triton and its nvdisasm prints it with line
+info.
 Per line: the instruction count and its top opcodes; then the lines with the most barriers and shared-memory
 traffic, which is where layout conversions, reductions and scans show. Session 10 read from it that tl.cumsum
 and the masked row sums are ~27% of the fast launch, the reverse cumsum 25% of the intra backward's gate
@@ -32,22 +33,15 @@ def sass(name_prefix: str) -> tuple[str, str]:
         raise SystemExit("kda_sass.py compiles for a GPU target: unset TRITON_INTERPRET")
     sys.path.insert(0, os.path.dirname(__file__))
     import triton
-    from triton.compiler import ASTSource
 
     from kda_prefill_regs import cases
-    from kda_regs import SM90
+    from kda_regs import compile_sm90
 
     row = next((r for r in cases() if r[0].startswith(name_prefix)), None)
     if row is None:
         raise SystemExit(f"no kda_prefill_regs row starts with {name_prefix!r}")
     name, fn, types, consts, nw, ns, *cap = row
-    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-    sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if types.get(n, "").startswith("*")}
-    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-    options = {"num_warps": nw, "num_stages": ns} | ({"maxnreg": cap[0]} if cap and cap[0] else {})
-    cubin = triton.compile(src, target=SM90, options=options).asm["cubin"]
+    cubin = compile_sm90(fn, types, consts, nw, ns, maxnreg=cap[0] if cap else None).asm["cubin"]
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
