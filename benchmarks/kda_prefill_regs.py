@@ -26,6 +26,7 @@ from hla.ops.kda.triton.intra import (  # noqa: E402
     RECOMPUTE_MAX_REGISTERS,
     SAFE_SPAN,
     SOLVE_INV_PRECISION,
+    SOLVE_M_PIECES,
     SOLVE_MAX_REGISTERS,
     kda_intra_fwd_kernel,
     kda_intra_solve_kernel,
@@ -67,16 +68,17 @@ def cases():
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=bk, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=SAFE_SPAN, EXACT=False,
                     PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, **GATE), nw, 1, cap)
     solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32)
-    # launched: 2 warps at 168 registers (intra.SOLVE_MAX_REGISTERS), the inverse in intra.SOLVE_INV_PRECISION for
-    # 16-bit inputs (ieee for fp32)
-    for nw, inv, cap in ((2, SOLVE_INV_PRECISION, SOLVE_MAX_REGISTERS), (2, SOLVE_INV_PRECISION, None),
-                         (1, "ieee", None), (2, "ieee", None), (4, "ieee", None)):
-        yield (f"solve inverse {inv} cap {cap}", kda_intra_solve_kernel, solve_t,
+    # launched: 2 warps, intra.SOLVE_MAX_REGISTERS (None: uncapped), the inverse in intra.SOLVE_INV_PRECISION and w, u
+    # from M's bf16 halves (intra.SOLVE_M_PIECES) for bf16 inputs; fp32 inputs: ieee inverse, one tf32 product
+    for nw, inv, cap, pieces in ((2, SOLVE_INV_PRECISION, SOLVE_MAX_REGISTERS, SOLVE_M_PIECES),
+                                 (2, SOLVE_INV_PRECISION, 168, SOLVE_M_PIECES), (2, SOLVE_INV_PRECISION, 168, False),
+                                 (1, "ieee", None, False), (2, "ieee", None, False), (4, "ieee", None, False)):
+        yield (f"solve inverse {inv} cap {cap} M halves {pieces}", kda_intra_solve_kernel, solve_t,
                dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV=inv,
-                    INVERT=True), nw, 1, cap)
+                    INVERT=True, M_PIECES=pieces), nw, 1, cap)
     yield (f"solve, saved M cap {SOLVE_MAX_REGISTERS}", kda_intra_solve_kernel, solve_t,
            dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee",
-                INVERT=False), 2, 1, SOLVE_MAX_REGISTERS)
+                INVERT=False, M_PIECES=SOLVE_M_PIECES), 2, 1, SOLVE_MAX_REGISTERS)
     rec_t = dict(w=BF16, u=F32, qg=BF16, kd=BF16, dl=F32, Aqk=F32, h0=F32, o=BF16, ht=F32, h=F32, vnew=F32,
                  cu_seqlens=I32, chunk_offsets=I32)
     for bv, split in ((32, True), (32, False), (64, True)):

@@ -46,7 +46,8 @@ wrong otherwise). Three launches:
 3. Solve: M = (I + diag(beta) P)^-1 from the 16x16 diagonal inverses (product form ``(I + N)^-1 =
    (I - N)(I + N^2)(I + N^4)(I + N^8)``, N^16 = 0, fp32; the 16x16 products in bf16x3 for 16-bit inputs,
    ieee for fp32: SOLVE_INV_PRECISION) and ``M_IJ = -D_I sum_{J <= L < I} A_IL M_LJ``,
-   then w = M diag(beta) (k exp(Gamma)) and u = M diag(beta) v as one [64, 64] product each. P and M
+   then w = M diag(beta) (k exp(Gamma)) and u = M diag(beta) v as one [64, 64] product each (two with
+   bf16 inputs: M's bf16 hi and lo halves, SOLVE_M_PIECES). P and M
    go through per-chunk buffers (Triton cannot slice register tiles); the backward reads both.
 """
 
@@ -109,10 +110,13 @@ SOLVE_WARPS = 2
 # 84 B of spills) intra stage 0.664 / 0.663 -> 0.657 / 0.658 ms, at 128 0.692, 4 warps at 128 0.718, and
 # the backward's saved-M solve unchanged (0.4527 / 0.4529); the recompute at 168 (3 programs per SM, 172 B
 # of spills) 0.456 -> 0.450 in both runs, at 128 0.537; the fast launch at 168 0.785 and 128 0.987 against
-# 0.663 uncapped, 8 warps 0.840 (0.890 at 128).
+# 0.663 uncapped, 8 warps 0.840 (0.890 at 128). Session 11: with M as bf16 hi + lo halves in w, u
+# (SOLVE_M_PIECES: 244 B of spills at 168) the cap costs: intra 0.597 / 0.597 ms uncapped, 0.608 / 0.607 at
+# 168, 0.601 / 0.602 at 200 (bounded gate; Kimi 0.651 / 0.650, 0.666 / 0.665, 0.657 / 0.652), the
+# backward's recompute 0.439 / 0.439, 0.458 / 0.458, 0.443 / 0.443 (Kimi 0.446 / 0.445, 0.463 / 0.463).
 FAST_MAX_REGISTERS = None
 RECOMPUTE_MAX_REGISTERS = 168
-SOLVE_MAX_REGISTERS = 168
+SOLVE_MAX_REGISTERS = None
 # The solve's 16x16 inverses and off-diagonal blocks for 16-bit inputs (fp32 inputs and the interpreter
 # take ieee). H200, B1 T8192 H32 D128, intra stage at 2 solve warps, and the relative error of M against a
 # float64 inverse of the same P (session 9): ieee 0.703 ms / 3.2e-9, tf32x3 0.833 / 3.7e-9, bf16x6 0.714 /
@@ -122,6 +126,16 @@ SOLVE_MAX_REGISTERS = 168
 # token's gradient, so M's rounding adds up. bf16x3 (~16 bits): fwd 0.962 -> 0.932 ms (bounded 0.900 ->
 # 0.869), that dA_log 4.1e-3, the veryneg one 2.5e-3 -> 3.0e-3, the known varlen near0 one 1.85e-2 -> 1.96e-2.
 SOLVE_INV_PRECISION = "bf16x3"
+# w = M diag(beta) (k exp(Gamma)) and u = M diag(beta) v with M as its bf16 hi + lo halves (bf16 inputs, whose v
+# and parked k exp(Gamma) are exact bf16 operands; fp16 / fp32 inputs keep one tf32 product, which rounds M to
+# 10 bits where the halves keep ~16). H200, session 11, against the tf32 product: 3 draws each of
+# check_kda_gpu.py's varlen near0 and T2048 bounded / veryneg / benchmark-gate backward cases (float64
+# reference): every draw's o, final state, dq and dk error equal or lower (dk 2.11-2.19e-3 -> 1.89-1.97e-3 at
+# the benchmark gate), dA_log moving either way within its draw-to-draw spread; the check's own draw: varlen
+# near0 dA_log 1.96e-2 -> 1.26e-2. Time (same-run pairs, uncapped against the tf32 product at 168
+# registers): the backward's recompute 0.445 -> 0.439 ms, intra stage 0.600 -> 0.595 / 0.599, fwd+bwd
+# 4.147 -> 4.144 / 4.149 -> 4.147 (bounded gate), 4.233 -> 4.216 / 4.225 -> 4.220 (Kimi).
+SOLVE_M_PIECES = True
 
 
 @triton.jit
@@ -332,6 +346,7 @@ def kda_intra_solve_kernel(
     v, beta, w, u, Pbuf, Mbuf, chunk_bounds,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr, INVERT: tl.constexpr = True,
+    M_PIECES: tl.constexpr = False,
 ):
     """Second launch of stage 1 (its own registers, so more programs fit per SM): M from P, then
     w = M diag(beta) (k exp(Gamma)) in place over w's buffer and u = M diag(beta) v. INVERT=False:
@@ -396,19 +411,32 @@ def kda_intra_solve_kernel(
         _store16(m_base, D3, 3, 3, o_c, BT)
         tl.debug_barrier()
 
-    # Phase 3: w = M (beta k exp(Gamma)), u = M (beta v): one [BT, BT] product per block of columns.
+    # Phase 3: w = M (beta k exp(Gamma)), u = M (beta v): one [BT, BT] product per block of columns. With
+    # M_PIECES (bf16 v and k exp(Gamma), both exact as bf16 operands) M enters as its bf16 hi + lo halves:
+    # two bf16 products, ~16 bits of M against tf32's 10, at the tf32 product's tensor-core cost.
     b_m = tl.load(m_base + o_t[:, None] * BT + o_t[None, :]) * b_beta[None, :]
+    if M_PIECES:
+        b_mh = b_m.to(tl.bfloat16)
+        b_ml = (b_m - b_mh.to(tl.float32)).to(tl.bfloat16)
     for i_v in range(0, V, BV):
         o_v = i_v + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
-        b_v = tl.load(v_base + o_t[:, None] * SV + o_v[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.store(u_base + o_t[:, None] * SV + o_v[None, :], tl.dot(b_m, b_v, input_precision=PREC), mask=m)
+        b_v = tl.load(v_base + o_t[:, None] * SV + o_v[None, :], mask=m, other=0.0)
+        if M_PIECES:
+            b_u = tl.dot(b_ml, b_v, tl.dot(b_mh, b_v))
+        else:
+            b_u = tl.dot(b_m, b_v.to(tl.float32), input_precision=PREC)
+        tl.store(u_base + o_t[:, None] * SV + o_v[None, :], b_u, mask=m)
     for i_k in range(0, K, BK):
         o_k = i_k + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
         p_w = (w + hk_base) + o_t[:, None] * SG + o_k[None, :]
-        b_x = tl.load(p_w, mask=m, other=0.0).to(tl.float32)
-        tl.store(p_w, tl.dot(b_m, b_x, input_precision=PREC).to(w.dtype.element_ty), mask=m)
+        b_x = tl.load(p_w, mask=m, other=0.0)
+        if M_PIECES:
+            b_wx = tl.dot(b_ml, b_x, tl.dot(b_mh, b_x))
+        else:
+            b_wx = tl.dot(b_m, b_x.to(tl.float32), input_precision=PREC)
+        tl.store(p_w, b_wx.to(w.dtype.element_ty), mask=m)
 
 
 def pair_operand_dtype(dtype: torch.dtype):
@@ -520,6 +548,7 @@ def kda_intra_fwd(
         v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
         HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
         PREC="ieee" if INTERPRET else "tf32", PREC_INV=inv_prec, INVERT=pairs,
+        M_PIECES=SOLVE_M_PIECES and not INTERPRET and v.dtype == torch.bfloat16,
         num_warps=solve_warps or SOLVE_WARPS, num_stages=1, **reg_cap(SOLVE_MAX_REGISTERS if half_inputs else None),
     )
     return out
