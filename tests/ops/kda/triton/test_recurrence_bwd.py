@@ -164,3 +164,18 @@ def test_state_grad_chain_dh_equals_autograd_float64():
     ref = _walk_reference(meta, st, s0, do, dS, keep_exits=True)
     assert rel(dh, ref["dh"]) < 1e-5
     assert rel(dh0, ref["dh0"]) < 1e-5
+
+
+def test_recurrence_refuses_one_stage_with_16bit_tiles():
+    # one pipeline stage with bf16 tiles and the output product read shared memory out of bounds on the H200
+    # (compute-sanitizer, 2026-11-27): the launcher refuses it by name instead of launching it
+    meta, st, s0, h, vnew, do, dS = _stages(1, 64, 1, 1, 32, 32, h0=False, dht=False)
+    st16 = dict(st, **{n: st[n].bfloat16() for n in ("w", "qg", "kd")})
+    with pytest.raises(ValueError, match="num_stages"):
+        kda_recurrence_fwd(st16, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False,
+                           out_dtype=torch.bfloat16, num_stages=1)
+    # fp32 tiles at one stage, and the states launch (no output product), stay allowed
+    kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False,
+                       out_dtype=torch.float32, num_stages=1)
+    kda_recurrence_fwd(st16, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False,
+                       out_dtype=torch.bfloat16, store_h=True, write_o=False, num_stages=1)
