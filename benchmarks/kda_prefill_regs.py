@@ -68,17 +68,19 @@ def cases():
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=bk, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=SAFE_SPAN, EXACT=False,
                     PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, **GATE), nw, 1, cap)
     solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32)
-    # launched: 2 warps, intra.SOLVE_MAX_REGISTERS (None: uncapped), the inverse in intra.SOLVE_INV_PRECISION and w, u
-    # from M's bf16 halves (intra.SOLVE_M_PIECES) for bf16 inputs; fp32 inputs: ieee inverse, one tf32 product
-    for nw, inv, cap, pieces in ((2, SOLVE_INV_PRECISION, SOLVE_MAX_REGISTERS, SOLVE_M_PIECES),
-                                 (2, SOLVE_INV_PRECISION, 168, SOLVE_M_PIECES), (2, SOLVE_INV_PRECISION, 168, False),
-                                 (1, "ieee", None, False), (2, "ieee", None, False), (4, "ieee", None, False)):
+    # launched: 2 warps, the inverse in intra.SOLVE_INV_PRECISION for 16-bit inputs (ieee for fp32); w, u from M's
+    # bf16 halves uncapped for bf16 inputs (intra.SOLVE_M_PIECES), one tf32 product at intra.SOLVE_MAX_REGISTERS for
+    # fp16 inputs
+    for nw, inv, cap, pieces in ((2, SOLVE_INV_PRECISION, None, SOLVE_M_PIECES),
+                                 (2, SOLVE_INV_PRECISION, SOLVE_MAX_REGISTERS, False),
+                                 (2, SOLVE_INV_PRECISION, 168, True), (1, "ieee", None, False),
+                                 (2, "ieee", None, False), (4, "ieee", None, False)):
         yield (f"solve inverse {inv} cap {cap} M halves {pieces}", kda_intra_solve_kernel, solve_t,
                dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV=inv,
                     INVERT=True, M_PIECES=pieces), nw, 1, cap)
-    yield (f"solve, saved M cap {SOLVE_MAX_REGISTERS}", kda_intra_solve_kernel, solve_t,
+    yield (f"solve, saved M, M halves {SOLVE_M_PIECES}", kda_intra_solve_kernel, solve_t,
            dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee",
-                INVERT=False, M_PIECES=SOLVE_M_PIECES), 2, 1, SOLVE_MAX_REGISTERS)
+                INVERT=False, M_PIECES=SOLVE_M_PIECES), 2, 1, None if SOLVE_M_PIECES else SOLVE_MAX_REGISTERS)
     rec_t = dict(w=BF16, u=F32, qg=BF16, kd=BF16, dl=F32, Aqk=F32, h0=F32, o=BF16, ht=F32, h=F32, vnew=F32,
                  cu_seqlens=I32, chunk_offsets=I32)
     for bv, split in ((32, True), (32, False), (64, True)):

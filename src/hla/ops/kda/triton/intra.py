@@ -110,13 +110,15 @@ SOLVE_WARPS = 2
 # 84 B of spills) intra stage 0.664 / 0.663 -> 0.657 / 0.658 ms, at 128 0.692, 4 warps at 128 0.718, and
 # the backward's saved-M solve unchanged (0.4527 / 0.4529); the recompute at 168 (3 programs per SM, 172 B
 # of spills) 0.456 -> 0.450 in both runs, at 128 0.537; the fast launch at 168 0.785 and 128 0.987 against
-# 0.663 uncapped, 8 warps 0.840 (0.890 at 128). Session 11: with M as bf16 hi + lo halves in w, u
-# (SOLVE_M_PIECES: 244 B of spills at 168) the cap costs: intra 0.597 / 0.597 ms uncapped, 0.608 / 0.607 at
-# 168, 0.601 / 0.602 at 200 (bounded gate; Kimi 0.651 / 0.650, 0.666 / 0.665, 0.657 / 0.652), the
-# backward's recompute 0.439 / 0.439, 0.458 / 0.458, 0.443 / 0.443 (Kimi 0.446 / 0.445, 0.463 / 0.463).
+# 0.663 uncapped, 8 warps 0.840 (0.890 at 128). The solve's cap applies where w, u are one tf32 product
+# (fp16 inputs, or SOLVE_M_PIECES off); with M as bf16 hi + lo halves (bf16 inputs) the solve launches
+# uncapped: session 11, the halves spill 244 B at 168 and the cap then costs intra 0.597 / 0.597 ms uncapped,
+# 0.608 / 0.607 at 168, 0.601 / 0.602 at 200 (bounded gate; Kimi 0.651 / 0.650, 0.666 / 0.665, 0.657 /
+# 0.652), the backward's recompute 0.439 / 0.439, 0.458 / 0.458, 0.443 / 0.443 (Kimi 0.446 / 0.445, 0.463 /
+# 0.463).
 FAST_MAX_REGISTERS = None
 RECOMPUTE_MAX_REGISTERS = 168
-SOLVE_MAX_REGISTERS = None
+SOLVE_MAX_REGISTERS = 168
 # The solve's 16x16 inverses and off-diagonal blocks for 16-bit inputs (fp32 inputs and the interpreter
 # take ieee). H200, B1 T8192 H32 D128, intra stage at 2 solve warps, and the relative error of M against a
 # float64 inverse of the same P (session 9): ieee 0.703 ms / 3.2e-9, tf32x3 0.833 / 3.7e-9, bf16x6 0.714 /
@@ -544,11 +546,12 @@ def kda_intra_fwd(
     if pairs:
         out["exact_flag"] = flag
     inv_prec = "ieee" if INTERPRET else prec_inv or (SOLVE_INV_PRECISION if half_inputs else "ieee")
+    m_pieces = SOLVE_M_PIECES and not INTERPRET and v.dtype == torch.bfloat16
     kda_intra_solve_kernel[(NC, HV)](
         v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
         HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
-        PREC="ieee" if INTERPRET else "tf32", PREC_INV=inv_prec, INVERT=pairs,
-        M_PIECES=SOLVE_M_PIECES and not INTERPRET and v.dtype == torch.bfloat16,
-        num_warps=solve_warps or SOLVE_WARPS, num_stages=1, **reg_cap(SOLVE_MAX_REGISTERS if half_inputs else None),
+        PREC="ieee" if INTERPRET else "tf32", PREC_INV=inv_prec, INVERT=pairs, M_PIECES=m_pieces,
+        num_warps=solve_warps or SOLVE_WARPS, num_stages=1,
+        **reg_cap(SOLVE_MAX_REGISTERS if half_inputs and not m_pieces else None),
     )
     return out
