@@ -113,16 +113,15 @@ def cases():
                dict(HV=HV, K=K, V=V, BK=bk, BV=64, BT=BT, USE_SIGMOID=True, PREC=prec), nw, 1)
     block_t = dict(q=BF16, k=BF16, gam=F32, inorm=F32, beta=BF16, dx=F32, dP=F32, dqg=F32, dkd=F32,
                    dA=F32, dq=F32, dk=F32, dgam=F32, dbeta=F32, dkk_part=F32, chunk_bounds=I32, scale="fp32")
-    # launched: BK 128 / 8 warps / 128 registers (intra_bwd.BLOCK_K, NUM_WARPS, MAX_REGISTERS)
-    # (the in-block products' precision inp as a last field; launched: BK 128, tf32, bf16x3, cap 128)
-    for bk, nw, prec, cap, inp in ((128, 8, "tf32", 128, "bf16x3"), (128, 8, "tf32", 128, "tf32x3"),
-                                   (128, 8, "tf32", 128, "tf32"), (128, 8, "tf32", 128, "bf16x6"),
-                                   (128, 8, "bf16x3", 128, "bf16x3"),
-                                   (128, 8, "tf32", None, "tf32x3"), (128, 8, "tf32", 168, "tf32x3"),
-                                   (32, 4, "tf32", 128, "tf32x3"), (64, 4, "tf32", 128, "tf32x3")):
-        yield (f"intra_bwd block BK={bk} {prec} in-block {inp} cap {cap}", kda_intra_bwd_block_kernel, block_t,
-               dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec, IN_SPAN=IN_BLOCK_SPAN,
-                    IN_PREC=inp), nw, 1, cap)
+    # launched: BK 128 / 4 warps / uncapped (intra_bwd.BLOCK_K, NUM_WARPS, MAX_REGISTERS), in-block products in
+    # intra_bwd.IN_BLOCK_PRECISION (bf16x3); the rest are the session 12 sweep's shapes and precisions
+    for bk, nw, prec, cap, inp in ((128, 4, "tf32", None, "bf16x3"), (128, 8, "tf32", 128, "bf16x3"),
+                                   (128, 8, "tf32", None, "bf16x3"), (128, 4, "tf32", 224, "bf16x3"),
+                                   (128, 4, "tf32", 168, "bf16x3"), (128, 4, "tf32", None, "tf32x3"),
+                                   (64, 4, "tf32", None, "bf16x3"), (64, 2, "tf32", None, "bf16x3")):
+        yield (f"intra_bwd block BK={bk} warps {nw} {prec} in-block {inp} cap {cap}", kda_intra_bwd_block_kernel,
+               block_t, dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec,
+                             IN_SPAN=IN_BLOCK_SPAN, IN_PREC=inp), nw, 1, cap)
     gate_t = dict(g=BF16, A_log=F32, dt_bias=F32, dl=F32, dgam=F32, dkk_part=F32, ddl=F32, dg=BF16, dbias_part=F32,
                   dalog_part=F32, chunk_bounds=I32, lower_bound="fp32")
     # launched: BK 32 / 2 warps (intra_bwd.GATE_BLOCK_K, GATE_NUM_WARPS), one program per key block

@@ -8,7 +8,7 @@ those of q, k, v, the raw gate (and A_log, dt_bias) and beta, in three launches:
    and the rows' inverse norms that the backward's stage-1 recompute stored (``store_gamma``), so
    any row is one load away. Pairs across blocks take the anchor Gamma at the block boundary, both
    factors <= 1 for every gate (no span test, no exponent split: exact where the forward needs its
-   exact launch); pairs inside a block are four [16, 16] x [16, BK] bf16x3 products (IN_BLOCK_PRECISION)
+   exact launch), one other 16-row block at a time; pairs inside a block are four [16, 16] x [16, BK] bf16x3 products (IN_BLOCK_PRECISION)
    about the block's row 7 where no |Gamma_i - Gamma_7| exceeds IN_BLOCK_SPAN (else 16 steps on CUDA
    cores in fp32, one exponential each).
 3. kda_intra_bwd_gate_kernel (one program per chunk, value head and key block): the in-chunk reverse
@@ -83,7 +83,11 @@ IN_BLOCK_SPAN = 60.0
 # Session 8: the block launch at 16 warps (128 registers, no spills, one program per SM) 2.69 ms against
 # 2.06; uncapped (248 registers) 2.31, capped at 168 2.51; its earlier / later rows in tiles of the rows
 # that exist (16 / 32 / 64 instead of 64) 2.04 against 2.01-2.04 (more spills): not taken.
-BLOCK_K, NUM_WARPS, MAX_REGISTERS = 128, 8, 128
+# Session 12 (the other blocks' rows one 16-row block at a time, ``_other_rows``; same-run, intra backward's three
+# launches, bounded gate, two runs): 8 warps / 128 registers 1.797 / 1.798 ms (212 B spills), 4 warps uncapped
+# 1.609 / 1.606 (255 registers, 156 B spills, 2 programs per SM), 4 / 224 1.762 / 1.755, BK 64 at 4 warps 2.232 /
+# 2.233, at 4 / 168 2.350 / 2.353, at 2 warps 2.148 / 2.149; the [64, BK] tiles before: 1.883 / 1.879 at 8 / 128.
+BLOCK_K, NUM_WARPS, MAX_REGISTERS = 128, 4, None
 # Gate launch, one program per (chunk, head, key block) since session 8 (a loop over key blocks before:
 # 141 registers, 3 programs per SM): the three launches 2.126 -> 2.062 ms; BK 16 / 2 warps 2.074, 32 / 2
 # 2.067, 64 / 4 2.110. Session 10 (the three launches, two runs each): 32 / 2 1.887 / 1.894 against 32 / 4
@@ -268,6 +272,51 @@ def _in_block_products(a_base, p_base, r_c, m_c, o16, m, b_Gc, b_Ga, b_q, b_yk, 
 
 
 @triton.jit
+def _other_rows(g_base, k_base, q_base, n_base, a_base, p_base, r_c, m_c, o16, o_k, m_k, c, n_rows, b_Gc, scale,
+                     HV: tl.constexpr, SQ: tl.constexpr, SG: tl.constexpr, SA: tl.constexpr, BT: tl.constexpr,
+                     PREC: tl.constexpr):
+    """The pair sums of block c's rows (row sides) and columns (column side) with the other blocks, one other
+    16-row block at a time: [16, BK] tiles and [16, 16] x [16, BK] products (PREC), accumulated over the blocks.
+    Earlier rows j < 16c take the anchor a = 16c - 1, later rows i >= 16c + 16 the anchor a = 16c + 15; both
+    factors exp(G_i - G_a), exp(G_a - G_j) are <= 1 for every gate. -> (dq_r, dk_r, dk_c), [16, BK] fp32 each.
+
+    Until session 12 these were one [64, BK] tile of all earlier rows and one of all later rows: 5/8 of their rows
+    masked on average, and at 8 warps / 128 registers the tiles spilled 352 B a thread (ncu: 14.5 M spill requests,
+    long-scoreboard stalls 29% of the samples). One block at a time they take 16 registers each at 4 warps."""
+    acc_q = tl.zeros(b_Gc.shape, dtype=tl.float32)
+    acc_k = tl.zeros(b_Gc.shape, dtype=tl.float32)
+    acc_c = tl.zeros(b_Gc.shape, dtype=tl.float32)
+    # earlier rows j < 16c, anchor a = 16c - 1: exp(G_i - G_a) <= 1 outside, exp(G_a - G_j) <= 1 inside
+    b_Ga = tl.load(g_base + (c * 16 - 1) * SG + o_k, mask=m_k & (c > 0), other=0.0)
+    for e in range(0, c):
+        r_e = e * 16 + o16
+        b_Ge = tl.load(g_base + r_e[:, None] * SG + o_k[None, :], mask=m_k[None, :], other=0.0)
+        b_ke = tl.load(k_base + r_e[:, None] * SQ + o_k[None, :], mask=m_k[None, :], other=0.0).to(tl.float32) \
+            * (tl.load(n_base + r_e * (2 * HV) + 1)[:, None] * exp_ftz(tl.minimum(b_Ga[None, :] - b_Ge, 0.0)))
+        b_tA = tl.load(a_base + r_c[:, None] * SA + r_e[None, :], mask=m_c[:, None], other=0.0)
+        b_tP = tl.load(p_base + r_c[:, None] * BT + r_e[None, :], mask=m_c[:, None], other=0.0)
+        acc_q = tl.dot(b_tA, b_ke, acc_q, input_precision=PREC)
+        acc_k = tl.dot(b_tP, b_ke, acc_k, input_precision=PREC)
+    b_eo = exp_ftz(tl.minimum(b_Gc - b_Ga[None, :], 0.0))
+    # later rows i >= 16c + 16, anchor a = 16c + 15, transposed entries [j in the block, i later]
+    b_Ga = tl.load(g_base + tl.minimum(c * 16 + 15, n_rows - 1) * SG + o_k, mask=m_k, other=0.0)
+    for l in range(c + 1, tl.cdiv(n_rows, 16)):
+        r_l = l * 16 + o16
+        m_l = r_l < n_rows
+        ml = m_l[:, None] & m_k[None, :]
+        b_Gl = tl.load(g_base + r_l[:, None] * SG + o_k[None, :], mask=ml, other=0.0)
+        b_ea = tl.where(ml, exp_ftz(tl.minimum(b_Gl - b_Ga[None, :], 0.0)), 0.0)
+        b_xq = tl.load(q_base + r_l[:, None] * SQ + o_k[None, :], mask=ml, other=0.0).to(tl.float32) \
+            * ((tl.load(n_base + r_l * (2 * HV), mask=m_l, other=0.0) * scale)[:, None] * b_ea)
+        b_xk = tl.load(k_base + r_l[:, None] * SQ + o_k[None, :], mask=ml, other=0.0).to(tl.float32) \
+            * (tl.load(n_base + r_l * (2 * HV) + 1, mask=m_l, other=0.0)[:, None] * b_ea)
+        b_tAT = tl.load(a_base + r_l[None, :] * SA + r_c[:, None], mask=m_l[None, :], other=0.0)
+        b_tPT = tl.load(p_base + r_l[None, :] * BT + r_c[:, None], mask=m_l[None, :], other=0.0)
+        acc_c = tl.dot(b_tPT, b_xk, tl.dot(b_tAT, b_xq, acc_c, input_precision=PREC), input_precision=PREC)
+    return b_eo * acc_q, b_eo * acc_k, exp_ftz(tl.minimum(b_Ga[None, :] - b_Gc, 0.0)) * acc_c
+
+
+@triton.jit
 def kda_intra_bwd_block_kernel(
     q, k, gam, inorm, beta, dx, dP, dqg, dkd, dA,
     dq, dk, dgam, dbeta, dkk_part, chunk_bounds,
@@ -282,7 +331,7 @@ def kda_intra_bwd_block_kernel(
     cumsum, no row extraction from register tiles):
 
     - pairs with earlier rows (j < 16c): anchor a = 16c - 1, exp(G_i - G_a) <= 1 and exp(G_a - G_j) <= 1,
-      one [16, 64] x [64, BK] product each for dA_qk and dP;
+      one [16, 16] x [16, BK] product each for dA_qk and dP per earlier 16-row block (``_other_rows``);
     - pairs with later rows (i >= 16c + 16): anchor a = 16c + 15, likewise, transposed tiles;
     - pairs inside the block: about the anchor a = 16c + 7 (``_in_block_products``, IN_PREC products)
       when no |G_i - G_a| over the block and key block exceeds IN_SPAN, else 16 steps on CUDA cores,
@@ -308,18 +357,12 @@ def kda_intra_bwd_block_kernel(
     SQ: tl.constexpr = H * K
     SG: tl.constexpr = HV * K
     SA: tl.constexpr = HV * BT
-    o_t = tl.arange(0, BT)
     o16 = tl.arange(0, 16)
     r_c = c * 16 + o16  # the block's rows
     m_c = r_c < n_rows
-    m_e = o_t < c * 16  # earlier rows
-    m_l = (o_t >= c * 16 + 16) & (o_t < n_rows)  # later rows
-    has_l = c * 16 + 16 < n_rows
     b_beta = beta_rows(beta + bos * HV + i_hv, r_c, m_c, HV, USE_SIGMOID)
     b_iq_c = tl.load(n_base + r_c * (2 * HV), mask=m_c, other=0.0)
     b_ik_c = tl.load(n_base + r_c * (2 * HV) + 1, mask=m_c, other=0.0)
-    b_ik = tl.load(n_base + o_t * (2 * HV) + 1, mask=m_e | m_l, other=0.0)
-    b_iq = tl.load(n_base + o_t * (2 * HV), mask=m_l, other=0.0) * scale
 
     b_db = tl.zeros([16], dtype=tl.float32)
     b_cq = tl.zeros([16], dtype=tl.float32)  # sum_d y dy for the l2norm backward
@@ -335,38 +378,9 @@ def kda_intra_bwd_block_kernel(
         b_yk = tl.load(k_base + p_ck, mask=m, other=0.0).to(tl.float32) * b_ik_c[:, None]
         b_q = tl.load(q_base + p_ck, mask=m, other=0.0).to(tl.float32) * (b_iq_c * scale)[:, None]
 
-        # row sides, earlier rows: anchor Gamma_{16c-1}
-        b_dqr = tl.zeros([16, BK], dtype=tl.float32)
-        b_dkr = tl.zeros([16, BK], dtype=tl.float32)
-        if c > 0:
-            b_Ga = tl.load(g_base + (c * 16 - 1) * SG + o_k, mask=m_k, other=0.0)
-            me = m_e[:, None] & m_k[None, :]
-            b_G = tl.load(g_base + o_t[:, None] * SG + o_k[None, :], mask=me, other=0.0)
-            b_kx = tl.load(k_base + o_t[:, None] * SQ + o_k[None, :], mask=me, other=0.0).to(tl.float32) \
-                * (b_ik[:, None] * exp_ftz(tl.minimum(b_Ga[None, :] - b_G, 0.0)))
-            b_eo = exp_ftz(tl.minimum(b_Gc - b_Ga[None, :], 0.0))
-            # [16, 64] parts of dA_qk / dP: the block's rows against the earlier columns (reloaded per
-            # key block from L1 / L2: holding them across the loop costs 32 registers a thread)
-            b_tA = tl.load(a_base + r_c[:, None] * SA + o_t[None, :], mask=m_c[:, None] & m_e[None, :], other=0.0)
-            b_tP = tl.load(p_base + r_c[:, None] * BT + o_t[None, :], mask=m_c[:, None] & m_e[None, :], other=0.0)
-            b_dqr = b_eo * tl.dot(b_tA, b_kx, input_precision=PREC)
-            b_dkr = b_eo * tl.dot(b_tP, b_kx, input_precision=PREC)
-        # column side, later rows: anchor Gamma_{16c+15}
-        b_dkc = tl.zeros([16, BK], dtype=tl.float32)
-        if has_l:
-            b_Ga = tl.load(g_base + (c * 16 + 15) * SG + o_k, mask=m_k, other=0.0)
-            ml = m_l[:, None] & m_k[None, :]
-            b_G = tl.load(g_base + o_t[:, None] * SG + o_k[None, :], mask=ml, other=0.0)
-            b_ea = exp_ftz(tl.minimum(b_G - b_Ga[None, :], 0.0))
-            b_xq = tl.load(q_base + o_t[:, None] * SQ + o_k[None, :], mask=ml, other=0.0).to(tl.float32) \
-                * (b_iq[:, None] * b_ea)
-            b_xk = tl.load(k_base + o_t[:, None] * SQ + o_k[None, :], mask=ml, other=0.0).to(tl.float32) \
-                * (b_ik[:, None] * b_ea)
-            # the later rows' entries in the block's columns, transposed: [j in the block, i later]
-            b_tAT = tl.load(a_base + o_t[None, :] * SA + r_c[:, None], mask=m_l[None, :], other=0.0)
-            b_tPT = tl.load(p_base + o_t[None, :] * BT + r_c[:, None], mask=m_l[None, :], other=0.0)
-            b_dkc = exp_ftz(tl.minimum(b_Ga[None, :] - b_Gc, 0.0)) * (
-                tl.dot(b_tAT, b_xq, input_precision=PREC) + tl.dot(b_tPT, b_xk, input_precision=PREC))
+        # pairs with the other blocks' rows (dq_r, dk_r from earlier rows, dk_c from later ones)
+        b_dqr, b_dkr, b_dkc = _other_rows(g_base, k_base, q_base, n_base, a_base, p_base, r_c, m_c, o16, o_k, m_k, c,
+                                          n_rows, b_Gc, scale, HV, SQ, SG, SA, BT, PREC)
 
         # pairs inside the block: one anchor (row 7, or the last row of a short block) when the span allows
         b_Ga = tl.load(g_base + tl.minimum(c * 16 + 7, n_rows - 1) * SG + o_k, mask=m_k, other=0.0)
