@@ -10,6 +10,12 @@ Per line: the instruction count and its top opcodes; then the lines with the mos
 traffic, which is where layout conversions, reductions and scans show. Session 10 read from it that tl.cumsum
 and the masked row sums are ~27% of the fast launch, the reverse cumsum 25% of the intra backward's gate
 launch, and exp's x log2(e) multiply ~4% of the fast and block launches (kda_notes.md).
+
+With ``--ncu CSV`` (the SASS page of an ncu report of the same launch on the GPU: ``ncu --set full -o rep ...``, then
+``ncu -i rep.ncu-rep --page source --csv --print-source sass > CSV``) it prints instead where the warps stalled:
+ncu's stall samples per source line and reason, matched instruction by instruction to this compile (refused when
+the two instruction streams differ, e.g. another launch shape). Session 12 read from it that the fast launch's
+reductions and scans hold ~30% of its stall samples and that the recurrence waits on barriers, not tensor cores.
 """
 
 from __future__ import annotations
@@ -69,12 +75,58 @@ def count(text: str) -> tuple[collections.Counter, dict[str, collections.Counter
     return ops, per_line
 
 
+def stalls(text: str, csv_text: str) -> tuple[collections.Counter, dict[str, collections.Counter]]:
+    """ncu's warp-stall samples (its SASS source page as CSV) per reason overall and per source line of nvdisasm
+    output ``text`` of the same cubin; "all" counts every sample of a line. Raises ValueError when the instruction
+    streams differ (another compile)."""
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(csv_text)))
+    head = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
+    col = {h: i for i, h in enumerate(rows[head])}
+    reasons = [h for h in rows[head] if h.startswith("stall_") and "Not Issued" not in h]
+    ours, line = [], "?"
+    for row in text.splitlines():
+        m = _LINE.search(row)
+        if m:
+            line = f"{os.path.basename(m.group(1))}:{m.group(2)}"
+            continue
+        m = _INSTR.match(row)
+        if m:
+            ours.append((m.group(1).split(".")[0], line))
+    theirs = [r for r in rows[head + 1:] if len(r) == len(rows[head])]
+    ops = [(_INSTR.match("/*0*/ " + r[col["Source"]].strip()) or [None, "?"])[1].split(".")[0] for r in theirs]
+    if len(ops) != len(ours) or any(a != b for a, (b, _) in zip(ops, ours, strict=True)):
+        raise ValueError(f"the ncu report's {len(ops)} instructions are not this compile's {len(ours)}: profile the "
+                         "launch shape of this row (kernel, warps, stages, register cap)")
+    total, per_line = collections.Counter(), collections.defaultdict(collections.Counter)
+    for r, (_, ln) in zip(theirs, ours, strict=True):
+        per_line[ln]["all"] += int(r[col["Warp Stall Sampling (All Samples)"]] or 0)
+        for name in reasons:
+            n = int(r[col[name]] or 0)
+            per_line[ln][name[len("stall_"):]] += n
+            total[name[len("stall_"):]] += n
+    return total, per_line
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("kernel", help="prefix of a kda_prefill_regs.py row, e.g. 'intra fast BK=64'")
     ap.add_argument("--top", type=int, default=30, help="source lines to list")
+    ap.add_argument("--ncu", default=None, help="ncu SASS-page CSV of this launch: print stall samples per line")
     args = ap.parse_args(argv)
     name, text = sass(args.kernel)
+    if args.ncu:
+        with open(args.ncu) as f:
+            total, per_line = stalls(text, f.read())
+        n = sum(c["all"] for c in per_line.values())
+        print(f"{name}: {n} stall samples; " + ", ".join(f"{k} {100 * v / n:.0f}%" for k, v in total.most_common(8)))
+        print("\n| % of samples | source line | top reasons |\n|---|---|---|")
+        for line, c in sorted(per_line.items(), key=lambda kv: -kv[1]["all"])[:args.top]:
+            top = ", ".join(f"{k} {v}" for k, v in c.most_common(6) if k != "all")
+            print(f"| {100 * c['all'] / n:.1f} | {line} | {top} |")
+        return 0
     ops, per_line = count(text)
     print(f"{name}: {sum(ops.values())} instructions")
     print("opcodes: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(24)))

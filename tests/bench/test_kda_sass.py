@@ -38,3 +38,28 @@ def test_gate_launch_compiles_and_counts():
     first = r.stdout.splitlines()[0]
     assert first.startswith("intra_bwd gate BK=") and int(first.split(": ")[1].split()[0]) > 500, first
     assert "MUFU" in r.stdout and "intra_bwd.py:" in r.stdout
+
+
+def _ncu_csv(sources, samples, barrier):
+    head = ["Address", "Source", "Warp Stall Sampling (All Samples)", "stall_barrier", "stall_wait",
+            "stall_barrier (Not Issued)"]
+    rows = [["Kernel Name", "k"], head]
+    lines = zip(sources, samples, barrier, strict=True)
+    rows += [[f"0x{i:x}", src, str(n), str(b), str(n - b), "0"] for i, (src, n, b) in enumerate(lines)]
+    return "\n".join(",".join(f'"{c}"' for c in r) for r in rows)
+
+
+def test_ncu_stalls_per_line():
+    import kda_sass
+
+    srcs = ["MUFU.EX2 R3, R2 ;", "@!P0 FMUL R4, R3, R3 ;", "SHFL.UP PT, R5, R4, 0x1, RZ ;", "FADD R4, R4, R5 ;"]
+    total, per_line = kda_sass.stalls(SNIPPET, _ncu_csv(srcs, [5, 1, 10, 2], [0, 0, 7, 1]))
+    assert per_line["intra_bwd.py:12"]["all"] == 6 and per_line["standard.py:343"]["all"] == 12
+    assert per_line["standard.py:343"]["barrier"] == 8 and total == {"barrier": 8, "wait": 10}
+    # another compile's instruction stream is refused, not silently misattributed
+    try:
+        kda_sass.stalls(SNIPPET, _ncu_csv(srcs[:3] + ["FMUL R4, R4, R5 ;"], [1] * 4, [0] * 4))
+    except ValueError as e:
+        assert "not this compile" in str(e)
+    else:
+        raise AssertionError("a mismatched instruction stream was accepted")
