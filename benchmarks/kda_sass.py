@@ -58,10 +58,9 @@ def sass(name_prefix: str) -> tuple[str, str]:
     return name, text
 
 
-def count(text: str) -> tuple[collections.Counter, dict[str, collections.Counter]]:
-    """Opcode counts overall and per source line ("file.py:123") of nvdisasm output."""
-    ops, per_line = collections.Counter(), collections.defaultdict(collections.Counter)
-    line = "?"
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(opcode, source line "file.py:123") of each instruction of nvdisasm output, in order."""
+    out, line = [], "?"
     for row in text.splitlines():
         m = _LINE.search(row)
         if m:
@@ -69,9 +68,16 @@ def count(text: str) -> tuple[collections.Counter, dict[str, collections.Counter
             continue
         m = _INSTR.match(row)
         if m:
-            op = m.group(1).split(".")[0]
-            ops[op] += 1
-            per_line[line][op] += 1
+            out.append((m.group(1).split(".")[0], line))
+    return out
+
+
+def count(text: str) -> tuple[collections.Counter, dict[str, collections.Counter]]:
+    """Opcode counts overall and per source line ("file.py:123") of nvdisasm output."""
+    ops, per_line = collections.Counter(), collections.defaultdict(collections.Counter)
+    for op, line in instructions(text):
+        ops[op] += 1
+        per_line[line][op] += 1
     return ops, per_line
 
 
@@ -86,15 +92,7 @@ def stalls(text: str, csv_text: str) -> tuple[collections.Counter, dict[str, col
     head = next(i for i, r in enumerate(rows) if r and r[0] == "Address")
     col = {h: i for i, h in enumerate(rows[head])}
     reasons = [h for h in rows[head] if h.startswith("stall_") and "Not Issued" not in h]
-    ours, line = [], "?"
-    for row in text.splitlines():
-        m = _LINE.search(row)
-        if m:
-            line = f"{os.path.basename(m.group(1))}:{m.group(2)}"
-            continue
-        m = _INSTR.match(row)
-        if m:
-            ours.append((m.group(1).split(".")[0], line))
+    ours = instructions(text)
     theirs = [r for r in rows[head + 1:] if len(r) == len(rows[head])]
     ops = [(_INSTR.match("/*0*/ " + r[col["Source"]].strip()) or [None, "?"])[1].split(".")[0] for r in theirs]
     if len(ops) != len(ours) or any(a != b for a, (b, _) in zip(ops, ours, strict=True)):
