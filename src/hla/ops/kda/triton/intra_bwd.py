@@ -8,9 +8,9 @@ those of q, k, v, the raw gate (and A_log, dt_bias) and beta, in three launches:
    and the rows' inverse norms that the backward's stage-1 recompute stored (``store_gamma``), so
    any row is one load away. Pairs across blocks take the anchor Gamma at the block boundary, both
    factors <= 1 for every gate (no span test, no exponent split: exact where the forward needs its
-   exact launch), one other 16-row block at a time; pairs inside a block are four [16, 16] x [16, BK] bf16x3 products (IN_BLOCK_PRECISION)
-   about the block's row 7 where no |Gamma_i - Gamma_7| exceeds IN_BLOCK_SPAN (else 16 steps on CUDA
-   cores in fp32, one exponential each).
+   exact launch), one other 16-row block at a time; pairs inside a block are four [16, 16] x [16, BK]
+   bf16x3 products (IN_BLOCK_PRECISION) about the block's row 7 where no |Gamma_i - Gamma_7| exceeds
+   IN_BLOCK_SPAN (else 16 steps on CUDA cores in fp32, one exponential each).
 3. kda_intra_bwd_gate_kernel (one program per chunk, value head and key block): the in-chunk reverse
    cumsum of dGamma and the gate backward (raw gate, A_log, dt_bias).
 
@@ -273,8 +273,8 @@ def _in_block_products(a_base, p_base, r_c, m_c, o16, m, b_Gc, b_Ga, b_q, b_yk, 
 
 @triton.jit
 def _other_rows(g_base, k_base, q_base, n_base, a_base, p_base, r_c, m_c, o16, o_k, m_k, c, n_rows, b_Gc, scale,
-                     HV: tl.constexpr, SQ: tl.constexpr, SG: tl.constexpr, SA: tl.constexpr, BT: tl.constexpr,
-                     PREC: tl.constexpr):
+                HV: tl.constexpr, SQ: tl.constexpr, SG: tl.constexpr, SA: tl.constexpr, BT: tl.constexpr,
+                PREC: tl.constexpr):
     """The pair sums of block c's rows (row sides) and columns (column side) with the other blocks, one other
     16-row block at a time: [16, BK] tiles and [16, 16] x [16, BK] products (PREC), accumulated over the blocks.
     Earlier rows j < 16c take the anchor a = 16c - 1, later rows i >= 16c + 16 the anchor a = 16c + 15; both
