@@ -22,6 +22,14 @@ def reg_cap(max_registers: int | None) -> dict:
 
 
 @triton.jit
+def bf16_halves(x):
+    """fp32 x -> its bf16 hi and lo halves (x ~ hi + lo to ~16 mantissa bits): two bf16 tensor-core products
+    with them keep that precision where one product of x rounded to bf16 or tf32 would keep 8 or 10 bits."""
+    hi = x.to(tl.bfloat16)
+    return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
 def exp_ftz(x):
     """e^x as one MUFU ex2 of x log2(e) (tl.exp2 lowers to ex2.approx.ftz: 2 SASS an element against
     tl.exp's 5, whose non-ftz ex2 adds a rescale for results below 2^-126). Results below 2^-126

@@ -60,6 +60,7 @@ import triton.language as tl
 from hla.ops.kda.triton.common import (
     INTERPRET,
     beta_rows,
+    bf16_halves,
     exp_ftz,
     half_anchors,
     kda_gate_f32,
@@ -418,8 +419,7 @@ def kda_intra_solve_kernel(
     # two bf16 products, ~16 bits of M against tf32's 10, at the tf32 product's tensor-core cost.
     b_m = tl.load(m_base + o_t[:, None] * BT + o_t[None, :]) * b_beta[None, :]
     if M_PIECES:
-        b_mh = b_m.to(tl.bfloat16)
-        b_ml = (b_m - b_mh.to(tl.float32)).to(tl.bfloat16)
+        b_mh, b_ml = bf16_halves(b_m)
     for i_v in range(0, V, BV):
         o_v = i_v + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]

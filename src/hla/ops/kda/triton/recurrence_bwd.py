@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hla.ops.kda.triton.common import INTERPRET, next_pow2, reg_cap
+from hla.ops.kda.triton.common import INTERPRET, bf16_halves, next_pow2, reg_cap
 
 BT = 64
 # kda_chain_adv_kernel's value columns per program and warps (read at each call). H200, B1 T8192 H32
@@ -71,12 +71,10 @@ def _dot_mixed(a, b, acc, F32_DOTS: tl.constexpr, MIXED: tl.constexpr):
     elif MIXED == "bf16":
         return _dot_bf16(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, F32_DOTS)
     elif (a.dtype == tl.bfloat16) and (b.dtype == tl.float32):
-        b_hi = b.to(tl.bfloat16)
-        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        b_hi, b_lo = bf16_halves(b)
         return _dot_bf16(a, b_lo, _dot_bf16(a, b_hi, acc, F32_DOTS), F32_DOTS)
     elif (a.dtype == tl.float32) and (b.dtype == tl.bfloat16):
-        a_hi = a.to(tl.bfloat16)
-        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        a_hi, a_lo = bf16_halves(a)
         return _dot_bf16(a_lo, b, _dot_bf16(a_hi, b, acc, F32_DOTS), F32_DOTS)
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
