@@ -105,6 +105,15 @@ FAST_BLOCK_K, FAST_WARPS = 64, 4
 FAST_STAGES = 3
 EXACT_BLOCK_K, EXACT_WARPS = 32, 4
 SOLVE_WARPS = 2
+# Software-pipeline stages of the solve (both uses), the backward's recompute and the exact launch (the fast
+# launch's are FAST_STAGES). Session 13 (H200, B1 T8192 H32 D128, two runs each, bounded gate; Kimi alike): the
+# solve at 3 stages (its key- and value-block loops' loads issued a block ahead) intra stage 0.594 / 0.597 ->
+# 0.583 / 0.586 ms, the backward's recompute 0.440 / 0.439 -> 0.424 / 0.424; 2 stages 0.601 / 0.603 and 0.439 /
+# 0.441, 4 stages within 0.001 of 3. The recompute's first launch at 2 / 3 stages and the exact launch at 2 / 3
+# (Kimi gate) moved nothing beyond 0.002 ms: both stay at 1.
+SOLVE_STAGES = 3
+RECOMPUTE_STAGES = 1
+EXACT_STAGES = 1
 # Register caps (None: ptxas chooses) of the fast launch, the backward's recompute (its first launch) and
 # the solve (both uses), for 16-bit inputs (fp32 inputs launch uncapped: not measured). H200, B1 T8192 H32
 # D128 Kimi gate, session 10, two runs each: the solve at 168 registers (6 programs per SM instead of 4,
@@ -540,7 +549,7 @@ def kda_intra_fwd(
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
             SAFE_SPAN=span_limit, EXACT=exact, PAIRS=pairs,
             STORE_GAMMA=store_gamma and not exact, OP=pair_operand_dtype(q.dtype),
-            num_warps=nw, num_stages=FAST_STAGES if pairs and not exact else 1,
+            num_warps=nw, num_stages=(EXACT_STAGES if exact else FAST_STAGES) if pairs else RECOMPUTE_STAGES,
             **reg_cap(None if exact or not half_inputs else FAST_MAX_REGISTERS if pairs else RECOMPUTE_MAX_REGISTERS),
         )
     if pairs:
@@ -551,7 +560,7 @@ def kda_intra_fwd(
         v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
         HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
         PREC="ieee" if INTERPRET else "tf32", PREC_INV=inv_prec, INVERT=pairs, M_PIECES=m_pieces,
-        num_warps=solve_warps or SOLVE_WARPS, num_stages=1,
+        num_warps=solve_warps or SOLVE_WARPS, num_stages=SOLVE_STAGES,
         **reg_cap(SOLVE_MAX_REGISTERS if half_inputs and not m_pieces else None),
     )
     return out

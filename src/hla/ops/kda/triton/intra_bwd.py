@@ -62,6 +62,10 @@ DKK_PRECISION = "tf32"
 # capped at 168 0.548, against 0.336 for 2 warps uncapped (255 registers, 596 B of spills offline).
 DKK_BLOCK_K, DKK_NUM_WARPS = 32, 2
 DKK_MAX_REGISTERS = None
+# Session 13 (two runs, bounded gate): its two block loops software-pipelined at 2 stages 0.337 / 0.337 ->
+# 0.311 / 0.312 ms, at 3 stages 0.456 / 0.457; at 2 stages, 4 warps 0.457 / 0.454, BK 64 0.325 / 0.325, BK 16
+# 0.372 / 0.370.
+DKK_STAGES = 2
 BLOCK_PRECISION = "tf32"
 # The in-block pairs as anchored products where max |Gamma_i - Gamma_anchor| over the 16-row block and
 # key block is <= IN_BLOCK_SPAN, else 16 CUDA-core steps (tests set -1 to force the steps). Unlike the
@@ -87,7 +91,13 @@ IN_BLOCK_SPAN = 60.0
 # launches, bounded gate, two runs): 8 warps / 128 registers 1.797 / 1.798 ms (212 B spills), 4 warps uncapped
 # 1.609 / 1.606 (255 registers, 156 B spills, 2 programs per SM), 4 / 224 1.762 / 1.755, BK 64 at 4 warps 2.232 /
 # 2.233, at 4 / 168 2.350 / 2.353, at 2 warps 2.148 / 2.149; the [64, BK] tiles before: 1.883 / 1.879 at 8 / 128.
+# Session 13 (the three launches, same-run pairs, bounded gate; Kimi within 0.02 ms): the block launch's loops over
+# the other 16-row blocks software-pipelined, each block's loads issued while the previous one's products run, at
+# 2 stages 1.628 / 1.630 -> 1.546 / 1.546 ms, at 3 stages 1.603 / 1.603 -> 1.514 / 1.519 (offline: 192 B of spills,
+# 54 KB of shared memory, still 2 programs per SM), 4 stages 1.542 / 1.537; 8 warps / 128 registers at 2 or 3
+# stages 1.67-1.68, 4 warps at 3 stages capped at 224 1.62.
 BLOCK_K, NUM_WARPS, MAX_REGISTERS = 128, 4, None
+BLOCK_STAGES = 3
 # Gate launch, one program per (chunk, head, key block) since session 8 (a loop over key blocks before:
 # 141 registers, 3 programs per SM): the three launches 2.126 -> 2.062 ms; BK 16 / 2 warps 2.074, 32 / 2
 # 2.067, 64 / 4 2.110. Session 10 (the three launches, two runs each): 32 / 2 1.887 / 1.894 against 32 / 4
@@ -503,7 +513,7 @@ def intra_bwd_dkk(
         dv, dx, dP, dbeta, chunk_bounds,
         HV=HV, K=K, V=V, BK=min(block_k or DKK_BLOCK_K, next_pow2(K)), BV=min(64, next_pow2(V)), BT=64,
         USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else DKK_PRECISION,
-        num_warps=num_warps or DKK_NUM_WARPS, num_stages=1, **reg_cap(DKK_MAX_REGISTERS),
+        num_warps=num_warps or DKK_NUM_WARPS, num_stages=DKK_STAGES, **reg_cap(DKK_MAX_REGISTERS),
     )
     return dv, dx, dP, dbeta
 
@@ -570,7 +580,7 @@ def kda_intra_bwd(
         H=H, HV=HV, K=K, BK=BK, BT=64,
         USE_L2=use_qk_l2norm, USE_SIGMOID=use_beta_sigmoid, PREC="ieee" if INTERPRET else BLOCK_PRECISION,
         ONE_PASS=one_pass, IN_SPAN=IN_BLOCK_SPAN, IN_PREC="ieee" if INTERPRET else IN_BLOCK_PRECISION,
-        num_warps=num_warps or NUM_WARPS, num_stages=1, **reg_cap(cap),
+        num_warps=num_warps or NUM_WARPS, num_stages=BLOCK_STAGES, **reg_cap(cap),
     )
     kda_intra_bwd_gate_kernel[(NC, HV, triton.cdiv(K, gate_bk))](
         g, A_log if has_gate else g, dt_bias if dt_bias is not None else g, st["dl"], dgam, dkk_part, gr["ddl"],
