@@ -28,10 +28,13 @@ from hla.ops.kda.triton.intra import (  # noqa: E402
     SOLVE_INV_PRECISION,
     SOLVE_M_PIECES,
     SOLVE_MAX_REGISTERS,
+    SOLVE_STAGES,
     kda_intra_fwd_kernel,
     kda_intra_solve_kernel,
 )
 from hla.ops.kda.triton.intra_bwd import (  # noqa: E402
+    BLOCK_STAGES,
+    DKK_STAGES,
     IN_BLOCK_SPAN,
     kda_intra_bwd_block_kernel,
     kda_intra_bwd_dkk_kernel,
@@ -68,19 +71,20 @@ def cases():
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=bk, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=SAFE_SPAN, EXACT=False,
                     PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, **GATE), nw, 1, cap)
     solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32)
-    # launched: 2 warps, the inverse in intra.SOLVE_INV_PRECISION for 16-bit inputs (ieee for fp32); w, u from M's
-    # bf16 halves uncapped for bf16 inputs (intra.SOLVE_M_PIECES), one tf32 product at intra.SOLVE_MAX_REGISTERS for
-    # fp16 inputs
+    # launched: 2 warps, intra.SOLVE_STAGES (every row here at that), the inverse in intra.SOLVE_INV_PRECISION for
+    # 16-bit inputs (ieee for fp32); w, u from M's bf16 halves uncapped for bf16 inputs (intra.SOLVE_M_PIECES), one
+    # tf32 product at intra.SOLVE_MAX_REGISTERS for fp16 inputs
     for nw, inv, cap, pieces in ((2, SOLVE_INV_PRECISION, None, SOLVE_M_PIECES),
                                  (2, SOLVE_INV_PRECISION, SOLVE_MAX_REGISTERS, False),
                                  (2, SOLVE_INV_PRECISION, 168, True), (1, "ieee", None, False),
                                  (2, "ieee", None, False), (4, "ieee", None, False)):
         yield (f"solve inverse {inv} cap {cap} M halves {pieces}", kda_intra_solve_kernel, solve_t,
                dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV=inv,
-                    INVERT=True, M_PIECES=pieces), nw, 1, cap)
+                    INVERT=True, M_PIECES=pieces), nw, SOLVE_STAGES, cap)
     yield (f"solve, saved M, M halves {SOLVE_M_PIECES}", kda_intra_solve_kernel, solve_t,
            dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee",
-                INVERT=False, M_PIECES=SOLVE_M_PIECES), 2, 1, None if SOLVE_M_PIECES else SOLVE_MAX_REGISTERS)
+                INVERT=False, M_PIECES=SOLVE_M_PIECES), 2, SOLVE_STAGES,
+           None if SOLVE_M_PIECES else SOLVE_MAX_REGISTERS)
     rec_t = dict(w=BF16, u=F32, qg=BF16, kd=BF16, dl=F32, Aqk=F32, h0=F32, o=BF16, ht=F32, h=F32, vnew=F32,
                  cu_seqlens=I32, chunk_offsets=I32)
     for bv, split in ((32, True), (32, False), (64, True)):
@@ -91,13 +95,15 @@ def cases():
                    cu_seqlens=I32, chunk_offsets=I32)
     # recurrence_bwd._chain_launch picks the launch: 16-bit inputs the first row (K <= 128), fp32 inputs
     # the second (fp32 tiles), K > 128 the third; the last row is FLA's precision (dS rounded to bf16).
-    for bv, nw, ns, f32, mixed, pre in ((32, 4, 3, False, "hilo", True), (32, 4, 1, True, "tf32", False),
-                                        (64, 8, 1, False, "hilo", False), (32, 4, 3, False, "bf16", True)):
-        yield (f"chain BV={bv} {'fp32' if f32 else 'bf16'} dots {mixed} pre_adv={pre}",
+    for bv, nw, ns, f32, mixed, adv in ((32, 4, 3, False, "hilo", "launch"), (32, 4, 3, False, "hilo", "mixed"),
+                                        (32, 4, 1, True, "tf32", "tf32"), (64, 8, 1, False, "hilo", "tf32"),
+                                        (32, 4, 3, False, "bf16", "launch")):
+        yield (f"chain BV={bv} {'fp32' if f32 else 'bf16'} dots {mixed} A^T do {adv}",
                kda_state_grad_chain_kernel, chain_t,
                dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True,
-                    NUM_STAGES=ns, F32_DOTS=f32, MIXED=mixed, PRE_ADV=pre), nw, ns)
-    yield ("chain A^T do launch (pre_adv)", kda_chain_adv_kernel,
+                    NUM_STAGES=ns, F32_DOTS=f32, MIXED=mixed, PRE_ADV=adv == "launch",
+                    ADV_MIXED=adv == "mixed"), nw, ns)
+    yield ("chain A^T do launch (adv launch)", kda_chain_adv_kernel,
            dict(Aqk=F32, do=BF16, adv=F32, chunk_bounds=I32), dict(HV=HV, V=V, BV=64, BT=BT), 4, 1)
     prod_t = dict(w=BF16, qg=BF16, kd=BF16, h=F32, vnew=F32, dh=F32, dvnew=F32, do=BF16, dqg=F32, dw=F32,
                   dkd=F32, dA=F32, ddl=F32, chunk_bounds=I32)
@@ -106,22 +112,23 @@ def cases():
                dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT), 8, 2)
     dkk_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, M=F32, P=F32, du=F32, dw=F32, dv=F32, dx=F32, dP=F32,
                  dbeta=F32, chunk_bounds=I32)
-    # launched: BK 32 / 2 warps, tf32 (intra_bwd.DKK_BLOCK_K, DKK_NUM_WARPS, DKK_PRECISION)
+    # launched: BK 32 / 2 warps, tf32, 2 stages (intra_bwd.DKK_BLOCK_K, DKK_NUM_WARPS, DKK_PRECISION, DKK_STAGES)
     for bk, nw, prec in ((32, 2, "tf32"), (32, 4, "tf32"), (32, 4, "tf32x3"), (64, 4, "tf32x3"), (16, 4, "tf32x3"),
                          (32, 8, "tf32x3"), (64, 8, "tf32x3")):
         yield (f"intra_bwd dkk BK={bk} {prec}", kda_intra_bwd_dkk_kernel, dkk_t,
-               dict(HV=HV, K=K, V=V, BK=bk, BV=64, BT=BT, USE_SIGMOID=True, PREC=prec), nw, 1)
+               dict(HV=HV, K=K, V=V, BK=bk, BV=64, BT=BT, USE_SIGMOID=True, PREC=prec), nw, DKK_STAGES)
     block_t = dict(q=BF16, k=BF16, gam=F32, inorm=F32, beta=BF16, dx=F32, dP=F32, dqg=F32, dkd=F32,
                    dA=F32, dq=F32, dk=F32, dgam=F32, dbeta=F32, dkk_part=F32, chunk_bounds=I32, scale="fp32")
-    # launched: BK 128 / 4 warps / uncapped (intra_bwd.BLOCK_K, NUM_WARPS, MAX_REGISTERS), in-block products in
-    # intra_bwd.IN_BLOCK_PRECISION (bf16x3); the rest are the session 12 sweep's shapes and precisions
+    # launched: BK 128 / 4 warps / uncapped / 3 stages (intra_bwd.BLOCK_K, NUM_WARPS, MAX_REGISTERS, BLOCK_STAGES; every
+    # row here at those stages), in-block products in intra_bwd.IN_BLOCK_PRECISION (bf16x3); the rest are the session
+    # 12 sweep's shapes and precisions
     for bk, nw, prec, cap, inp in ((128, 4, "tf32", None, "bf16x3"), (128, 8, "tf32", 128, "bf16x3"),
                                    (128, 8, "tf32", None, "bf16x3"), (128, 4, "tf32", 224, "bf16x3"),
                                    (128, 4, "tf32", 168, "bf16x3"), (128, 4, "tf32", None, "tf32x3"),
                                    (64, 4, "tf32", None, "bf16x3"), (64, 2, "tf32", None, "bf16x3")):
         yield (f"intra_bwd block BK={bk} warps {nw} {prec} in-block {inp} cap {cap}", kda_intra_bwd_block_kernel,
                block_t, dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec,
-                             IN_SPAN=IN_BLOCK_SPAN, IN_PREC=inp), nw, 1, cap)
+                             IN_SPAN=IN_BLOCK_SPAN, IN_PREC=inp), nw, BLOCK_STAGES, cap)
     gate_t = dict(g=BF16, A_log=F32, dt_bias=F32, dl=F32, dgam=F32, dkk_part=F32, ddl=F32, dg=BF16, dbias_part=F32,
                   dalog_part=F32, chunk_bounds=I32, lower_bound="fp32")
     # launched: BK 32 / 2 warps (intra_bwd.GATE_BLOCK_K, GATE_NUM_WARPS), one program per key block

@@ -87,9 +87,9 @@ CASES = [
     pytest.param(1, 200, 2, 2, 64, 32, [0, 70, 70, 200], True, True, dict(block_v=16), None,
                  id="varlen-70-0-130-h0-dht-k64"),
     # A_qk^T do formed by its own launch first
-    pytest.param(1, 200, 2, 2, 64, 32, [0, 70, 70, 200], True, True, dict(block_v=16, pre_adv=True),
+    pytest.param(1, 200, 2, 2, 64, 32, [0, 70, 70, 200], True, True, dict(block_v=16, adv="launch"),
                  None, id="varlen-h0-dht-k64-preadv"),
-    pytest.param(1, 130, 1, 1, 96, 32, None, True, True, dict(block_v=32, pre_adv=True), None, id="k96-preadv"),
+    pytest.param(1, 130, 1, 1, 96, 32, None, True, True, dict(block_v=32, adv="launch"), None, id="k96-preadv"),
 ]
 
 
@@ -129,8 +129,8 @@ def test_state_grad_k256_uses_two_key_blocks():
 
 
 @pytest.mark.parametrize("mixed,tol", [("tf32", 3e-3), ("hilo", 3e-3), ("bf16", 2e-2)])
-@pytest.mark.parametrize("pre_adv", [False, True])
-def test_state_grad_chain_bf16_inputs(mixed, tol, pre_adv):
+@pytest.mark.parametrize("adv", ["tf32", "mixed", "launch"])
+def test_state_grad_chain_bf16_inputs(mixed, tol, adv):
     # bf16 w/qg/kd/do: the chain multiplies bf16 tiles by the fp32 dS and dv_new as tf32, as bf16 hi + lo or
     # rounded to bf16 (emulated in fp32 under the interpreter, whose bf16 products are wrong and whose
     # fp32 -> bf16 rounding truncates, and h, v_new come from the fp32 forward: hence the looser bounds).
@@ -140,7 +140,7 @@ def test_state_grad_chain_bf16_inputs(mixed, tol, pre_adv):
     do = do.bfloat16()
     ref = _walk_reference(meta, st, s0, do, dS)
     dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=True,
-                                          mixed=mixed, pre_adv=pre_adv)
+                                          mixed=mixed, adv=adv)
     out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds)
     assert rel(dvnew, ref["du"]) < tol
     assert rel(dh0, ref["dh0"]) < tol
@@ -152,6 +152,8 @@ def test_state_grad_chain_rejects_bad_launch():
     meta, st, s0, h, vnew, do, dS = _stages(1, 64, 1, 1, 32, 32, h0=False, dht=False)
     with pytest.raises(ValueError, match="mixed"):
         kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=False, mixed="fp8")
+    with pytest.raises(ValueError, match="adv"):
+        kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=False, adv="bf16")
     with pytest.raises(ValueError, match="chunk_bounds"):
         kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, meta.chunk_bounds[:, :1], need_dh0=False)
 
@@ -166,16 +168,20 @@ def test_state_grad_chain_dh_equals_autograd_float64():
     assert rel(dh0, ref["dh0"]) < 1e-5
 
 
-def test_recurrence_refuses_one_stage_with_16bit_tiles():
-    # one pipeline stage with bf16 tiles and the output product read shared memory out of bounds on the H200
-    # (compute-sanitizer, 2026-11-27): the launcher refuses it by name instead of launching it
+def test_walks_refuse_one_stage_with_16bit_tiles():
+    # One pipeline stage with bf16 tiles faulted on the H200: the recurrence's output product read shared memory out
+    # of bounds (compute-sanitizer, session 11), and the states launch (no output) and the chain's walk hit illegal
+    # addresses (session 13). The launchers refuse these by name instead of launching them.
     meta, st, s0, h, vnew, do, dS = _stages(1, 64, 1, 1, 32, 32, h0=False, dht=False)
     st16 = dict(st, **{n: st[n].bfloat16() for n in ("w", "qg", "kd")})
+    for write_o in (True, False):
+        with pytest.raises(ValueError, match="num_stages"):
+            kda_recurrence_fwd(st16, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False,
+                               out_dtype=torch.bfloat16, store_h=not write_o, write_o=write_o, num_stages=1)
     with pytest.raises(ValueError, match="num_stages"):
-        kda_recurrence_fwd(st16, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False,
-                           out_dtype=torch.bfloat16, num_stages=1)
-    # fp32 tiles at one stage (ran clean on the H200) and the states launch (no output product) are not refused
+        kda_state_grad_chain(st16, do.bfloat16(), None, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=False,
+                             num_stages=1)
+    # fp32 tiles at one stage ran clean on the H200 and are not refused
     kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False,
                        out_dtype=torch.float32, num_stages=1)
-    kda_recurrence_fwd(st16, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False,
-                       out_dtype=torch.bfloat16, store_h=True, write_o=False, num_stages=1)
+    kda_state_grad_chain(st, do, None, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=False, num_stages=1)

@@ -41,6 +41,19 @@ ADV_BLOCK_V, ADV_WARPS = 64, 2
 # The products launch's register cap (None: ptxas chooses, 255 at 8 warps, one program per SM): capped at 168
 # 0.706 ms and at 128 0.863 against 0.418 (session 10, H200, B1 T8192 H32 D128).
 PRODUCTS_MAX_REGISTERS = None
+# The products launch's pipeline stages: 1 stage 0.578 ms against 0.418 at 2; 3 do not fit (245 KB of shared
+# memory asked; session 13).
+PRODUCTS_STAGES = 2
+# Where the 16-bit chain (K <= 128) forms A_qk^T do: "mixed" inside the walk, A_qk's fp32 tile as bf16 hi + lo
+# meeting the bf16 do (two bf16 products, ~16 bits against the launch's tf32 10), or "launch" by
+# kda_chain_adv_kernel before the walk. Session 13 (H200, B1 T8192 H32 D128, two runs): chain stage 0.377 / 0.375
+# ms ("launch": 0.10 of it the adv launch, which also writes and the walk re-reads an fp32 [TT, HV, V]) -> 0.312 /
+# 0.311 ("mixed"); fwd+bwd bounded 3.730 / 3.717 -> 3.651 / 3.659, Kimi 3.810 / 3.793 -> 3.731 / 3.731. Offline
+# 255 registers, no spills, 205 KB of shared memory at 3 stages. dh and dv_new moved by 1.2e-4 / 2.3e-4 relative
+# to the "launch" chain (its tf32 product), against 4.5e-4 for an all-tf32 chain. Sessions 5-6 saw every bf16
+# walk with a *tf32* A_qk^T do fault (see _chain_launch); with the hi + lo form compute-sanitizer ran clean (fwd+bwd
+# with varlen and an initial state, D128) and the check and timing runs (hundreds of launches) did not fault.
+CHAIN_ADV = "mixed"
 
 
 @triton.jit
@@ -104,7 +117,7 @@ def kda_state_grad_chain_kernel(
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NUM_STAGES: tl.constexpr, F32_DOTS: tl.constexpr,
-    MIXED: tl.constexpr, PRE_ADV: tl.constexpr,
+    MIXED: tl.constexpr, PRE_ADV: tl.constexpr, ADV_MIXED: tl.constexpr,
 ):
     # PRE_ADV: dvnew holds A_qk^T do on entry (kda_chain_adv_kernel), read and overwritten here,
     # instead of the product inside the walk.
@@ -148,6 +161,11 @@ def kda_state_grad_chain_kernel(
         b_dl = tl.load(dl + i_ch * K + o_k, mask=m_k, other=0.0)  # [BK]
         if PRE_ADV:
             b_adv = tl.load(dvnew + row * V + p_tv, mask=m_tv, other=0.0)
+        elif ADV_MIXED:
+            # A^T loaded transposed ([BT, BT] fp32), then as MIXED meets the bf16 do: with "hilo" two bf16
+            # products, so the walk has no tf32 product beside its bf16 ones (that pair faulted, _chain_launch)
+            b_At = tl.load(Aqk + row * BT + tl.trans(p_tt), mask=m_t[None, :], other=0.0)
+            b_adv = _dot_mixed(b_At, b_do, tl.zeros([BT, BV], dtype=tl.float32), F32_DOTS, MIXED)
         else:
             # A^T do in tf32: splitting A as well costs spills (164 B at BV = 64) for an off-chain term.
             b_A = tl.load(Aqk + row * BT + p_tt, mask=m_t[:, None], other=0.0)  # [BT, BT] fp32
@@ -219,41 +237,45 @@ def kda_state_grad_products_kernel(
 
 class ChainLaunch(NamedTuple):
     """The chain's launch: value columns per program, warps, pipeline stages, fp32 copies of bf16 tiles
-    (tf32 products), how bf16 tiles meet the fp32 dS / dv_new ("tf32", "hilo", "bf16"), and whether
-    A_qk^T do is formed by its own launch before the walk."""
+    (tf32 products), how bf16 tiles meet the fp32 dS / dv_new ("tf32", "hilo", "bf16"), and where A_qk^T do is
+    formed: "launch" (its own launch before the walk), "mixed" (in the walk, the fp32 A_qk meeting do as
+    ``mixed`` says) or "tf32" (in the walk, one tf32 product)."""
 
     block_v: int
     num_warps: int
     num_stages: int
     f32_dots: bool
     mixed: str
-    pre_adv: bool
+    adv: str
 
 
 def _chain_launch(K: int, V: int, dtype: torch.dtype) -> ChainLaunch:
-    """The chain's launch (H200, B1 T8192 H32 D128, 2026-11-26; benchmarks/kda_notes.md, sessions 5-6).
+    """The chain's launch (H200, B1 T8192 H32 D128, 2026-11-26; benchmarks/kda_notes.md, sessions 5-6 and 13).
 
     16-bit inputs, K <= 128: bf16 products, dS and dv_new as hi + lo halves, 32 value columns (128
-    programs at B1 H32), 4 warps, 3 stages, A_qk^T do formed first by its own launch (pre_adv): 0.40 ms
-    with that launch, against 0.67 for session 5's tf32 launch (fp16 tiles take the same launch with
-    tf32 products: the split and the bf16 products are for bf16 tiles only). With A_qk^T do (a tf32 product of an
-    fp32 tile) inside the walk, every bf16 launch at 16 or 32 columns faulted or returned non-finite
+    programs at B1 H32), 4 warps, 3 stages. A_qk^T do for bf16 tiles where CHAIN_ADV says (since session 13 in
+    the walk as hi + lo products, 0.31 ms in all), for fp16 tiles by its own launch first (sessions 6-12 for both:
+    0.40 ms with that launch, against 0.67 for session 5's tf32 launch). fp16 tiles take the same launch with
+    tf32 products: the split and the bf16 products are for bf16 tiles only. With A_qk^T do as a *tf32* product of
+    the fp32 tile inside the walk, every bf16 launch at 16 or 32 columns faulted or returned non-finite
     values (compute-sanitizer: out-of-bounds shared-memory reads at the bf16 tl.dot; a Triton
-    code-generation fault we did not isolate further); without it they run clean. 4 stages need 247 KB
+    code-generation fault we did not isolate further); without it they run clean, and so does the hi + lo form
+    (session 13). One stage faults too (session 13, illegal address at B1 T8192 H32: refused in
+    kda_state_grad_chain). 4 stages need 247 KB
     of shared memory. fp32 inputs: fp32 tiles (tf32), one stage (two asked for 279 KB; the H200 has
     227). K > 128 keeps the launch checked in session 4 (64 columns, bf16, 8 warps)."""
     if K <= 128 and dtype.itemsize <= 2:
-        return ChainLaunch(min(32, next_pow2(V)), 4, 3, False, "hilo", True)
+        return ChainLaunch(min(32, next_pow2(V)), 4, 3, False, "hilo", CHAIN_ADV if dtype == torch.bfloat16 else "launch")
     if K <= 128:
-        return ChainLaunch(min(32, next_pow2(V)), 4, 1, True, "tf32", False)
-    return ChainLaunch(min(64, next_pow2(V)), 8, 1, False, "hilo", False)
+        return ChainLaunch(min(32, next_pow2(V)), 4, 1, True, "tf32", "tf32")
+    return ChainLaunch(min(64, next_pow2(V)), 8, 1, False, "hilo", "tf32")
 
 
 def kda_state_grad_chain(
     st: dict[str, torch.Tensor], do: torch.Tensor, dht: torch.Tensor | None,
     cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, chunk_bounds: torch.Tensor, *, need_dh0: bool,
     block_v: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    f32_dots: bool | None = None, mixed: str | None = None, pre_adv: bool | None = None,
+    f32_dots: bool | None = None, mixed: str | None = None, adv: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Reverse walk over each sequence's chunks with dS ``[K, BV]`` fp32 in registers.
 
@@ -263,9 +285,10 @@ def kda_state_grad_chain(
         do: ``[TT, HV, V]`` bf16 or fp32; dht: ``[N, HV, K, V]`` fp32 or None (zero).
         cu_seqlens: ``[N + 1]`` int32; chunk_offsets: ``[N + 1]`` int32, first global chunk of each sequence;
             chunk_bounds: ``[NC, 2]`` int32 (first token, end token) of each chunk.
-        block_v, num_warps, num_stages, f32_dots, mixed, pre_adv: the launch (None: ``_chain_launch``'s
-            choice; mixed: "tf32", "hilo" or "bf16", how a bf16 tile meets the fp32 dS or dv_new;
-            pre_adv forms A_qk^T do by a parallel launch first).
+        block_v, num_warps, num_stages, f32_dots, mixed, adv: the launch (None: ``_chain_launch``'s
+            choice; mixed: "tf32", "hilo" or "bf16", how a bf16 tile meets the fp32 dS or dv_new; adv:
+            "launch" forms A_qk^T do by a parallel launch first, "mixed" in the walk as ``mixed`` says,
+            "tf32" in the walk as one tf32 product).
 
     Returns:
         dh ``[NC, HV, K, V]`` fp32 (the gradient of each chunk's exit state), dvnew ``[TT, HV, V]`` fp32
@@ -283,9 +306,15 @@ def kda_state_grad_chain(
     BV, num_warps, num_stages = block_v or launch.block_v, num_warps or launch.num_warps, num_stages or launch.num_stages
     f32_dots = launch.f32_dots if f32_dots is None else f32_dots
     mixed = launch.mixed if mixed is None else mixed
-    pre_adv = launch.pre_adv if pre_adv is None else pre_adv
+    adv = launch.adv if adv is None else adv
     if mixed not in ("tf32", "hilo", "bf16"):
         raise ValueError(f"mixed: expected 'tf32', 'hilo' or 'bf16', got {mixed!r}")
+    if adv not in ("launch", "mixed", "tf32"):
+        raise ValueError(f"adv: expected 'launch', 'mixed' or 'tf32', got {adv!r}")
+    if num_stages == 1 and K <= 128 and st["w"].element_size() == 2 and not f32_dots:
+        # H200, Triton 3.6 (session 13): the 16-bit walk at one stage (BV 32, 4 warps) faulted with an illegal address
+        # at B1 T8192 H32; _chain_launch never picks it. Refused under the interpreter too, so the CPU tests see it.
+        raise ValueError("num_stages: 1 faults for the chain with 16-bit tiles (K <= 128); use 2 or 3")
     if chunk_bounds.shape != (max(NC, 1), 2):
         raise ValueError(f"chunk_bounds: expected [NC, 2] = {[max(NC, 1), 2]}, got {list(chunk_bounds.shape)}")
     dev, f32 = do.device, torch.float32
@@ -293,7 +322,7 @@ def kda_state_grad_chain(
     dvnew = torch.empty(TT, HV, V, device=dev, dtype=f32)
     dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32) if need_dh0 else None
     do = do.contiguous()
-    if pre_adv and NC > 0:
+    if adv == "launch" and NC > 0:
         BVa = min(ADV_BLOCK_V, next_pow2(V))
         kda_chain_adv_kernel[(NC, HV, triton.cdiv(V, BVa))](st["Aqk"], do, dvnew, chunk_bounds, HV=HV, V=V, BV=BVa,
                                                              BT=BT, num_warps=ADV_WARPS, num_stages=1)
@@ -303,7 +332,7 @@ def kda_state_grad_chain(
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=BT,
         HAS_DHT=dht is not None, STORE_DH0=need_dh0, NUM_STAGES=num_stages,
-        F32_DOTS=INTERPRET or f32_dots, MIXED=mixed, PRE_ADV=pre_adv,
+        F32_DOTS=INTERPRET or f32_dots, MIXED=mixed, PRE_ADV=adv == "launch", ADV_MIXED=adv == "mixed",
         num_warps=num_warps, num_stages=num_stages,
     )
     return dh, dvnew, dh0
@@ -312,7 +341,7 @@ def kda_state_grad_chain(
 def kda_state_grad_products(
     st: dict[str, torch.Tensor], h: torch.Tensor, vnew: torch.Tensor, dh: torch.Tensor, dvnew: torch.Tensor,
     do: torch.Tensor, chunk_bounds: torch.Tensor, *, block_v: int | None = None, block_k: int | None = None,
-    num_warps: int = 8, num_stages: int = 2,
+    num_warps: int = 8, num_stages: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per (chunk, value head, key block): the gradients that need one chunk's S and dS, summed over V.
 
@@ -349,7 +378,7 @@ def kda_state_grad_products(
         h.contiguous(), vnew.contiguous(), dh.contiguous(), dvnew.contiguous(), do.contiguous(),
         out["dqg"], out["dw"], out["dkd"], out["dA"], out["ddl"], chunk_bounds,
         HV=HV, K=K, V=V, BK=BK, BV=BV, BT=BT,
-        num_warps=num_warps, num_stages=num_stages, **reg_cap(PRODUCTS_MAX_REGISTERS),
+        num_warps=num_warps, num_stages=num_stages or PRODUCTS_STAGES, **reg_cap(PRODUCTS_MAX_REGISTERS),
     )
     return out
 
