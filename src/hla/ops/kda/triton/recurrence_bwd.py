@@ -8,9 +8,10 @@ Per chunk c (S = the state at chunk entry, fp32 ``[K, V]``; dS = the gradient of
     dA_qk = tril(do v_new^T),  ddl = sum_v S * dS        (products)
 
 Only ``dv_new`` and the state update sit on the reverse dependency chain, so the chain kernel keeps
-just dS ``[K, BV]`` in registers and writes dS per chunk; A_qk^T do is formed before the walk by a
-parallel launch (``kda_chain_adv_kernel``, into dv_new's buffer), and qg^T do does not depend on dS
-either: its loads come first in the loop body. Every other product needs dS and S of one chunk only:
+just dS ``[K, BV]`` in registers and writes dS per chunk; A_qk^T do and qg^T do do not depend on dS:
+their loads come first in the loop body. A_qk^T do is, for bf16 tiles, two bf16 products of A_qk's hi + lo
+halves in the walk (CHAIN_ADV); for fp16 tiles a parallel launch (``kda_chain_adv_kernel``) writes it into
+dv_new's buffer before the walk; fp32 tiles and K > 128 take one tf32 product in the walk. Every other product needs dS and S of one chunk only:
 one program per (chunk, value head) sums them over all value blocks in registers and writes each
 gradient once, instead of one partial per value block (recurrence.py's single-kernel backward wrote
 ``[NV, ...]`` partials and spilled).
