@@ -101,8 +101,7 @@ def cases():
         yield (f"chain BV={bv} {'fp32' if f32 else 'bf16'} dots {mixed} A^T do {adv}",
                kda_state_grad_chain_kernel, chain_t,
                dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True,
-                    NUM_STAGES=ns, F32_DOTS=f32, MIXED=mixed, PRE_ADV=adv == "launch",
-                    ADV_MIXED=adv == "mixed"), nw, ns)
+                    NUM_STAGES=ns, F32_DOTS=f32, MIXED=mixed, ADV=adv), nw, ns)
     yield ("chain A^T do launch (adv launch)", kda_chain_adv_kernel,
            dict(Aqk=F32, do=BF16, adv=F32, chunk_bounds=I32), dict(HV=HV, V=V, BV=64, BT=BT), 4, 1)
     prod_t = dict(w=BF16, qg=BF16, kd=BF16, h=F32, vnew=F32, dh=F32, dvnew=F32, do=BF16, dqg=F32, dw=F32,

@@ -11,10 +11,10 @@ Only ``dv_new`` and the state update sit on the reverse dependency chain, so the
 just dS ``[K, BV]`` in registers and writes dS per chunk; A_qk^T do and qg^T do do not depend on dS:
 their loads come first in the loop body. A_qk^T do is, for bf16 tiles, two bf16 products of A_qk's hi + lo
 halves in the walk (CHAIN_ADV); for fp16 tiles a parallel launch (``kda_chain_adv_kernel``) writes it into
-dv_new's buffer before the walk; fp32 tiles and K > 128 take one tf32 product in the walk. Every other product needs dS and S of one chunk only:
-one program per (chunk, value head) sums them over all value blocks in registers and writes each
-gradient once, instead of one partial per value block (recurrence.py's single-kernel backward wrote
-``[NV, ...]`` partials and spilled).
+dv_new's buffer before the walk; fp32 tiles and K > 128 take one tf32 product in the walk. Every other
+product needs dS and S of one chunk only: one program per (chunk, value head) sums them over all value
+blocks in registers and writes each gradient once, instead of one partial per value block
+(recurrence.py's single-kernel backward wrote ``[NV, ...]`` partials and spilled).
 
 Registers (the single kernel spilled): pointers are an int64 scalar base per chunk plus int32 tile
 offsets, never int64 offset tiles. Precision: the chain's products of bf16 tiles with the fp32 dS and
@@ -118,10 +118,10 @@ def kda_state_grad_chain_kernel(
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, NUM_STAGES: tl.constexpr, F32_DOTS: tl.constexpr,
-    MIXED: tl.constexpr, PRE_ADV: tl.constexpr, ADV_MIXED: tl.constexpr,
+    MIXED: tl.constexpr, ADV: tl.constexpr,
 ):
-    # PRE_ADV: dvnew holds A_qk^T do on entry (kda_chain_adv_kernel), read and overwritten here,
-    # instead of the product inside the walk.
+    # ADV == "launch": dvnew holds A_qk^T do on entry (kda_chain_adv_kernel), read and overwritten here,
+    # instead of the product inside the walk ("mixed" / "tf32").
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
     seq_bos = tl.load(cu_seqlens + i_n)
@@ -160,9 +160,9 @@ def kda_state_grad_chain_kernel(
         # fault (it did not fix it), kept because the launch was timed and sanitizer-checked this way
         b_qgt = tl.load(qg + row * K + p_kt, mask=tl.trans(m_tk), other=0.0)
         b_dl = tl.load(dl + i_ch * K + o_k, mask=m_k, other=0.0)  # [BK]
-        if PRE_ADV:
+        if ADV == "launch":
             b_adv = tl.load(dvnew + row * V + p_tv, mask=m_tv, other=0.0)
-        elif ADV_MIXED:
+        elif ADV == "mixed":
             # A^T loaded transposed ([BT, BT] fp32), then as MIXED meets the bf16 do: with "hilo" two bf16
             # products, so the walk has no tf32 product beside its bf16 ones (that pair faulted, _chain_launch)
             b_At = tl.load(Aqk + row * BT + tl.trans(p_tt), mask=m_t[None, :], other=0.0)
@@ -266,7 +266,8 @@ def _chain_launch(K: int, V: int, dtype: torch.dtype) -> ChainLaunch:
     of shared memory. fp32 inputs: fp32 tiles (tf32), one stage (two asked for 279 KB; the H200 has
     227). K > 128 keeps the launch checked in session 4 (64 columns, bf16, 8 warps)."""
     if K <= 128 and dtype.itemsize <= 2:
-        return ChainLaunch(min(32, next_pow2(V)), 4, 3, False, "hilo", CHAIN_ADV if dtype == torch.bfloat16 else "launch")
+        adv = CHAIN_ADV if dtype == torch.bfloat16 else "launch"
+        return ChainLaunch(min(32, next_pow2(V)), 4, 3, False, "hilo", adv)
     if K <= 128:
         return ChainLaunch(min(32, next_pow2(V)), 4, 1, True, "tf32", "tf32")
     return ChainLaunch(min(64, next_pow2(V)), 8, 1, False, "hilo", "tf32")
@@ -333,7 +334,7 @@ def kda_state_grad_chain(
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=BT,
         HAS_DHT=dht is not None, STORE_DH0=need_dh0, NUM_STAGES=num_stages,
-        F32_DOTS=INTERPRET or f32_dots, MIXED=mixed, PRE_ADV=adv == "launch", ADV_MIXED=adv == "mixed",
+        F32_DOTS=INTERPRET or f32_dots, MIXED=mixed, ADV=adv,
         num_warps=num_warps, num_stages=num_stages,
     )
     return dh, dvnew, dh0
