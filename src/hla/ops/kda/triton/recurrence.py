@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hla.ops.kda.triton.common import next_pow2
+from hla.ops.kda.triton.common import next_pow2, refuse_one_stage_16bit
 
 
 @triton.jit
@@ -136,13 +136,7 @@ def kda_recurrence_fwd(
         # inputs or K=256 fit one stage only.
         per_stage = 64 * (3 * K * st["w"].element_size() + 4 * BV + 4 * 64)
         num_stages = max(1, min(3, (220 * 1024) // per_stage))
-    elif num_stages == 1 and K <= 128 and st["w"].element_size() == 2:
-        # H200, Triton 3.6 (2026-11-27, compute-sanitizer): a one-stage loop with 16-bit tiles reads shared memory
-        # out of bounds in the output product A_qk v_new (BV 16 and 32 at 4 warps, T 512 to 8192); the states launch
-        # (store_h, no output) at one stage faulted too (illegal address, BV 32, B1 T8192 H32, session 13). The
-        # default above never picks it for these tiles (fp32 tiles at one stage ran clean). Refused under the
-        # interpreter too (it ignores stages), so the CPU tests see the refusal.
-        raise ValueError("num_stages: 1 faults with 16-bit tiles (K <= 128); use 2 or 3")
+    refuse_one_stage_16bit(num_stages, K, st["w"].element_size(), "recurrence")
     kda_recurrence_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
         st["w"], st["u"], st["qg"], st["kd"], st["dl"], st["Aqk"],
         initial_state if initial_state is not None else dummy, o if o is not None else dummy,

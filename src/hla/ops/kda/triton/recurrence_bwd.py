@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hla.ops.kda.triton.common import INTERPRET, bf16_halves, next_pow2, reg_cap
+from hla.ops.kda.triton.common import INTERPRET, bf16_halves, next_pow2, refuse_one_stage_16bit, reg_cap
 
 BT = 64
 # kda_chain_adv_kernel's value columns per program and warps (read at each call). H200, B1 T8192 H32
@@ -313,10 +313,8 @@ def kda_state_grad_chain(
         raise ValueError(f"mixed: expected 'tf32', 'hilo' or 'bf16', got {mixed!r}")
     if adv not in ("launch", "mixed", "tf32"):
         raise ValueError(f"adv: expected 'launch', 'mixed' or 'tf32', got {adv!r}")
-    if num_stages == 1 and K <= 128 and st["w"].element_size() == 2 and not f32_dots:
-        # H200, Triton 3.6 (session 13): the 16-bit walk at one stage (BV 32, 4 warps) faulted with an illegal address
-        # at B1 T8192 H32; _chain_launch never picks it. Refused under the interpreter too, so the CPU tests see it.
-        raise ValueError("num_stages: 1 faults for the chain with 16-bit tiles (K <= 128); use 2 or 3")
+    # f32_dots multiplies fp32 copies of the tiles
+    refuse_one_stage_16bit(num_stages, K, 4 if f32_dots else st["w"].element_size(), "chain")
     if chunk_bounds.shape != (max(NC, 1), 2):
         raise ValueError(f"chunk_bounds: expected [NC, 2] = {[max(NC, 1), 2]}, got {list(chunk_bounds.shape)}")
     dev, f32 = do.device, torch.float32
