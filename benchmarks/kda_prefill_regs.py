@@ -42,6 +42,8 @@ from hla.ops.kda.triton.intra_bwd import (  # noqa: E402
 )
 from hla.ops.kda.triton.recurrence import kda_recurrence_fwd_kernel  # noqa: E402
 from hla.ops.kda.triton.recurrence_bwd import (  # noqa: E402
+    PRODUCTS_STAGES,
+    PRODUCTS_STAGES_FP32,
     kda_chain_adv_kernel,
     kda_state_grad_chain_kernel,
     kda_state_grad_products_kernel,
@@ -98,17 +100,22 @@ def cases():
     for bv, nw, ns, f32, mixed, adv in ((32, 4, 3, False, "hilo", "launch"), (32, 4, 3, False, "hilo", "mixed"),
                                         (32, 4, 1, True, "tf32", "tf32"), (64, 8, 1, False, "hilo", "tf32"),
                                         (32, 4, 3, False, "bf16", "launch")):
+        # dS snapshots: bf16 for bf16 tiles (recurrence_bwd.SNAPSHOT_DH, the "mixed" rows), fp32 for fp16 / fp32 tiles
         yield (f"chain BV={bv} {'fp32' if f32 else 'bf16'} dots {mixed} A^T do {adv}",
-               kda_state_grad_chain_kernel, chain_t,
+               kda_state_grad_chain_kernel, dict(chain_t, dh=BF16 if adv == "mixed" else F32),
                dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True,
                     NUM_STAGES=ns, F32_DOTS=f32, MIXED=mixed, ADV=adv), nw, ns)
     yield ("chain A^T do launch (adv launch)", kda_chain_adv_kernel,
            dict(Aqk=F32, do=BF16, adv=F32, chunk_bounds=I32), dict(HV=HV, V=V, BV=64, BT=BT), 4, 1)
-    prod_t = dict(w=BF16, qg=BF16, kd=BF16, h=F32, vnew=F32, dh=F32, dvnew=F32, do=BF16, dqg=F32, dw=F32,
-                  dkd=F32, dA=F32, ddl=F32, chunk_bounds=I32)
-    for bv in (64, 32):  # launched: 64 (0.42 ms against 0.47 at 32, H200, session 5)
-        yield (f"products BK=128 BV={bv}", kda_state_grad_products_kernel, prod_t,
-               dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT), 8, 2)
+    # launched: BV 64 (0.42 ms against 0.47 at 32, H200, session 5); bf16 snapshots (h, v_new, dS:
+    # recurrence.SNAPSHOT_H, SNAPSHOT_VNEW, recurrence_bwd.SNAPSHOT_DH) at PRODUCTS_STAGES, fp32 ones at
+    # PRODUCTS_STAGES_FP32
+    for bv, snap, native, ns in ((64, BF16, True, PRODUCTS_STAGES), (64, F32, False, PRODUCTS_STAGES_FP32),
+                                 (32, F32, False, PRODUCTS_STAGES_FP32)):
+        prod_t = dict(h=snap, vnew=snap, dh=snap, dvnew=F32, do=BF16, dqg=F32, dw=F32, dkd=F32, dA=F32, ddl=F32,
+                      chunk_bounds=I32)
+        yield (f"products BK=128 BV={bv} snapshots {'bf16' if native else 'fp32'}", kda_state_grad_products_kernel,
+               prod_t, dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, NATIVE=native), 8, ns)
     dkk_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, M=F32, P=F32, du=F32, dw=F32, dv=F32, dx=F32, dP=F32,
                  dbeta=F32, chunk_bounds=I32)
     # launched: BK 32 / 2 warps, tf32, 2 stages (intra_bwd.DKK_BLOCK_K, DKK_NUM_WARPS, DKK_PRECISION, DKK_STAGES)

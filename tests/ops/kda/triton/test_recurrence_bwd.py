@@ -9,8 +9,13 @@ import torch
 
 from hla.ops.kda.triton.chunk import _ChunkMeta
 from hla.ops.kda.triton.intra import kda_intra_fwd
-from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
-from hla.ops.kda.triton.recurrence_bwd import kda_state_grad, kda_state_grad_chain, kda_state_grad_products
+from hla.ops.kda.triton.recurrence import kda_recurrence_fwd, snapshot_dtypes
+from hla.ops.kda.triton.recurrence_bwd import (
+    dh_snapshot_dtype,
+    kda_state_grad,
+    kda_state_grad_chain,
+    kda_state_grad_products,
+)
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from _triton_helpers import rel  # noqa: E402
@@ -139,13 +144,42 @@ def test_state_grad_chain_bf16_inputs(mixed, tol, adv):
     st = dict(st, **{n: st[n].bfloat16() for n in ("w", "qg", "kd")})
     do = do.bfloat16()
     ref = _walk_reference(meta, st, s0, do, dS)
+    # dS kept in fp32 (the bf16 snapshot is test_state_grad_bf16_snapshots'): this test is about the walk
     dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=True,
-                                          mixed=mixed, adv=adv)
+                                          mixed=mixed, adv=adv, dh_dtype=torch.float32)
     out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds)
     assert rel(dvnew, ref["du"]) < tol
     assert rel(dh0, ref["dh0"]) < tol
     for n in ("dqg", "dw", "dkd", "dA", "ddl"):
         assert rel(out[n], ref[n]) < tol, n
+
+
+def test_snapshot_dtypes_follow_the_tiles():
+    # bf16 tiles: h, v_new and dS snapshots in bf16 (the defaults); fp16 and fp32 tiles keep fp32 snapshots
+    assert snapshot_dtypes(torch.bfloat16) == (torch.bfloat16, torch.bfloat16)
+    assert dh_snapshot_dtype(torch.bfloat16) == torch.bfloat16
+    for dt in (torch.float16, torch.float32):
+        assert snapshot_dtypes(dt) == (torch.float32, torch.float32)
+        assert dh_snapshot_dtype(dt) == torch.float32
+
+
+def test_state_grad_bf16_snapshots():
+    # h, v_new and dS stored in bf16 for the products (the defaults for bf16 tiles): every gradient within
+    # bf16 rounding of the float64 walk (the interpreter's fp32 -> bf16 conversion truncates: about twice
+    # the rounding error of the GPU's), and dv_new, which the walk forms from fp32 values, unchanged.
+    meta, st, s0, _, _, do, dS = _stages(1, 200, 2, 2, 64, 32, torch.tensor([0, 70, 200], dtype=torch.int32),
+                                         h0=True, dht=True)
+    ref = _walk_reference(meta, st, s0, do, dS)
+    _, _, h, vnew = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=s0, output_final_state=False,
+                                       out_dtype=torch.float32, store_h=True, h_dtype=torch.bfloat16,
+                                       vnew_dtype=torch.bfloat16)
+    dh, dvnew, dh0 = kda_state_grad_chain(st, do, dS, meta.cu, meta.chunk_offsets, meta.chunk_bounds, need_dh0=True,
+                                          dh_dtype=torch.bfloat16)
+    assert h.dtype == vnew.dtype == dh.dtype == torch.bfloat16
+    out = kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds)
+    assert rel(dvnew, ref["du"]) < 1e-5 and rel(dh0, ref["dh0"]) < 1e-5
+    for n in ("dqg", "dw", "dkd", "dA", "ddl"):
+        assert 1e-5 < rel(out[n], ref[n]) < 1.5e-2, n  # rounded (not the fp32 path), within bf16's reach
 
 
 def test_state_grad_chain_rejects_bad_launch():

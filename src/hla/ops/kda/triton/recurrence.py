@@ -13,7 +13,8 @@ qg = scale q exp(Gamma), kd = k exp(Gamma_last - Gamma) and exp(Gamma_last), so 
 exponentials and no normalisation, only the products. The backward walks the chunks
 in reverse with dS in registers; it needs each chunk's entry state and v_new, which the backward
 pass recomputes by running this forward once more with STORE_H (states are not kept from the
-forward: that would cost ``NC * HV * K * V * 4`` bytes).
+forward: that would cost ``NC * HV * K * V`` elements), as bf16 snapshots for bf16 inputs
+(SNAPSHOT_H, SNAPSHOT_VNEW) while the walk itself keeps the fp32 state.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def kda_recurrence_fwd_kernel(
             b_qg = tl.load((qg + off_k) + p_tk, mask=m_tk, other=0.0)
             b_A = tl.load((Aqk + (tok * HV + i_hv) * BT) + p_tt, mask=m_t[:, None], other=0.0)
         if STORE_H:
-            tl.store((h + (i_c * HV + i_hv) * K * V) + p_s, b_s, mask=m_s)
+            tl.store((h + (i_c * HV + i_hv) * K * V) + p_s, b_s.to(h.dtype.element_ty), mask=m_s)
         # Products in the operands' dtype (bf16 tensor cores, fp32 accumulation). The state itself
         # stays fp32; with SPLIT it enters the products as hi + lo halves (two bf16 products, ~16
         # mantissa bits) where v_new = u - w S can cancel.
@@ -81,9 +82,9 @@ def kda_recurrence_fwd_kernel(
             b_sl = (b_s - b_sh.to(tl.float32)).to(b_w.dtype)
             b_ws += tl.dot(b_w, b_sl)
         b_vn = b_u - b_ws  # [BT, BV] fp32
-        if STORE_H:
-            tl.store((vnew + off_v) + p_tv, b_vn, mask=m_tv)
         b_vnc = b_vn.to(b_w.dtype)
+        if STORE_H:
+            tl.store((vnew + off_v) + p_tv, b_vn.to(vnew.dtype.element_ty), mask=m_tv)
         if WRITE_O:
             b_o = tl.dot(b_qg, b_sh) + tl.dot(b_A.to(b_w.dtype), b_vnc)
             if SPLIT:
@@ -93,6 +94,24 @@ def kda_recurrence_fwd_kernel(
 
     if STORE_FINAL:
         tl.store(ht + (i_n * HV + i_hv).to(tl.int64) * K * V + p_s, b_s, mask=m_s)
+
+
+# The backward's snapshots (STORE_H) for bf16 tiles, read once by the state-grad products (recurrence_bwd.py):
+# "bf16" stores h, each chunk's entry state, rounded to bf16 (the products dqg = do h^T, dw = -dv_new h^T and
+# ddl = sum_v h dh then read that copy; FLA 0.6.0 stores its h in bf16 too), "fp32" the state as it is. v_new:
+# "tiles" stores the bf16 copy the forward multiplied (kd^T v_new and A_qk v_new take it), so dkd = v_new dS^T and
+# dA = do v_new^T are the gradients of what was computed; "fp32" the unrounded u - w S.
+SNAPSHOT_H = "bf16"
+SNAPSHOT_VNEW = "tiles"
+
+
+def snapshot_dtypes(tile_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(h, v_new) snapshot dtypes for tiles of this dtype: SNAPSHOT_H / SNAPSHOT_VNEW for bf16 tiles, fp32
+    otherwise (fp16 cannot hold every state: its range ends at 65504)."""
+    if tile_dtype != torch.bfloat16:
+        return torch.float32, torch.float32
+    return (torch.bfloat16 if SNAPSHOT_H == "bf16" else torch.float32,
+            torch.bfloat16 if SNAPSHOT_VNEW == "tiles" else torch.float32)
 
 
 def _pick_bv(n_programs_per_block: int, V: int) -> int:
@@ -108,10 +127,12 @@ def kda_recurrence_fwd(
     st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, *,
     initial_state: torch.Tensor | None, output_final_state: bool, out_dtype: torch.dtype,
     store_h: bool = False, write_o: bool = True, block_v: int | None = None, num_warps: int | None = None,
-    num_stages: int | None = None, split: bool = True,
+    num_stages: int | None = None, split: bool = True, h_dtype: torch.dtype | None = None,
+    vnew_dtype: torch.dtype | None = None,
 ):
     """st: the intra stage's dict (w, u, qg, kd, dl, Aqk) -> (o ``[TT, HV, V]``, final ``[N, HV, K, V]``
-    or None, h ``[NC, HV, K, V]`` or None, v_new ``[TT, HV, V]`` fp32 or None); h, v_new for the backward."""
+    or None, h ``[NC, HV, K, V]`` or None, v_new ``[TT, HV, V]`` or None); h, v_new for the backward, in
+    h_dtype / vnew_dtype (None: ``snapshot_dtypes``)."""
     TT, HV, K = st["w"].shape
     V = st["u"].shape[-1]
     N = cu_seqlens.shape[0] - 1
@@ -127,8 +148,9 @@ def kda_recurrence_fwd(
     dev = st["w"].device
     o = torch.empty(TT, HV, V, device=dev, dtype=out_dtype) if write_o else None
     ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    h = torch.empty(NC, HV, K, V, device=dev, dtype=torch.float32) if store_h else None
-    vnew = torch.empty(TT, HV, V, device=dev, dtype=torch.float32) if store_h else None
+    h_default, vnew_default = snapshot_dtypes(st["w"].dtype)
+    h = torch.empty(NC, HV, K, V, device=dev, dtype=h_dtype or h_default) if store_h else None
+    vnew = torch.empty(TT, HV, V, device=dev, dtype=vnew_dtype or vnew_default) if store_h else None
     dummy = st["u"]
     if num_stages is None:
         # Each pipeline stage holds one chunk's w, kd, qg [64, K], u [64, BV] and A_qk [64, 64]: 72 KB

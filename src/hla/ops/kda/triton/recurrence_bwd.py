@@ -19,8 +19,10 @@ blocks in registers and writes each gradient once, instead of one partial per va
 Registers (the single kernel spilled): pointers are an int64 scalar base per chunk plus int32 tile
 offsets, never int64 offset tiles. Precision: the chain's products of bf16 tiles with the fp32 dS and
 dv_new are bf16 hi + lo halves (two bf16 tensor-core products, ~16 mantissa bits against tf32's 10;
-FLA 0.6.0 rounds dS to bf16); fp32 inputs multiply in tf32. A_qk^T do and the products kernel
-multiply in fp32 (tf32 on the GPU). ``_chain_launch`` gives the launch and its history; register and
+FLA 0.6.0 rounds dS to bf16); fp32 inputs multiply in tf32. The chain carries dS in fp32 and writes
+it per chunk as a bf16 snapshot for bf16 inputs (SNAPSHOT_DH); with the forward's bf16 h and v_new
+snapshots (recurrence.py) the products kernel multiplies them with do in bf16, fp32 accumulation
+(dw's product, with the fp32 dv_new, in tf32); other inputs keep fp32 snapshots and tf32 products. ``_chain_launch`` gives the launch and its history; register and
 spill rows: benchmarks/kda_prefill_regs.py --only chain.
 """
 
@@ -42,9 +44,11 @@ ADV_BLOCK_V, ADV_WARPS = 64, 2
 # The products launch's register cap (None: ptxas chooses, 255 at 8 warps, one program per SM): capped at 168
 # 0.706 ms and at 128 0.863 against 0.418 (session 10, H200, B1 T8192 H32 D128).
 PRODUCTS_MAX_REGISTERS = None
-# The products launch's pipeline stages: 1 stage 0.578 ms against 0.418 at 2; 3 do not fit (245 KB of shared
-# memory asked; session 13).
-PRODUCTS_STAGES = 2
+# The products launch's pipeline stages. fp32 snapshots (PRODUCTS_STAGES_FP32): 1 stage 0.578 ms against 0.418 at 2;
+# 3 do not fit (245 KB of shared memory asked; session 13). bf16 snapshots (PRODUCTS_STAGES, session 14, fwd+bwd
+# B1 T8192 H32 D128 bounded gate, two runs): 2 stages 3.553 / 3.552 ms, 3 stages 3.528 / 3.512.
+PRODUCTS_STAGES = 3
+PRODUCTS_STAGES_FP32 = 2
 # Where the 16-bit chain (K <= 128) forms A_qk^T do: "mixed" inside the walk, A_qk's fp32 tile as bf16 hi + lo
 # meeting the bf16 do (two bf16 products, ~16 bits against the launch's tf32 10), or "launch" by
 # kda_chain_adv_kernel before the walk. Session 13 (H200, B1 T8192 H32 D128, two runs): chain stage 0.377 / 0.375
@@ -55,6 +59,15 @@ PRODUCTS_STAGES = 2
 # walk with a *tf32* A_qk^T do fault (see _chain_launch); with the hi + lo form compute-sanitizer ran clean (fwd+bwd
 # with varlen and an initial state, D128) and the check and timing runs (hundreds of launches) did not fault.
 CHAIN_ADV = "mixed"
+# The dS snapshot per chunk (dh, read once by the products: dkd = v_new dS^T, ddl = sum_v h dS) for bf16 tiles:
+# "bf16" rounded to it (FLA 0.6.0 stores its dh in bf16 too), "fp32" as the walk holds it. The walk itself
+# carries dS in fp32 either way.
+SNAPSHOT_DH = "bf16"
+
+
+def dh_snapshot_dtype(tile_dtype: torch.dtype) -> torch.dtype:
+    """dh's dtype for tiles of this dtype: SNAPSHOT_DH for bf16 tiles, fp32 otherwise."""
+    return torch.bfloat16 if tile_dtype == torch.bfloat16 and SNAPSHOT_DH == "bf16" else torch.float32
 
 
 @triton.jit
@@ -173,7 +186,7 @@ def kda_state_grad_chain_kernel(
             b_adv = tl.dot(tl.trans(b_A), b_do.to(tl.float32))  # [BT, BV]
         b_acc = _dot_mixed(b_qgt, b_do, tl.zeros([BK, BV], dtype=tl.float32), F32_DOTS, MIXED)  # qg^T do
         # The chain.
-        tl.store(dh + i_ch * (K * V) + p_s, b_ds, mask=m_s)
+        tl.store(dh + i_ch * (K * V) + p_s, b_ds.to(dh.dtype.element_ty), mask=m_s)
         b_kd = tl.load(kd + row * K + p_tk, mask=m_tk, other=0.0)
         b_dvn = _dot_mixed(b_kd, b_ds, b_adv, F32_DOTS, MIXED)  # [BT, BV]
         tl.store(dvnew + row * V + p_tv, b_dvn, mask=m_tv)
@@ -188,8 +201,13 @@ def kda_state_grad_chain_kernel(
 def kda_state_grad_products_kernel(
     h, vnew, dh, dvnew, do, dqg, dw, dkd, dA, ddl, chunk_bounds,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, NATIVE: tl.constexpr,
 ):
+    # NATIVE: h, dh, v_new and do share one 16-bit dtype (the bf16 snapshots): dqg, dkd and dA_qk are products in
+    # it (fp32 accumulation), dw's takes dv_new (fp32) with h upcast (tf32). Otherwise every operand is fp32
+    # (tf32). Mixed forms are not offered: on the H200 (session 14) a launch with some of these products in bf16
+    # and the others in tf32 of upcast copies of the same do / v_new tiles returned wrong gradients (dq 0.4-0.9
+    # relative against float64, with h or dS in fp32); all-bf16 and all-tf32 launches agree with the reference.
     i_c, i_hv, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(chunk_bounds + 2 * i_c)
     eos = tl.load(chunk_bounds + 2 * i_c + 1)
@@ -214,13 +232,16 @@ def kda_state_grad_products_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         b_s = tl.load(h + i_ch * (K * V) + i_v * BV + p_s, mask=m_s, other=0.0)  # [BK, BV] entry state
         b_ds = tl.load(dh + i_ch * (K * V) + i_v * BV + p_s, mask=m_s, other=0.0)  # exit-state gradient
-        b_do = tl.load(do + row * V + i_v * BV + p_tv, mask=m_tv, other=0.0).to(tl.float32)  # [BT, BV]
+        b_do = tl.load(do + row * V + i_v * BV + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
         b_vn = tl.load(vnew + row * V + i_v * BV + p_tv, mask=m_tv, other=0.0)
         b_dvn = tl.load(dvnew + row * V + i_v * BV + p_tv, mask=m_tv, other=0.0)
+        b_sf = b_s.to(tl.float32)
+        if not NATIVE:
+            b_s, b_ds, b_do, b_vn = b_sf, b_ds.to(tl.float32), b_do.to(tl.float32), b_vn.to(tl.float32)
         b_dqg = tl.dot(b_do, tl.trans(b_s), b_dqg)
-        b_ndw = tl.dot(b_dvn, tl.trans(b_s), b_ndw)
+        b_ndw = tl.dot(b_dvn, tl.trans(b_sf), b_ndw)
         b_dkd = tl.dot(b_vn, tl.trans(b_ds), b_dkd)
-        b_ddl += tl.sum(b_s * b_ds, axis=1)
+        b_ddl += tl.sum(b_sf * b_ds.to(tl.float32), axis=1)
         if i_k == 0:
             b_dA = tl.dot(b_do, tl.trans(b_vn), b_dA)
 
@@ -278,6 +299,7 @@ def kda_state_grad_chain(
     cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor, chunk_bounds: torch.Tensor, *, need_dh0: bool,
     block_v: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
     f32_dots: bool | None = None, mixed: str | None = None, adv: str | None = None,
+    dh_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Reverse walk over each sequence's chunks with dS ``[K, BV]`` fp32 in registers.
 
@@ -293,7 +315,8 @@ def kda_state_grad_chain(
             "tf32" in the walk as one tf32 product).
 
     Returns:
-        dh ``[NC, HV, K, V]`` fp32 (the gradient of each chunk's exit state), dvnew ``[TT, HV, V]`` fp32
+        dh ``[NC, HV, K, V]`` in dh_dtype (None: ``dh_snapshot_dtype``; the gradient of each chunk's exit
+        state), dvnew ``[TT, HV, V]`` fp32
         (of v_new) and dh0 ``[N, HV, K, V]`` fp32 (of the initial state) or None.
     """
     TT, HV, K = st["w"].shape
@@ -318,7 +341,7 @@ def kda_state_grad_chain(
     if chunk_bounds.shape != (max(NC, 1), 2):
         raise ValueError(f"chunk_bounds: expected [NC, 2] = {[max(NC, 1), 2]}, got {list(chunk_bounds.shape)}")
     dev, f32 = do.device, torch.float32
-    dh = torch.empty(NC, HV, K, V, device=dev, dtype=f32)
+    dh = torch.empty(NC, HV, K, V, device=dev, dtype=dh_dtype or dh_snapshot_dtype(st["w"].dtype))
     dvnew = torch.empty(TT, HV, V, device=dev, dtype=f32)
     dh0 = torch.empty(N, HV, K, V, device=dev, dtype=f32) if need_dh0 else None
     do = do.contiguous()
@@ -347,8 +370,9 @@ def kda_state_grad_products(
 
     Args:
         st: the intra stage's dict (shapes read from w ``[TT, HV, K]`` and dl ``[NC, HV, K]``).
-        h: ``[NC, HV, K, V]`` fp32, each chunk's entry state; dh: same shape, each chunk's exit-state
-            gradient (from kda_state_grad_chain); vnew, dvnew: ``[TT, HV, V]`` fp32; do: ``[TT, HV, V]``.
+        h: ``[NC, HV, K, V]`` fp32 or bf16, each chunk's entry state; dh: same shape, each chunk's exit-state
+            gradient (from kda_state_grad_chain), fp32 or bf16; vnew: ``[TT, HV, V]`` fp32 or bf16; dvnew:
+            ``[TT, HV, V]`` fp32; do: ``[TT, HV, V]``.
         chunk_bounds: ``[NC, 2]`` int32 (first token, end token) of each chunk, flattened indices.
 
     Returns:
@@ -364,6 +388,7 @@ def kda_state_grad_products(
             raise ValueError(f"{name}: expected {list(shape)}, got {list(x.shape)}")
     BK = block_k or min(128, next_pow2(K))
     BV = block_v or min(64, next_pow2(V))
+    native = do.element_size() == 2 and h.dtype == dh.dtype == vnew.dtype == do.dtype and not INTERPRET
     dev, f32 = do.device, torch.float32
     out = dict(
         dqg=torch.empty(TT, HV, K, device=dev, dtype=f32),
@@ -377,8 +402,9 @@ def kda_state_grad_products(
     kda_state_grad_products_kernel[(NC, HV, triton.cdiv(K, BK))](
         h.contiguous(), vnew.contiguous(), dh.contiguous(), dvnew.contiguous(), do.contiguous(),
         out["dqg"], out["dw"], out["dkd"], out["dA"], out["ddl"], chunk_bounds,
-        HV=HV, K=K, V=V, BK=BK, BV=BV, BT=BT,
-        num_warps=num_warps, num_stages=num_stages or PRODUCTS_STAGES, **reg_cap(PRODUCTS_MAX_REGISTERS),
+        HV=HV, K=K, V=V, BK=BK, BV=BV, BT=BT, NATIVE=native,
+        num_warps=num_warps, num_stages=num_stages or (PRODUCTS_STAGES if native else PRODUCTS_STAGES_FP32),
+        **reg_cap(PRODUCTS_MAX_REGISTERS),
     )
     return out
 
