@@ -23,6 +23,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(__file__))
 
 from hla.ops.kda.triton.intra import (  # noqa: E402
+    AQK_BF16,
     RECOMPUTE_MAX_REGISTERS,
     SAFE_SPAN,
     SOLVE_INV_PRECISION,
@@ -56,8 +57,9 @@ GATE = dict(HAS_GATE=True, HAS_BIAS=True, HAS_LB=False)
 
 
 def cases():
-    intra_t = dict(q=BF16, k=BF16, g=BF16, A_log=F32, dt_bias=F32, Aqk=F32, w=BF16, qg=BF16, kd=BF16, dl=F32,
-                   Pbuf=F32, exact_flag=I32, gam=F32, inorm=F32, chunk_bounds=I32, scale="fp32", lower_bound="fp32")
+    intra_t = dict(q=BF16, k=BF16, g=BF16, A_log=F32, dt_bias=F32, Aqk=BF16, Apart=F32, w=BF16, qg=BF16, kd=BF16,
+                   dl=F32, Pbuf=F32, exact_flag=I32, gam=F32, inorm=F32, chunk_bounds=I32, scale="fp32",
+                   lower_bound="fp32")
     # the fast launch sets the flags per key block of FBK channels; the exact launch may read them in
     # narrower blocks (launched: fast BK 64 / 4 warps / 3 stages, exact BK 32 / 4 warps / 1 stage)
     for exact, bk, nw, ns in ((False, 64, 4, 3), (False, 64, 4, 2), (False, 64, 4, 1), (False, 32, 4, 1),
@@ -65,7 +67,8 @@ def cases():
                               (True, 64, 8, 1)):
         yield (f"intra {'exact' if exact else 'fast'} BK={bk}", kda_intra_fwd_kernel, intra_t,
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=64 if exact else bk, BT=BT, USE_L2=True, PREC="tf32",
-                    SAFE_SPAN=SAFE_SPAN, EXACT=exact, PAIRS=True, STORE_GAMMA=False, OP=tl.bfloat16, **GATE), nw, ns)
+                    SAFE_SPAN=SAFE_SPAN, EXACT=exact, PAIRS=True, STORE_GAMMA=False, OP=tl.bfloat16,
+                    SPLIT_A=AQK_BF16, **GATE), nw, ns)
     # the backward's recompute with A_qk, P, M saved: per-token tensors, Gamma and the row norms
     # (launched: BK 64 / 4 warps / 168 registers, intra.RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS / RECOMPUTE_MAX_REGISTERS)
     for bk, nw, cap in ((64, 4, RECOMPUTE_MAX_REGISTERS), (32, 4, None), (64, 4, None), (128, 8, None)):
@@ -87,7 +90,7 @@ def cases():
            dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee",
                 INVERT=False, M_PIECES=SOLVE_M_PIECES), 2, SOLVE_STAGES,
            None if SOLVE_M_PIECES else SOLVE_MAX_REGISTERS)
-    rec_t = dict(w=BF16, u=F32, qg=BF16, kd=BF16, dl=F32, Aqk=F32, h0=F32, o=BF16, ht=F32, h=F32, vnew=F32,
+    rec_t = dict(w=BF16, u=F32, qg=BF16, kd=BF16, dl=F32, Aqk=BF16, h0=F32, o=BF16, ht=F32, h=F32, vnew=F32,
                  cu_seqlens=I32, chunk_offsets=I32)
     for bv, split in ((32, True), (32, False), (64, True)):
         yield (f"recurrence BV={bv} split={split}", kda_recurrence_fwd_kernel, rec_t,
@@ -100,9 +103,11 @@ def cases():
     for bv, nw, ns, f32, mixed, adv in ((32, 4, 3, False, "hilo", "launch"), (32, 4, 3, False, "hilo", "mixed"),
                                         (32, 4, 1, True, "tf32", "tf32"), (64, 8, 1, False, "hilo", "tf32"),
                                         (32, 4, 3, False, "bf16", "launch")):
-        # dS snapshots: bf16 for bf16 tiles (recurrence_bwd.SNAPSHOT_DH, the "mixed" rows), fp32 for fp16 / fp32 tiles
-        yield (f"chain BV={bv} {'fp32' if f32 else 'bf16'} dots {mixed} A^T do {adv}",
-               kda_state_grad_chain_kernel, dict(chain_t, dh=BF16 if adv == "mixed" else F32),
+        # dS snapshots and A_qk: bf16 for bf16 tiles (recurrence_bwd.SNAPSHOT_DH, intra.AQK_BF16: the "mixed" rows),
+        # fp32 for fp16 / fp32 tiles
+        bf16_row = adv == "mixed"
+        yield (f"chain BV={bv} {'fp32' if f32 else 'bf16'} dots {mixed} A^T do {adv}", kda_state_grad_chain_kernel,
+               dict(chain_t, dh=BF16 if bf16_row else F32, Aqk=BF16 if bf16_row else F32),
                dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_DHT=True, STORE_DH0=True,
                     NUM_STAGES=ns, F32_DOTS=f32, MIXED=mixed, ADV=adv), nw, ns)
     yield ("chain A^T do launch (adv launch)", kda_chain_adv_kernel,

@@ -10,7 +10,7 @@ import torch
 from hla.ops.kda.reference import kda_reference
 from hla.ops.kda.triton import kda_chunk_triton
 from hla.ops.kda.triton.chunk import _ChunkMeta
-from hla.ops.kda.triton.intra import kda_intra_fwd
+from hla.ops.kda.triton.intra import aqk_dtype, kda_intra_fwd
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from _triton_helpers import rel  # noqa: E402
@@ -124,3 +124,30 @@ def test_intra_span_limit_with_fused_l2norm():
     assert torch.isfinite(st["Aqk"]).all() and torch.isfinite(st["P"]).all()
     assert rel(st["Aqk"], A) < 1e-5
     assert rel(st["P"], P) < 1e-5
+
+
+def test_intra_aqk_stored_in_bf16_for_bf16_values():
+    # bf16 values: A_qk is stored in bf16, the dtype the recurrence multiplies it in. Against the fp32 store of
+    # the same sums (v does not enter them), every entry rounded once, also where the exact launch completes the
+    # fast launch's partial sums (they wait in fp32; the interpreter's fp32 -> bf16 conversion truncates: up to
+    # 2^-7 relative, twice round-to-nearest), over all three tiers.
+    assert aqk_dtype(torch.bfloat16) == torch.bfloat16
+    assert aqk_dtype(torch.float16) == aqk_dtype(torch.float32) == torch.float32
+    torch.manual_seed(2)
+    T, HV, K, V = 170, 2, 128, 16
+    NC, NK = -(-T // BT), -(-K // BK)
+    tiers = torch.arange(NC * HV * NK).view(NC, HV, NK) % 3
+    q = torch.nn.functional.normalize(torch.randn(1, T, HV, K), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(1, T, HV, K), dim=-1)
+    v, beta = torch.randn(1, T, HV, V).bfloat16(), torch.rand(1, T, HV)
+    g = _tiered_gate(T, HV, K, tiers)
+    meta = _ChunkMeta(1, T, None, BT, q.device)
+    sts = [kda_intra_fwd(q[0], k[0], vv[0], g[0], beta[0], meta.chunk_bounds, scale=K**-0.5, A_log=None,
+                         dt_bias=None, lower_bound=None, use_qk_l2norm=False, use_beta_sigmoid=False)
+           for vv in (v, v.float())]
+    assert sts[0]["Aqk"].dtype == torch.bfloat16 and sts[1]["Aqk"].dtype == torch.float32
+    assert torch.equal(sts[0]["exact_flag"].long(), tiers)
+    assert torch.equal(sts[0]["P"], sts[1]["P"])  # P stays fp32
+    a16, a32 = sts[0]["Aqk"].double(), sts[1]["Aqk"].double()
+    assert ((a16 - a32).abs() <= 2.0**-7 * a32.abs() + 1e-37).all()  # (fp32 subnormals: bf16 least normal)
+    assert rel(a16, a32) > 1e-4  # rounded, not an fp32 store

@@ -3,8 +3,9 @@
 Forward, four launches: the intra-chunk stage (intra.py: a fast pass with the gate, l2norm and beta
 fused, an exact pass only for the key blocks it flagged, and the solve for w, u), then the
 recurrence that also writes the output (recurrence.py). Saved for the backward: the inputs and stage
-1's per-chunk matrices A_qk, P and M (three [64, 64] fp32 tiles per chunk and value head: 768 bytes
-per token and head, about 0.75x the bf16 q, k, v, g at K = V = 128), the part of stage 1 that costs
+1's per-chunk matrices A_qk, P and M (three [64, 64] tiles per chunk and value head, P and M in fp32,
+A_qk in bf16 for bf16 inputs: 640 bytes per token and head, about 0.6x the bf16 q, k, v, g at
+K = V = 128; 768 with an fp32 A_qk), the part of stage 1 that costs
 tensor-core pair products, the exact launch and the inverse. The backward recomputes the per-token
 tensors of stage 1 (qg, kd, w, u and, for the intra backward, Gamma in fp32 and the rows' inverse
 norms: larger than the matrices, cheap to form), re-runs the recurrence storing each chunk's entry

@@ -148,6 +148,11 @@ SOLVE_INV_PRECISION = "bf16x3"
 # registers): the backward's recompute 0.445 -> 0.439 ms, intra stage 0.600 -> 0.595 / 0.599, fwd+bwd
 # 4.147 -> 4.144 / 4.149 -> 4.147 (bounded gate), 4.233 -> 4.216 / 4.225 -> 4.220 (Kimi).
 SOLVE_M_PIECES = True
+# A_qk stored in bf16 for bf16 inputs (aqk_dtype): the recurrence rounds it to bf16 for its A_qk v_new product anyway,
+# so the output does not change except where the exact launch adds to the fast launch's partial sums (two roundings
+# instead of one); the forward writes and the recurrence and the chain read half the bytes, and the autograd graph
+# keeps 33.5 MB less at B1 T8192 H32.
+AQK_BF16 = True
 
 
 @triton.jit
@@ -228,13 +233,14 @@ def _within_halves_exact(b_aqk, b_p, b_q, b_k, b_G, o_t, BT: tl.constexpr, BK: t
 
 @triton.jit
 def kda_intra_fwd_kernel(
-    q, k, g, A_log, dt_bias, Aqk, w, qg, kd, dl, Pbuf, exact_flag, gam, inorm, chunk_bounds,
+    q, k, g, A_log, dt_bias, Aqk, Apart, w, qg, kd, dl, Pbuf, exact_flag, gam, inorm, chunk_bounds,
     scale, lower_bound,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
     BK: tl.constexpr, FBK: tl.constexpr, BT: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LB: tl.constexpr,
     USE_L2: tl.constexpr, PREC: tl.constexpr, SAFE_SPAN: tl.constexpr, EXACT: tl.constexpr,
     PAIRS: tl.constexpr = True, STORE_GAMMA: tl.constexpr = False, OP: tl.constexpr = tl.bfloat16,
+    SPLIT_A: tl.constexpr = False,
 ):
     """EXACT=False: everything, with the one-anchor product where the span allows, flagging the key
     blocks (of FBK = BK channels) where it did not. EXACT=True (second launch, BK <= FBK): the
@@ -244,7 +250,9 @@ def kda_intra_fwd_kernel(
     K] fp32) and the rows' inverse norms 1 / |q|, 1 / |k| ([TT, HV, 2] fp32), which the intra backward
     reads row by row. OP: the pair products' operand dtype (bf16 for 16-bit inputs: the factors reach
     exp(SAFE_SPAN), past fp16's 65504; fp32 inputs, and the interpreter, whose bf16 products
-    overflowed at the same place, keep fp32)."""
+    overflowed at the same place, keep fp32). SPLIT_A (A_qk stored in bf16): a chunk-head with a flagged key
+    block parks its fp32 partial A_qk in Apart (same layout) for the exact launch, which adds to it and
+    stores the bf16 sum, so every A_qk entry is rounded once."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     NK: tl.constexpr = (K + FBK - 1) // FBK
     if EXACT:
@@ -286,6 +294,7 @@ def kda_intra_fwd_kernel(
     b_aqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_p = tl.zeros([BT, BT], dtype=tl.float32)
     f_base = exact_flag + (i_c * HV + i_hv) * NK
+    n_flagged = tl.full([], 0, tl.int32)
     for i_k in range(0, K, BK):
         o_k = i_k + tl.arange(0, BK)
         m_k = o_k < K
@@ -340,16 +349,29 @@ def kda_intra_fwd_kernel(
                     flag = 0
                 else:
                     flag = 1  # left to the exact launch
+                n_flagged += flag
                 tl.store(f_base + i_k // FBK + tl.arange(0, 1), tl.full([1], 0, tl.int32) + flag)
     if not PAIRS:
         return
     p_a = a_base + o_t[:, None] * SA + o_t[None, :]
     p_p = Pbuf + s_base + o_t[:, None] * BT + o_t[None, :]
+    p_ap = (Apart + (bos * HV + i_hv) * BT) + o_t[:, None] * SA + o_t[None, :]
     if EXACT:
-        # read-modify-write: the fast launch (earlier on the stream) stored its partial sums here
-        b_aqk += tl.load(p_a, mask=m_t[:, None], other=0.0)
+        # read-modify-write: the fast launch (earlier on the stream) stored its partial sums here (A_qk's in
+        # Apart when A_qk is stored in bf16)
+        if SPLIT_A:
+            b_aqk += tl.load(p_ap, mask=m_t[:, None], other=0.0)
+        else:
+            b_aqk += tl.load(p_a, mask=m_t[:, None], other=0.0)
         b_p += tl.load(p_p)
-    tl.store(p_a, b_aqk, mask=m_t[:, None])
+        tl.store(p_a, b_aqk.to(Aqk.dtype.element_ty), mask=m_t[:, None])
+    elif SPLIT_A:
+        if n_flagged > 0:
+            tl.store(p_ap, b_aqk, mask=m_t[:, None])  # fp32, completed and rounded by the exact launch
+        else:
+            tl.store(p_a, b_aqk.to(Aqk.dtype.element_ty), mask=m_t[:, None])
+    else:
+        tl.store(p_a, b_aqk.to(Aqk.dtype.element_ty), mask=m_t[:, None])
     tl.store(p_p, b_p)
 
 
@@ -450,6 +472,13 @@ def kda_intra_solve_kernel(
         tl.store(p_w, b_wx.to(w.dtype.element_ty), mask=m)
 
 
+def aqk_dtype(tile_dtype: torch.dtype) -> torch.dtype:
+    """A_qk's storage dtype for value tiles (w, qg, kd) of this dtype: bf16 for bf16 tiles when AQK_BF16, the
+    dtype the recurrence multiplies A_qk v_new in (so the stored copy is the one the output used, and the chain's
+    A_qk^T do the gradient of that), fp32 otherwise."""
+    return torch.bfloat16 if AQK_BF16 and tile_dtype == torch.bfloat16 else torch.float32
+
+
 def pair_operand_dtype(dtype: torch.dtype):
     """The pair products' operand dtype for inputs of this dtype: bf16 for 16-bit inputs (the factors
     reach exp(SAFE_SPAN), 5.5e34, past fp16's 65504: fp16 operands gave inf outputs on the H200), fp32
@@ -483,8 +512,8 @@ def kda_intra_fwd(
     store_gamma: bool = False,
 ) -> dict[str, torch.Tensor]:
     """q, k ``[TT, H, K]``, v ``[TT, HV, V]``, g ``[TT, HV, K]`` (raw when A_log), beta ``[TT, HV]``
-    (flattened tokens), chunk_bounds int32 ``[NC, 2]`` -> dict: Aqk ``[TT, HV, 64]`` fp32 (zero above
-    the diagonal), w / qg / kd ``[TT, HV, K]`` in v.dtype, u ``[TT, HV, V]`` fp32, dl ``[NC, HV, K]``
+    (flattened tokens), chunk_bounds int32 ``[NC, 2]`` -> dict: Aqk ``[TT, HV, 64]`` (zero above the
+    diagonal; bf16 for bf16 v, else fp32: ``aqk_dtype``), w / qg / kd ``[TT, HV, K]`` in v.dtype, u ``[TT, HV, V]`` fp32, dl ``[NC, HV, K]``
     fp32, and per chunk-head P (the unscaled strictly-lower key-key products) and M = (I + diag(beta)
     P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them), and exact_flag ``[NC, HV,
     cdiv(K, block_k)]`` int32 per key block: 0 fast pass, 1 level-16 + quarter anchors, 2 six levels.
@@ -507,7 +536,7 @@ def kda_intra_fwd(
     dev, f32 = q.device, torch.float32
     pairs = saved is None  # else A_qk, P, M come from the forward
     if pairs:
-        mats = dict(Aqk=torch.empty(TT, HV, 64, device=dev, dtype=f32),
+        mats = dict(Aqk=torch.empty(TT, HV, 64, device=dev, dtype=aqk_dtype(v.dtype)),
                     P=torch.empty(NC, HV, 64, 64, device=dev, dtype=f32),
                     M=torch.empty(NC, HV, 64, 64, device=dev, dtype=f32))
     else:
@@ -536,19 +565,22 @@ def kda_intra_fwd(
     half_inputs = q.dtype != torch.float32
     # the flags are neither written nor read without the pair products
     flag = torch.empty(NC, HV, triton.cdiv(K, BK) if pairs else 1, device=dev, dtype=torch.int32)
+    # A_qk in bf16: the fast launch's fp32 partial sums of flagged chunk-heads wait in a scratch for the exact launch
+    split_a = pairs and mats["Aqk"].dtype != f32
+    apart = torch.empty(TT, HV, 64, device=dev, dtype=f32) if split_a else flag
     # the exact launch may use narrower key blocks than the flags' (fewer spills, see the docstring)
     launches = [(False, BK, num_warps)] + ([(True, min(exact_block_k, BK), exact_warps)] if pairs else [])
     for exact, bk, nw in launches:
         kda_intra_fwd_kernel[(NC, HV)](
             q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
-            out["Aqk"], out["w"], out["qg"], out["kd"], out["dl"], out["P"], flag,
+            out["Aqk"], apart, out["w"], out["qg"], out["kd"], out["dl"], out["P"], flag,
             out.get("gam", flag), out.get("inorm", flag), chunk_bounds,
             float(scale), float(lower_bound) if lower_bound is not None else 0.0,
             H=H, HV=HV, K=K, BK=bk, FBK=BK, BT=64,
             HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None, HAS_LB=has_gate and lower_bound is not None,
             USE_L2=use_qk_l2norm, PREC="ieee" if INTERPRET else "tf32",
             SAFE_SPAN=span_limit, EXACT=exact, PAIRS=pairs,
-            STORE_GAMMA=store_gamma and not exact, OP=pair_operand_dtype(q.dtype),
+            STORE_GAMMA=store_gamma and not exact, OP=pair_operand_dtype(q.dtype), SPLIT_A=split_a,
             num_warps=nw, num_stages=(EXACT_STAGES if exact else FAST_STAGES) if pairs else RECOMPUTE_STAGES,
             **reg_cap(None if exact or not half_inputs else FAST_MAX_REGISTERS if pairs else RECOMPUTE_MAX_REGISTERS),
         )

@@ -9,8 +9,9 @@ Per chunk c (S = the state at chunk entry, fp32 ``[K, V]``; dS = the gradient of
 
 Only ``dv_new`` and the state update sit on the reverse dependency chain, so the chain kernel keeps
 just dS ``[K, BV]`` in registers and writes dS per chunk; A_qk^T do and qg^T do do not depend on dS:
-their loads come first in the loop body. A_qk^T do is, for bf16 tiles, two bf16 products of A_qk's hi + lo
-halves in the walk (CHAIN_ADV); for fp16 tiles a parallel launch (``kda_chain_adv_kernel``) writes it into
+their loads come first in the loop body. A_qk^T do is, for bf16 tiles, one bf16 product in the walk of the
+bf16 A_qk the forward stored (intra.AQK_BF16; with an fp32 A_qk two bf16 products of its hi + lo halves,
+CHAIN_ADV); for fp16 tiles a parallel launch (``kda_chain_adv_kernel``) writes it into
 dv_new's buffer before the walk; fp32 tiles and K > 128 take one tf32 product in the walk. Every other
 product needs dS and S of one chunk only: one program per (chunk, value head) sums them over all value
 blocks in registers and writes each gradient once, instead of one partial per value block
@@ -58,6 +59,7 @@ PRODUCTS_STAGES_FP32 = 2
 # to the "launch" chain (its tf32 product), against 4.5e-4 for an all-tf32 chain. Sessions 5-6 saw every bf16
 # walk with a *tf32* A_qk^T do fault (see _chain_launch); with the hi + lo form compute-sanitizer ran clean (fwd+bwd
 # with varlen and an initial state, D128) and the check and timing runs (hundreds of launches) did not fault.
+# Since session 14 bf16 inputs store A_qk in bf16 (intra.AQK_BF16): "mixed" is then one bf16 product.
 CHAIN_ADV = "mixed"
 # The dS snapshot per chunk (dh, read once by the products: dkd = v_new dS^T, ddl = sum_v h dS) for bf16 tiles:
 # "bf16" rounded to it (FLA 0.6.0 stores its dh in bf16 too), "fp32" as the walk holds it. The walk itself
@@ -121,6 +123,7 @@ def kda_chain_adv_kernel(Aqk, do, adv, chunk_bounds, HV: tl.constexpr, V: tl.con
     row = bos.to(tl.int64) * HV + i_hv
     p_tv = o_i[:, None] * (HV * V) + o_v[None, :]
     b_A = tl.load(Aqk + row * BT + o_i[:, None] * (HV * BT) + o_i[None, :], mask=m_t[:, None], other=0.0)
+    b_A = b_A.to(tl.float32)
     b_do = tl.load(do + row * V + p_tv, mask=m_tv, other=0.0).to(tl.float32)
     tl.store(adv + row * V + p_tv, tl.dot(tl.trans(b_A), b_do), mask=m_tv)
 
@@ -176,13 +179,14 @@ def kda_state_grad_chain_kernel(
         if ADV == "launch":
             b_adv = tl.load(dvnew + row * V + p_tv, mask=m_tv, other=0.0)
         elif ADV == "mixed":
-            # A^T loaded transposed ([BT, BT] fp32), then as MIXED meets the bf16 do: with "hilo" two bf16
-            # products, so the walk has no tf32 product beside its bf16 ones (that pair faulted, _chain_launch)
+            # A^T loaded transposed ([BT, BT]); stored in bf16 for bf16 inputs (intra.aqk_dtype): one bf16 product
+            # with do. An fp32 A_qk meets the bf16 do as MIXED says: with "hilo" two bf16 products, so the walk
+            # has no tf32 product beside its bf16 ones (that pair faulted, _chain_launch)
             b_At = tl.load(Aqk + row * BT + tl.trans(p_tt), mask=m_t[None, :], other=0.0)
             b_adv = _dot_mixed(b_At, b_do, tl.zeros([BT, BV], dtype=tl.float32), F32_DOTS, MIXED)
         else:
             # A^T do in tf32: splitting A as well costs spills (164 B at BV = 64) for an off-chain term.
-            b_A = tl.load(Aqk + row * BT + p_tt, mask=m_t[:, None], other=0.0)  # [BT, BT] fp32
+            b_A = tl.load(Aqk + row * BT + p_tt, mask=m_t[:, None], other=0.0).to(tl.float32)  # [BT, BT]
             b_adv = tl.dot(tl.trans(b_A), b_do.to(tl.float32))  # [BT, BV]
         b_acc = _dot_mixed(b_qgt, b_do, tl.zeros([BK, BV], dtype=tl.float32), F32_DOTS, MIXED)  # qg^T do
         # The chain.
