@@ -28,6 +28,19 @@ def _tiered_gate(T: int, HV: int, K: int, tiers: torch.Tensor) -> torch.Tensor:
     return -(lo[t] + width[t] * torch.rand(T, HV, K))[None]
 
 
+def _tiered_inputs(seed: int, T: int, HV: int, K: int, V: int):
+    """Row-normalised q, k [1, T, HV, K], v [1, T, HV, V], beta [1, T, HV], the gate of ``_tiered_gate`` over
+    chunk c, head h, key block b in tier (c * HV * NK + h * NK + b) % 3, those tiers and the chunks' meta."""
+    torch.manual_seed(seed)
+    NC, NK = -(-T // BT), -(-K // BK)
+    tiers = torch.arange(NC * HV * NK).view(NC, HV, NK) % 3
+    q = torch.nn.functional.normalize(torch.randn(1, T, HV, K), dim=-1)
+    k = torch.nn.functional.normalize(torch.randn(1, T, HV, K), dim=-1)
+    v, beta = torch.randn(1, T, HV, V), torch.rand(1, T, HV)
+    g = _tiered_gate(T, HV, K, tiers)
+    return q, k, v, beta, g, tiers, _ChunkMeta(1, T, None, BT, q.device)
+
+
 def _pair_sums_f64(q, k, g, scale, T):
     """Per chunk: A_qk [T, HV, BT] (j <= i, scaled) and P [NC, HV, BT, BT] (j < i), float64."""
     NC = -(-T // BT)
@@ -51,19 +64,11 @@ def _pair_sums_f64(q, k, g, scale, T):
 def test_intra_tiers_per_key_block_match_float64(K):
     # 3 chunks (the last partial), 2 flag blocks of 64 channels (the second partial at K = 96), read
     # by the exact launch in blocks of 32
-    torch.manual_seed(0)
     T, HV, V = 170, 2, 16
-    NC, NK = -(-T // BT), -(-K // BK)
-    tiers = torch.arange(NC * HV * NK).view(NC, HV, NK) % 3
-    q = torch.nn.functional.normalize(torch.randn(1, T, HV, K), dim=-1)
-    k = torch.nn.functional.normalize(torch.randn(1, T, HV, K), dim=-1)
-    v = torch.randn(1, T, HV, V)
-    beta = torch.rand(1, T, HV)
-    g = _tiered_gate(T, HV, K, tiers)
+    q, k, v, beta, g, tiers, meta = _tiered_inputs(0, T, HV, K, V)
     h0 = torch.randn(1, HV, K, V) * 0.5
     scale = K**-0.5
 
-    meta = _ChunkMeta(1, T, None, BT, q.device)
     st = kda_intra_fwd(q[0], k[0], v[0], g[0], beta[0], meta.chunk_bounds, scale=scale, A_log=None, dt_bias=None,
                        lower_bound=None, use_qk_l2norm=False, use_beta_sigmoid=False)
     # after both launches the flag says which tier produced each key block's pairs
@@ -108,15 +113,8 @@ def test_intra_span_limit_with_fused_l2norm():
     raw-input 40: the gate above moves tier 1 (16-row spans ~50: masked-out products up to exp(100),
     past fp32's range, dropped by the select) to the fast pass and tier 2 (8-row spans ~70) to the
     quarter anchors, and the pair sums still match float64."""
-    torch.manual_seed(1)
-    T, HV, K, V = 170, 2, 128, 16
-    NC, NK = -(-T // BT), -(-K // BK)
-    tiers = torch.arange(NC * HV * NK).view(NC, HV, NK) % 3
-    q = torch.nn.functional.normalize(torch.randn(1, T, HV, K), dim=-1)
-    k = torch.nn.functional.normalize(torch.randn(1, T, HV, K), dim=-1)
-    v, beta = torch.randn(1, T, HV, V), torch.rand(1, T, HV)
-    g = _tiered_gate(T, HV, K, tiers)
-    meta = _ChunkMeta(1, T, None, BT, q.device)
+    T, K = 170, 128
+    q, k, v, beta, g, tiers, meta = _tiered_inputs(1, T, 2, K, 16)
     st = kda_intra_fwd(q[0], k[0], v[0], g[0], beta[0], meta.chunk_bounds, scale=K**-0.5, A_log=None, dt_bias=None,
                        lower_bound=None, use_qk_l2norm=True, use_beta_sigmoid=False)
     assert torch.equal(st["exact_flag"].long(), (tiers == 2).long())
@@ -133,15 +131,9 @@ def test_intra_aqk_stored_in_bf16_for_bf16_values():
     # 2^-7 relative, twice round-to-nearest), over all three tiers.
     assert aqk_dtype(torch.bfloat16) == torch.bfloat16
     assert aqk_dtype(torch.float16) == aqk_dtype(torch.float32) == torch.float32
-    torch.manual_seed(2)
-    T, HV, K, V = 170, 2, 128, 16
-    NC, NK = -(-T // BT), -(-K // BK)
-    tiers = torch.arange(NC * HV * NK).view(NC, HV, NK) % 3
-    q = torch.nn.functional.normalize(torch.randn(1, T, HV, K), dim=-1)
-    k = torch.nn.functional.normalize(torch.randn(1, T, HV, K), dim=-1)
-    v, beta = torch.randn(1, T, HV, V).bfloat16(), torch.rand(1, T, HV)
-    g = _tiered_gate(T, HV, K, tiers)
-    meta = _ChunkMeta(1, T, None, BT, q.device)
+    K = 128
+    q, k, v, beta, g, tiers, meta = _tiered_inputs(2, 170, 2, K, 16)
+    v = v.bfloat16()
     sts = [kda_intra_fwd(q[0], k[0], vv[0], g[0], beta[0], meta.chunk_bounds, scale=K**-0.5, A_log=None,
                          dt_bias=None, lower_bound=None, use_qk_l2norm=False, use_beta_sigmoid=False)
            for vv in (v, v.float())]
