@@ -149,9 +149,11 @@ SOLVE_INV_PRECISION = "bf16x3"
 # 4.147 -> 4.144 / 4.149 -> 4.147 (bounded gate), 4.233 -> 4.216 / 4.225 -> 4.220 (Kimi).
 SOLVE_M_PIECES = True
 # A_qk stored in bf16 for bf16 inputs (aqk_dtype): the recurrence rounds it to bf16 for its A_qk v_new product anyway,
-# so the output does not change except where the exact launch adds to the fast launch's partial sums (two roundings
-# instead of one); the forward writes and the recurrence and the chain read half the bytes, and the autograd graph
-# keeps 33.5 MB less at B1 T8192 H32.
+# so the output does not change (where the exact launch completes a chunk-head's A_qk, the fast launch's fp32 partial
+# waits in a scratch: every entry is rounded once); the forward writes and the recurrence and the chain read half
+# the bytes, the chain's A_qk^T do is one bf16 product, and the autograd graph keeps 33.5 MB less at B1 T8192 H32.
+# Session 14 (H200, B1 T8192 H32 D128, two same-run pairs): fwd 0.813 / 0.815 -> 0.808 / 0.810 ms (bounded gate),
+# 0.868 / 0.869 -> 0.861 / 0.864 (Kimi); fwd+bwd 3.509 / 3.509 -> 3.464 / 3.467, 3.580 / 3.584 -> 3.537 / 3.543.
 AQK_BF16 = True
 
 
@@ -513,8 +515,8 @@ def kda_intra_fwd(
 ) -> dict[str, torch.Tensor]:
     """q, k ``[TT, H, K]``, v ``[TT, HV, V]``, g ``[TT, HV, K]`` (raw when A_log), beta ``[TT, HV]``
     (flattened tokens), chunk_bounds int32 ``[NC, 2]`` -> dict: Aqk ``[TT, HV, 64]`` (zero above the
-    diagonal; bf16 for bf16 v, else fp32: ``aqk_dtype``), w / qg / kd ``[TT, HV, K]`` in v.dtype, u ``[TT, HV, V]`` fp32, dl ``[NC, HV, K]``
-    fp32, and per chunk-head P (the unscaled strictly-lower key-key products) and M = (I + diag(beta)
+    diagonal; bf16 for bf16 v, else fp32: ``aqk_dtype``), w / qg / kd ``[TT, HV, K]`` in v.dtype, u
+    ``[TT, HV, V]`` fp32, dl ``[NC, HV, K]`` fp32, and per chunk-head P (the unscaled strictly-lower key-key products) and M = (I + diag(beta)
     P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them), and exact_flag ``[NC, HV,
     cdiv(K, block_k)]`` int32 per key block: 0 fast pass, 1 level-16 + quarter anchors, 2 six levels.
     block_k / num_warps: the first launch's key-block width and warps (None: FAST_BLOCK_K / FAST_WARPS

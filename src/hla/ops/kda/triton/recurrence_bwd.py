@@ -23,8 +23,9 @@ dv_new are bf16 hi + lo halves (two bf16 tensor-core products, ~16 mantissa bits
 FLA 0.6.0 rounds dS to bf16); fp32 inputs multiply in tf32. The chain carries dS in fp32 and writes
 it per chunk as a bf16 snapshot for bf16 inputs (SNAPSHOT_DH); with the forward's bf16 h and v_new
 snapshots (recurrence.py) the products kernel multiplies them with do in bf16, fp32 accumulation
-(dw's product, with the fp32 dv_new, in tf32); other inputs keep fp32 snapshots and tf32 products. ``_chain_launch`` gives the launch and its history; register and
-spill rows: benchmarks/kda_prefill_regs.py --only chain.
+(dw's product, with the fp32 dv_new, in tf32); other inputs keep fp32 snapshots and tf32 products.
+``_chain_launch`` gives the launch and its history; register and spill rows:
+benchmarks/kda_prefill_regs.py --only chain,products.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ PRODUCTS_STAGES_FP32 = 2
 CHAIN_ADV = "mixed"
 # The dS snapshot per chunk (dh, read once by the products: dkd = v_new dS^T, ddl = sum_v h dS) for bf16 tiles:
 # "bf16" rounded to it (FLA 0.6.0 stores its dh in bf16 too), "fp32" as the walk holds it. The walk itself
-# carries dS in fp32 either way.
+# carries dS in fp32 either way. Session 14 (H200, B1 T8192 H32 D128, fwd+bwd bounded gate, two runs): all three
+# snapshots (h, v_new, dS) fp32 3.660 / 3.648 ms, bf16 3.564 / 3.550 (3.528 / 3.512 with PRODUCTS_STAGES 3); B4
+# 14.36 -> 13.94; dq / dk / dg against float64 +0.3-0.6e-3 (check_kda_gpu.py passes).
 SNAPSHOT_DH = "bf16"
 
 
@@ -320,8 +323,8 @@ def kda_state_grad_chain(
 
     Returns:
         dh ``[NC, HV, K, V]`` in dh_dtype (None: ``dh_snapshot_dtype``; the gradient of each chunk's exit
-        state), dvnew ``[TT, HV, V]`` fp32
-        (of v_new) and dh0 ``[N, HV, K, V]`` fp32 (of the initial state) or None.
+        state), dvnew ``[TT, HV, V]`` fp32 (of v_new) and dh0 ``[N, HV, K, V]`` fp32 (of the initial state)
+        or None.
     """
     TT, HV, K = st["w"].shape
     V = do.shape[-1]
