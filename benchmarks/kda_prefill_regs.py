@@ -131,12 +131,14 @@ def cases():
     block_t = dict(q=BF16, k=BF16, gam=F32, inorm=F32, beta=BF16, dx=F32, dP=F32, dqg=F32, dkd=F32,
                    dA=F32, dq=F32, dk=F32, dgam=F32, dbeta=F32, dkk_part=F32, chunk_bounds=I32, scale="fp32")
     # launched: BK 128 / 4 warps / uncapped / 3 stages (intra_bwd.BLOCK_K, NUM_WARPS, MAX_REGISTERS, BLOCK_STAGES; every
-    # row here at those stages), in-block products in intra_bwd.IN_BLOCK_PRECISION (bf16x3); the rest are the session
-    # 12 sweep's shapes and precisions
+    # row here at those stages), cross-block products in intra_bwd.BLOCK_PRECISION (bf16x3 since session 14, the last
+    # row; tf32 before), in-block products in intra_bwd.IN_BLOCK_PRECISION (bf16x3); the rest are the session 12
+    # sweep's shapes and precisions
     for bk, nw, prec, cap, inp in ((128, 4, "tf32", None, "bf16x3"), (128, 8, "tf32", 128, "bf16x3"),
                                    (128, 8, "tf32", None, "bf16x3"), (128, 4, "tf32", 224, "bf16x3"),
                                    (128, 4, "tf32", 168, "bf16x3"), (128, 4, "tf32", None, "tf32x3"),
-                                   (64, 4, "tf32", None, "bf16x3"), (64, 2, "tf32", None, "bf16x3")):
+                                   (64, 4, "tf32", None, "bf16x3"), (64, 2, "tf32", None, "bf16x3"),
+                                   (128, 4, "tf32x3", None, "bf16x3"), (128, 4, "bf16x3", None, "bf16x3")):
         yield (f"intra_bwd block BK={bk} warps {nw} {prec} in-block {inp} cap {cap}", kda_intra_bwd_block_kernel,
                block_t, dict(H=HV, HV=HV, K=K, BK=bk, BT=BT, USE_L2=True, USE_SIGMOID=True, PREC=prec,
                              IN_SPAN=IN_BLOCK_SPAN, IN_PREC=inp), nw, BLOCK_STAGES, cap)

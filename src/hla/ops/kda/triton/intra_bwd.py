@@ -26,9 +26,11 @@ dGamma = x dx - y dy. dGamma then goes through the in-chunk cumsum (a reverse cu
 l2norm and the beta sigmoid, all fused. dq and dk are written per value head; the caller sums
 grouped heads.
 
-All products take fp32 operands (tf32 on the GPU). dGamma = x dx - y dy is a difference of terms
-larger than itself: with bf16 operands the H200 check gave dg errors of 2e-2 and 4e-1 at T=1024
-(session 2's exponent-split launch), against 3e-3 and 4e-4 with fp32 operands.
+All products take fp32 operands: tf32 on the GPU in the dA_kk launch, bf16x3 (each operand as bf16 hi + lo,
+three bf16 products, ~16 mantissa bits) for the block launch's pair sums (BLOCK_PRECISION, IN_BLOCK_PRECISION).
+dGamma = x dx - y dy is a difference of terms larger than itself: with bf16 operands the H200 check gave dg
+errors of 2e-2 and 4e-1 at T=1024 (session 2's exponent-split launch), against 3e-3 and 4e-4 with fp32
+operands; and dA_log / ddt_bias sum dGamma over every token with cancellation on top (see BLOCK_PRECISION).
 """
 
 from __future__ import annotations
@@ -66,7 +68,15 @@ DKK_MAX_REGISTERS = None
 # 0.311 / 0.312 ms, at 3 stages 0.456 / 0.457; at 2 stages, 4 warps 0.457 / 0.454, BK 64 0.325 / 0.325, BK 16
 # 0.372 / 0.370.
 DKK_STAGES = 2
-BLOCK_PRECISION = "tf32"
+# The block launch's pairs with the other 16-row blocks (``_other_rows``). Session 14 (H200): with "tf32" the
+# summed gate gradients failed on very negative gates, six fresh draws of check_kda_gpu.py's T2048 veryneg case:
+# dA_log 1.6e-2 / 3.4e-2 / 5.0e-3 / 2.4e-3 / 5.8e-2 / 6.2e-2, ddt_bias up to 1.4e-2 (limit 1e-2; every per-token
+# gradient <= 4.9e-3); "bf16x3" 9.0e-4 / 1.9e-2 / 2.0e-3 / 6.7e-4 / 2.0e-3 / 5.1e-3, ddt_bias <= 2.8e-3 ("tf32x3"
+# the same to two digits). Over those draws of the check's five backward cases 10 values failed with tf32, 5 with
+# bf16x3 (the others are the state path's, see results/kda_kernels.md). Cost, fwd+bwd B1 T8192 H32 D128, two runs:
+# bounded gate 3.492 / 3.495 -> 3.528 / 3.527 ms (tf32x3 3.585 / 3.593), Kimi 3.568 / 3.568 -> 3.604 / 3.599, B4
+# 13.72 / 13.75 -> 13.89 / 13.86 (tf32x3 14.10); offline 292 B of spills against 192 (tf32x3 324).
+BLOCK_PRECISION = "bf16x3"
 # The in-block pairs as anchored products where max |Gamma_i - Gamma_anchor| over the 16-row block and
 # key block is <= IN_BLOCK_SPAN, else 16 CUDA-core steps (tests set -1 to force the steps). Unlike the
 # forward's half-anchor products, masked pairs here multiply zeros of dA_qk / dP loaded as such, so no
