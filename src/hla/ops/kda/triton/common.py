@@ -24,9 +24,10 @@ def reg_cap(max_registers: int | None) -> dict:
 def refuse_one_stage_16bit(num_stages: int, K: int, tile_bytes: int, walk: str) -> None:
     """Refuse a chunk walk (the recurrence, its states launch, the chain) at one software-pipeline stage with
     16-bit tiles and K <= 128: on the H200 under Triton 3.6 the recurrence's output product then read shared memory
-    out of bounds (compute-sanitizer, session 11: BV 16 and 32 at 4 warps, T 512 to 8192), and the states launch and the chain hit illegal addresses at B1
-    T8192 H32 (session 13). The launchers' defaults never pick it (fp32 tiles at one stage ran clean). Refused
-    under the interpreter too (it ignores stages), so the CPU tests see the refusal."""
+    out of bounds (compute-sanitizer, session 11: BV 16 and 32 at 4 warps, T 512 to 8192), and the states launch and
+    the chain hit illegal addresses at B1 T8192 H32 (session 13). The launchers' defaults never pick it (fp32 tiles
+    at one stage ran clean). Refused under the interpreter too (it ignores stages), so the CPU tests see the
+    refusal."""
     if num_stages == 1 and K <= 128 and tile_bytes == 2:
         raise ValueError(f"num_stages: 1 faults for the {walk} with 16-bit tiles (K <= 128); use 2 or 3")
 

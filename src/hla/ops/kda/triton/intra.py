@@ -516,9 +516,10 @@ def kda_intra_fwd(
     """q, k ``[TT, H, K]``, v ``[TT, HV, V]``, g ``[TT, HV, K]`` (raw when A_log), beta ``[TT, HV]``
     (flattened tokens), chunk_bounds int32 ``[NC, 2]`` -> dict: Aqk ``[TT, HV, 64]`` (zero above the
     diagonal; bf16 for bf16 v, else fp32: ``aqk_dtype``), w / qg / kd ``[TT, HV, K]`` in v.dtype, u
-    ``[TT, HV, V]`` fp32, dl ``[NC, HV, K]`` fp32, and per chunk-head P (the unscaled strictly-lower key-key products) and M = (I + diag(beta)
-    P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads them), and exact_flag ``[NC, HV,
-    cdiv(K, block_k)]`` int32 per key block: 0 fast pass, 1 level-16 + quarter anchors, 2 six levels.
+    ``[TT, HV, V]`` fp32, dl ``[NC, HV, K]`` fp32, and per chunk-head P (the unscaled strictly-lower
+    key-key products) and M = (I + diag(beta) P)^-1, both ``[NC, HV, 64, 64]`` fp32 (the backward reads
+    them), and exact_flag ``[NC, HV, cdiv(K, block_k)]`` int32 per key block: 0 fast pass, 1 level-16 +
+    quarter anchors, 2 six levels.
     block_k / num_warps: the first launch's key-block width and warps (None: FAST_BLOCK_K / FAST_WARPS
     with the pair products, RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS without); the solve's key blocks: block_k
     (None: 64). exact_block_k / exact_warps: the exact launch's key-block width (<= block_k) and warps

@@ -153,10 +153,10 @@ def kda_recurrence_fwd(
     vnew = torch.empty(TT, HV, V, device=dev, dtype=vnew_dtype or vnew_default) if store_h else None
     dummy = st["u"]
     if num_stages is None:
-        # Each pipeline stage holds one chunk's w, kd, qg [64, K], u [64, BV] and A_qk [64, 64]: 72 KB
-        # for bf16 at K=128, BV=32 (3 stages measured at 213 KB of the 227 KB of an sm_90 SM). fp32
-        # inputs or K=256 fit one stage only.
-        per_stage = 64 * (3 * K * st["w"].element_size() + 4 * BV + 4 * 64)
+        # Each pipeline stage holds one chunk's w, kd, qg [64, K], u [64, BV] fp32 and A_qk [64, 64]: 64 KB
+        # for bf16 at K=128, BV=32 with the bf16 A_qk (3 stages measured at 197 KB of the 227 KB of an sm_90
+        # SM; 213 KB with an fp32 A_qk). fp32 inputs or K=256 fit one stage only.
+        per_stage = 64 * (3 * K * st["w"].element_size() + 4 * BV + 64 * st["Aqk"].element_size())
         num_stages = max(1, min(3, (220 * 1024) // per_stage))
     refuse_one_stage_16bit(num_stages, K, st["w"].element_size(), "recurrence")
     kda_recurrence_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
