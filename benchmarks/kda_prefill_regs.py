@@ -3,6 +3,8 @@ without a GPU (triton.compile + the ptxas bundled with triton, through kda_regs.
 
     PYTHONPATH=src python3 benchmarks/kda_prefill_regs.py [--only intra,solve,recurrence,chain,products,intra_bwd]
 
+'recurrence wgmma' rows: the Gluon walk of recurrence_wgmma.py (TMA descriptor arguments, one warpgroup).
+
 intra_bwd rows: the backward's two launches, 'dkk' (passes A, B up to dA_kk) and 'pair' (pair sums,
 dg, l2norm backward).
 
@@ -17,6 +19,7 @@ import argparse
 import os
 import sys
 
+import torch
 import triton.language as tl
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -49,7 +52,8 @@ from hla.ops.kda.triton.recurrence_bwd import (  # noqa: E402
     kda_state_grad_chain_kernel,
     kda_state_grad_products_kernel,
 )
-from kda_regs import blocks_per_sm, compile_report  # noqa: E402
+from hla.ops.kda.triton.recurrence_wgmma import WALK_SLOTS, kda_walk_wgmma_kernel  # noqa: E402
+from kda_regs import blocks_per_sm, compile_report, tma_type  # noqa: E402
 
 HV, K, V, BT = 32, 128, 128, 64
 F32, BF16, I32 = "*fp32", "*bf16", "*i32"
@@ -96,6 +100,19 @@ def cases():
         yield (f"recurrence BV={bv} split={split}", kda_recurrence_fwd_kernel, rec_t,
                dict(HV=HV, K=K, V=V, BK=K, BV=bv, BT=BT, HAS_H0=False, STORE_FINAL=False, STORE_H=False,
                     WRITE_O=True, SPLIT=split, NUM_STAGES=3), 4, 3)
+    # the Gluon walk takes TMA descriptors of [TT, HV * D] views (TT = 8192 tokens)
+    bf, f32 = torch.bfloat16, torch.float32
+    walk_t = dict(w_desc=tma_type((8192, HV * K), [BT, K], bf), kd_desc=tma_type((8192, HV * K), [BT, K], bf),
+                  qg_desc=tma_type((8192, HV * K), [BT, K], bf), a_desc=tma_type((8192, HV * BT), [BT, BT], bf),
+                  u_desc=tma_type((8192, HV * V), [BT, 64], f32), dl=F32, h0=F32, o=BF16, ht=F32, h=BF16, vnew=BF16,
+                  cu_seqlens=I32, chunk_offsets=I32)
+    for slots in sorted({WALK_SLOTS, 2}, reverse=True):
+        yield (f"recurrence wgmma slots={slots}", kda_walk_wgmma_kernel, walk_t,
+               dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=False, STORE_FINAL=False, WRITE_O=True, STORE_H=False, NS=slots),
+               4, 1)
+    yield (f"recurrence wgmma states slots={WALK_SLOTS}", kda_walk_wgmma_kernel, walk_t | dict(h=BF16, vnew=BF16),
+           dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=True, STORE_FINAL=False, WRITE_O=False, STORE_H=True, NS=WALK_SLOTS),
+           4, 1)
     chain_t = dict(w=BF16, qg=BF16, kd=BF16, dl=F32, Aqk=F32, do=BF16, dht=F32, dh=F32, dvnew=F32, dh0=F32,
                    cu_seqlens=I32, chunk_offsets=I32)
     # recurrence_bwd._chain_launch picks the launch: 16-bit inputs the first row (K <= 128), fp32 inputs

@@ -31,6 +31,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 
 from hla.ops.kda.triton.decode import kda_decode_kernel  # noqa: E402
 
@@ -59,20 +60,33 @@ def ptxas_report(ptx: str) -> dict:
 
 def compile_sm90(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 1,
                  align: bool = True, maxnreg: int | None = None):
-    """Compile any @triton.jit kernel for sm_90a without a GPU; returns triton's compiled kernel (asm["ptx"],
-    asm["cubin"], metadata).
+    """Compile any @triton.jit (or @gluon.jit) kernel for sm_90a without a GPU; returns triton's compiled kernel
+    (asm["ptx"], asm["cubin"], metadata).
 
-    types: the non-constexpr arguments ("*bf16", "*fp32", "i32", "fp32", ...); every other argument
+    types: the non-constexpr arguments ("*bf16", "*fp32", "i32", "fp32", ``tma_type(...)``, ...); every other argument
     must be in constexprs (entries that are not arguments of fn are dropped, so callers can share one
     dict across kernels). With align, pointers carry the 16-byte divisibility hint the launcher
     gives torch allocations (without it no load is vectorised and the counts are not the GPU's)."""
     sig = {name: types.get(name, "constexpr") for name in fn.arg_names}
     attrs = ({(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
               if types.get(n, "").startswith("*")} if align else {})
-    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items() if k in fn.arg_names})
+    source = GluonASTSource if fn.is_gluon() else ASTSource
+    src = source(fn=fn, signature=sig, attrs=attrs,
+                 constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items() if k in fn.arg_names})
     options = {"num_warps": num_warps, "num_stages": num_stages} | ({"maxnreg": maxnreg} if maxnreg else {})
     return triton.compile(src, target=SM90, options=options)
+
+
+def tma_type(shape: tuple[int, int], block: list[int], dtype) -> str:
+    """The signature type of a Gluon TMA descriptor argument (what the launcher derives from a TensorDescriptor of
+    a `shape` tensor of torch `dtype` with boxes of `block` in the default NVMMA shared layout)."""
+    import torch
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if dtype == torch.bfloat16 else gl.float32)
+    return mangle_type(TensorDescriptor.from_tensor(torch.zeros(shape, dtype=dtype), block, layout))
 
 
 def compile_report(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 1,

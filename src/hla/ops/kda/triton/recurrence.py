@@ -15,6 +15,9 @@ in reverse with dS in registers; it needs each chunk's entry state and v_new, wh
 pass recomputes by running this forward once more with STORE_H (states are not kept from the
 forward: that would cost ``NC * HV * K * V`` elements), as bf16 snapshots for bf16 inputs
 (SNAPSHOT_H, SNAPSHOT_VNEW) while the walk itself keeps the fp32 state.
+
+On Hopper with bf16 tiles both walks (the output walk and the states walk) run the Gluon kernel of
+``recurrence_wgmma.py`` instead (WGMMA_WALK): the same products, transposed, with the state as a wgmma accumulator.
 """
 
 from __future__ import annotations
@@ -114,6 +117,23 @@ def snapshot_dtypes(tile_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
             torch.bfloat16 if SNAPSHOT_VNEW == "tiles" else torch.float32)
 
 
+# On Hopper the walks (output and states) run the Gluon kernel of recurrence_wgmma.py (the state as a wgmma
+# accumulator, tiles by TMA) where it applies; False keeps the tl kernel below everywhere. H200 (session 15, same-run pairs, ms, tl / Gluon,
+# bounded gate): B1 T8192 H32 D128 0.230 / 0.210-0.219, B4 0.90 / 0.49-0.52, B1 T32768 0.90 / 0.82-0.85, B1 T8192
+# H96 0.68 / 0.44-0.46.
+WGMMA_WALK = True
+
+
+def _use_wgmma_walk(st: dict, write_o: bool, store_h: bool, split: bool, overrides: tuple,
+                    h_dtype: torch.dtype | None = None, vnew_dtype: torch.dtype | None = None,
+                    out_dtype: torch.dtype = torch.bfloat16) -> bool:
+    if not (WGMMA_WALK and split) or any(x is not None for x in overrides):
+        return False
+    from hla.ops.kda.triton.recurrence_wgmma import wgmma_walk_supported
+
+    return wgmma_walk_supported(st["w"], st["u"], st["Aqk"], write_o, store_h, h_dtype, vnew_dtype, out_dtype)
+
+
 def _pick_bv(n_programs_per_block: int, V: int) -> int:
     # A sequential walk over chunks: at small batch, more value blocks keep more SMs busy. H200, B1 T8192
     # H32 D128 (session 10, forward / states launch, ms): BV 32 at 4 warps 0.233 / 0.208, at 8 warps 0.372 /
@@ -137,6 +157,10 @@ def kda_recurrence_fwd(
     V = st["u"].shape[-1]
     N = cu_seqlens.shape[0] - 1
     NC = st["dl"].shape[0]
+    h_default, vnew_default = snapshot_dtypes(st["w"].dtype)
+    h_dtype, vnew_dtype = h_dtype or h_default, vnew_dtype or vnew_default
+    wgmma = _use_wgmma_walk(st, write_o, store_h, split, (block_v, num_warps, num_stages), h_dtype, vnew_dtype,
+                            out_dtype)
     if K > 128:
         # K = 256 on the H200 (2026-11-26, compute-sanitizer): BV 16 / 4 warps, BV 32 / 4 or 8 warps read
         # shared memory out of bounds in the output product (a code-generation fault; the chain's, in
@@ -148,9 +172,13 @@ def kda_recurrence_fwd(
     dev = st["w"].device
     o = torch.empty(TT, HV, V, device=dev, dtype=out_dtype) if write_o else None
     ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
-    h_default, vnew_default = snapshot_dtypes(st["w"].dtype)
-    h = torch.empty(NC, HV, K, V, device=dev, dtype=h_dtype or h_default) if store_h else None
-    vnew = torch.empty(TT, HV, V, device=dev, dtype=vnew_dtype or vnew_default) if store_h else None
+    h = torch.empty(NC, HV, K, V, device=dev, dtype=h_dtype) if store_h else None
+    vnew = torch.empty(TT, HV, V, device=dev, dtype=vnew_dtype) if store_h else None
+    if wgmma:
+        from hla.ops.kda.triton.recurrence_wgmma import kda_walk_wgmma
+
+        kda_walk_wgmma(st, cu_seqlens, chunk_offsets, initial_state, o, ht, h, vnew)
+        return o, ht, h, vnew
     dummy = st["u"]
     if num_stages is None:
         # Each pipeline stage holds one chunk's w, kd, qg [64, K], u [64, BV] fp32 and A_qk [64, 64]: 64 KB

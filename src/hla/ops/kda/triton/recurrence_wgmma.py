@@ -1,0 +1,210 @@
+"""Stage 2 on Hopper: the state recurrence written in Gluon, with the state held as a wgmma accumulator.
+
+Same mathematics as ``recurrence.py`` (per chunk: v_new = u - w S, o = qg S + A_qk v_new, S <- diag(dl) S +
+kd^T v_new), computed transposed, so that the state never leaves the registers of one warpgroup:
+
+    v_new^T = u^T - S^T w^T        o^T = S^T qg^T + v_new^T A_qk^T        S^T <- S^T diag(dl) + v_new^T kd
+
+One CTA (one warpgroup, 4 warps) per (sequence, value head, 64 value columns) holds S^T ``[64, K]`` fp32 in the
+accumulator layout of ``wgmma``. Every product takes its left operand from registers (S^T as its bf16 hi + lo halves,
+v_new^T rounded to bf16, as ``recurrence.py`` does with SPLIT) and its right operand (w, qg, A_qk, kd) from shared
+memory, where TMA puts each chunk's tiles three chunks ahead. The Triton (tl) walk stages S through shared memory
+and waits on CTA barriers for it twice per chunk; here the only barrier per chunk is the one that frees a ring slot.
+
+Written in Gluon (``triton.experimental.gluon``, Triton 3.6) because tl cannot keep an accumulator as a register
+operand of the next product, nor place loads with TMA into a ring the program manages. Hopper only (wgmma); the
+launcher in ``recurrence.py`` falls back to the tl kernel elsewhere, under the interpreter, and for shapes outside
+``wgmma_walk_supported``. The same kernel is the backward's states walk (STORE_H: each chunk's entry state and v_new
+as bf16 snapshots, no output).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from hla.ops.kda.triton.common import INTERPRET
+
+# Ring slots (chunks in flight). H200, B1 T8192 H32 D128 (session 15, forward walk): 3 slots 0.210 / 0.219 ms,
+# 2 slots 0.256: TMA's latency is not covered by one chunk's products. A slot holds w, kd, qg [64, K] bf16,
+# A_qk [64, 64] bf16 and u [64, 64] fp32: 72 KB at K = 128, so 3 slots take 216 KB of the SM's 227.
+WALK_SLOTS = 3
+BV = 64  # value columns per CTA: the M of one wgmma
+
+
+def wgmma_walk_supported(w: torch.Tensor, u: torch.Tensor, aqk: torch.Tensor, write_o: bool, store_h: bool,
+                         h_dtype: torch.dtype | None = None, vnew_dtype: torch.dtype | None = None,
+                         out_dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the Gluon walk runs these tiles: CUDA sm_90 (wgmma), bf16 w / qg / kd with a bf16 A_qk, K in {64, 128},
+    V a multiple of 64; either the output walk (write_o, bf16 o: an fp32 o's store staging would not fit beside three
+    slots) or the backward's states walk (store_h, bf16 snapshots of h and v_new), not both in one launch (their tiles
+    would not fit the shared memory together)."""
+    if INTERPRET or not w.is_cuda or write_o == store_h or (write_o and out_dtype != torch.bfloat16):
+        return False
+    if store_h and (h_dtype != torch.bfloat16 or vnew_dtype != torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(w.device) != (9, 0):
+        return False
+    K, V = w.shape[-1], u.shape[-1]
+    return (w.dtype == torch.bfloat16 and aqk.dtype == torch.bfloat16 and u.dtype == torch.float32
+            and K in (64, 128) and V % BV == 0)
+
+
+@gluon.jit
+def _split_hi_lo(x, L: gl.constexpr):
+    """fp32 x -> bf16 (hi, lo) in layout L with x ~ hi + lo to ~17 bits: hi is x rounded to bf16 on its bits (add half
+    an ulp, clear the low 16 bits: exact, two integer operations), lo = x - hi (exact in fp32) rounded to bf16.
+    (Truncating instead of rounding hi doubled the walk's difference to float64 on session 15's draws.)"""
+    hi32 = ((x.to(gl.int32, bitcast=True) + 32768) & -65536).to(gl.float32, bitcast=True)
+    return gl.convert_layout(hi32.to(gl.bfloat16), L), gl.convert_layout((x - hi32).to(gl.bfloat16), L)
+
+
+@gluon.jit
+def _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, w_s, kd_s, qg_s, a_s, u_s, bars, slot, tn, NT, seq_bos, i_hv, i_v,
+          K: gl.constexpr, V: gl.constexpr, BT: gl.constexpr, BV: gl.constexpr, NBYTES: gl.constexpr,
+          WRITE_O: gl.constexpr):
+    """TMA loads of chunk tn's tiles into ring slot `slot` (nothing when tn is past the sequence; qg and A_qk only for
+    the output walk). Rows past the sequence's end come from the next sequence (or are zero past the tensor): the walk
+    zeroes v_new there."""
+    ok = tn < NT
+    tok = seq_bos + tn * BT
+    bar = bars.index(slot)
+    mbarrier.expect(bar, NBYTES, pred=ok)
+    tma.async_copy_global_to_shared(w_desc, [tok, i_hv * K], bar, w_s.index(slot), pred=ok)
+    tma.async_copy_global_to_shared(kd_desc, [tok, i_hv * K], bar, kd_s.index(slot), pred=ok)
+    if WRITE_O:
+        tma.async_copy_global_to_shared(qg_desc, [tok, i_hv * K], bar, qg_s.index(slot), pred=ok)
+        tma.async_copy_global_to_shared(a_desc, [tok, i_hv * BT], bar, a_s.index(slot), pred=ok)
+    tma.async_copy_global_to_shared(u_desc, [tok, i_hv * V + i_v * BV], bar, u_s.index(slot), pred=ok)
+
+
+@gluon.jit
+def kda_walk_wgmma_kernel(
+    w_desc, kd_desc, qg_desc, a_desc, u_desc, dl, h0, o, ht, h, vnew, cu_seqlens, chunk_offsets,
+    HV: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BT: gl.constexpr,
+    HAS_H0: gl.constexpr, STORE_FINAL: gl.constexpr, WRITE_O: gl.constexpr, STORE_H: gl.constexpr, NS: gl.constexpr,
+):
+    """WRITE_O: the forward's walk (o, and the final state with STORE_FINAL). STORE_H: the backward's states walk,
+    storing each chunk's entry state h ``[NC, HV, K, V]`` and the v_new tiles ``[TT, HV, V]`` (both bf16), no o."""
+    BV: gl.constexpr = 64
+    # wgmma accumulators: [BV, BT] (v_new^T, o^T) and [BV, K] (S^T); each warp owns 16 of the BV rows
+    MT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
+    MK: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, K, 16])
+    AT: gl.constexpr = gl.DotOperandLayout(0, MT, 2)
+    AK: gl.constexpr = gl.DotOperandLayout(0, MK, 2)
+    # o^T, v_new^T [BV, BT] and S^T [BV, K] for the stores: 8 consecutive value columns per thread (16-byte stores)
+    LO: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
+    NBYTES: gl.constexpr = (3 if WRITE_O else 2) * BT * K * 2 + (BT * BT * 2 if WRITE_O else 0) + BT * BV * 4
+
+    i_v, i_nh = gl.program_id(0), gl.program_id(1)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    seq_bos = gl.load(cu_seqlens + i_n)
+    seq_len = gl.load(cu_seqlens + i_n + 1) - seq_bos
+    c_lo = gl.load(chunk_offsets + i_n).to(gl.int64)
+    NT = gl.cdiv(seq_len, BT)
+
+    w_s = gl.allocate_shared_memory(gl.bfloat16, [NS, BT, K], w_desc.layout)
+    kd_s = gl.allocate_shared_memory(gl.bfloat16, [NS, BT, K], kd_desc.layout)
+    if WRITE_O:
+        qg_s = gl.allocate_shared_memory(gl.bfloat16, [NS, BT, K], qg_desc.layout)
+        a_s = gl.allocate_shared_memory(gl.bfloat16, [NS, BT, BT], a_desc.layout)
+    else:  # never read: _fill's qg / A_qk loads are compiled out
+        qg_s = w_s
+        a_s = w_s
+    u_s = gl.allocate_shared_memory(gl.float32, [NS, BT, BV], u_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(NS):
+        mbarrier.init(bars.index(s), count=1)
+    for s in gl.static_range(NS - 1):
+        _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, w_s, kd_s, qg_s, a_s, u_s, bars, s, s, NT, seq_bos, i_hv, i_v,
+              K, V, BT, BV, NBYTES, WRITE_O)
+
+    rv = i_v * BV + gl.arange(0, BV, gl.SliceLayout(1, MK))
+    ck = gl.arange(0, K, gl.SliceLayout(0, MK))
+    p_s = ck[None, :] * V + rv[:, None]  # S^T[v, k] = S[k, v] of a [K, V] state
+    if HAS_H0:
+        b_s = gl.load(h0 + (i_n * HV + i_hv).to(gl.int64) * K * V + p_s)
+    else:
+        b_s = gl.zeros([BV, K], gl.float32, MK)
+    ct = gl.arange(0, BT, gl.SliceLayout(0, MT))
+    ro = gl.arange(0, BV, gl.SliceLayout(1, LO))
+    co = gl.arange(0, BT, gl.SliceLayout(0, LO))
+    ck_o = gl.arange(0, K, gl.SliceLayout(0, LO))
+
+    for t in range(0, NT):
+        sl = t % NS
+        mbarrier.wait(bars.index(sl), (t // NS) & 1)
+        b_dl = gl.load(dl + ((c_lo + t) * HV + i_hv) * K + ck)
+        if STORE_H:  # the chunk's entry state, rounded to bf16
+            gl.store((h + ((c_lo + t) * HV + i_hv) * K * V + i_v * BV) + (ck_o[None, :] * V + ro[:, None]),
+                     gl.convert_layout(b_s.to(h.dtype.element_ty), LO))
+        a_hi, a_lo = _split_hi_lo(b_s, AT)
+        wT = w_s.index(sl).permute([1, 0])
+        y = warpgroup_mma(a_hi, wT, gl.zeros([BV, BT], gl.float32, MT), is_async=True)
+        y = warpgroup_mma(a_lo, wT, y, is_async=True)
+        if WRITE_O:
+            qT = qg_s.index(sl).permute([1, 0])
+            oT = warpgroup_mma(a_hi, qT, gl.zeros([BV, BT], gl.float32, MT), is_async=True)
+            oT = warpgroup_mma(a_lo, qT, oT, is_async=True)
+        # every warp is past chunk t-1 (its products were waited for): its slot takes chunk t+NS-1
+        gl.thread_barrier()
+        tn = t + NS - 1
+        _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, w_s, kd_s, qg_s, a_s, u_s, bars, tn % NS, tn, NT, seq_bos,
+              i_hv, i_v, K, V, BT, BV, NBYTES, WRITE_O)
+        y = warpgroup_mma_wait(2 if WRITE_O else 0, deps=(y,))
+        # rows past the sequence end hold the next sequence's tokens: v_new = 0 there keeps them out of S
+        m_t = (t * BT + ct) < seq_len
+        vn = gl.where(m_t[None, :], u_s.index(sl).permute([1, 0]).load(MT) - y, 0.0).to(gl.bfloat16)
+        tok = (seq_bos + t * BT).to(gl.int64)
+        m_o = (t * BT + co < seq_len)[None, :]
+        p_o = (tok * HV + i_hv) * V + i_v * BV + (co[None, :] * (HV * V) + ro[:, None])
+        if STORE_H:  # the v_new tile the products below take
+            gl.store(vnew + p_o, gl.convert_layout(vn.to(vnew.dtype.element_ty), LO), mask=m_o)
+        if WRITE_O:
+            oT = warpgroup_mma(gl.convert_layout(vn, AT), a_s.index(sl).permute([1, 0]), oT, is_async=True)
+        b_s = warpgroup_mma(gl.convert_layout(vn, AK), kd_s.index(sl), b_s * b_dl[None, :], is_async=True)
+        if WRITE_O:
+            oT, b_s, a_hi, a_lo = warpgroup_mma_wait(0, deps=(oT, b_s, a_hi, a_lo))
+            gl.store(o + p_o, gl.convert_layout(oT.to(o.dtype.element_ty), LO), mask=m_o)
+        else:
+            b_s, a_hi, a_lo = warpgroup_mma_wait(0, deps=(b_s, a_hi, a_lo))
+    for s in gl.static_range(NS):
+        mbarrier.invalidate(bars.index(s))
+    if STORE_FINAL:
+        gl.store(ht + (i_n * HV + i_hv).to(gl.int64) * K * V + p_s, b_s)
+
+
+def _descriptor(x: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """TMA descriptor of a [TT, heads, D] tensor seen as [TT, heads * D], boxes of `block`."""
+    dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float32
+    flat = x.view(x.shape[0], -1)
+    return TensorDescriptor.from_tensor(flat, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor,
+                   initial_state: torch.Tensor | None, o: torch.Tensor | None, ht: torch.Tensor | None,
+                   h: torch.Tensor | None = None, vnew: torch.Tensor | None = None, num_slots: int | None = None) -> None:
+    """The walk over the intra stage's w, qg, kd ``[TT, HV, K]`` bf16, u ``[TT, HV, V]`` fp32, A_qk ``[TT, HV, 64]``
+    bf16 and dl ``[NC, HV, K]`` fp32, from initial_state ``[N, HV, K, V]`` fp32 (or zeros), writing what is given:
+    o ``[TT, HV, V]`` (the output walk), or h ``[NC, HV, K, V]`` and vnew ``[TT, HV, V]`` bf16 (the states walk), and
+    the final state ht ``[N, HV, K, V]`` fp32. Check ``wgmma_walk_supported`` first."""
+    TT, HV, K = st["w"].shape
+    V = st["u"].shape[-1]
+    N = cu_seqlens.shape[0] - 1
+    write_o = o is not None
+    # The output walk keeps three chunks in flight; the states walk loads no qg / A_qk (48 KB a slot) and keeps three
+    # as well (its stores take the scratch the output walk's tiles would).
+    w_desc = _descriptor(st["w"], [64, K])
+    dummy = st["u"]
+    kda_walk_wgmma_kernel[(V // BV, N * HV)](
+        w_desc, _descriptor(st["kd"], [64, K]), _descriptor(st["qg"], [64, K]) if write_o else w_desc,
+        _descriptor(st["Aqk"], [64, 64]) if write_o else w_desc, _descriptor(st["u"], [64, BV]), st["dl"],
+        initial_state if initial_state is not None else dummy, o if write_o else dummy,
+        ht if ht is not None else dummy, h if h is not None else dummy, vnew if vnew is not None else dummy,
+        cu_seqlens, chunk_offsets,
+        HV=HV, K=K, V=V, BT=64, HAS_H0=initial_state is not None, STORE_FINAL=ht is not None, WRITE_O=write_o,
+        STORE_H=h is not None, NS=num_slots or WALK_SLOTS, num_warps=4,
+    )
