@@ -230,6 +230,7 @@ def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
                                   out_dtype=v.dtype, store_h=False, block_v=block_v)
 
     calls = {"intra": intra, "recurrence": recurrence}
+    # an explicit block width keeps the tl walk ("recurrence" runs the Gluon walk on Hopper with bf16 tiles)
     for bv in (16, 32, 64):
         calls[f"recurrence BV={bv}"] = lambda bv=bv: recurrence(bv)
     return calls
@@ -271,6 +272,10 @@ def backward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
             lambda: kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **kw, saved=saved,
                                   store_gamma=True),
         "bwd: states (recurrence storing h, v_new)": states,
+        # an explicit block_v keeps the tl walk (the row above runs the Gluon walk on Hopper)
+        "bwd: states, tl walk (BV 32)": lambda: kda_recurrence_fwd(
+            st, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False, out_dtype=v.dtype,
+            store_h=True, write_o=False, block_v=32),
         "bwd: state-grad chain (A_qk^T do launch + the walk)": chain,
         "bwd: state-grad products": lambda: kda_state_grad_products(st, h, vnew, dh, dvnew, do, meta.chunk_bounds),
         "bwd: intra backward": lambda: kda_intra_bwd(q, k, v, g, beta, meta.chunk_bounds, st, gr, **kw),
