@@ -118,9 +118,10 @@ def snapshot_dtypes(tile_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
 
 
 # On Hopper the walks (output and states) run the Gluon kernel of recurrence_wgmma.py (the state as a wgmma
-# accumulator, tiles by TMA) where it applies; False keeps the tl kernel below everywhere. H200 (session 15, same-run pairs, ms, tl / Gluon,
-# bounded gate): B1 T8192 H32 D128 0.230 / 0.210-0.219, B4 0.90 / 0.49-0.52, B1 T32768 0.90 / 0.82-0.85, B1 T8192
-# H96 0.68 / 0.44-0.46.
+# accumulator, tiles by TMA) where it applies; False keeps the tl kernel below everywhere. H200, session 15, same-run
+# pairs, ms, tl / Gluon, bounded gate, output walk: B1 T8192 H32 D128 0.230 / 0.210-0.234, B4 0.90-0.92 / 0.49-0.52,
+# B1 T32768 0.89-0.92 / 0.82-0.85, B1 T8192 H96 0.68 / 0.44-0.46; states walk: 0.207 / 0.199, 0.778 / 0.476,
+# 0.794 / 0.707, 0.617 / 0.422.
 WGMMA_WALK = True
 
 

@@ -9,7 +9,8 @@ One CTA (one warpgroup, 4 warps) per (sequence, value head, 64 value columns) ho
 accumulator layout of ``wgmma``. Every product takes its left operand from registers (S^T as its bf16 hi + lo halves,
 v_new^T rounded to bf16, as ``recurrence.py`` does with SPLIT) and its right operand (w, qg, A_qk, kd) from shared
 memory, where TMA puts each chunk's tiles three chunks ahead. The Triton (tl) walk stages S through shared memory
-and waits on CTA barriers for it twice per chunk; here the only barrier per chunk is the one that frees a ring slot.
+twice per chunk and waits on CTA barriers for it; here S never leaves the registers. (The compiler still places 15
+barriers in each chunk's SASS: around the five TMA issues and in the four rounds of the o store's layout change.)
 
 Written in Gluon (``triton.experimental.gluon``, Triton 3.6) because tl cannot keep an accumulator as a register
 operand of the next product, nor place loads with TMA into a ring the program manages. Hopper only (wgmma); the
@@ -186,7 +187,8 @@ def _descriptor(x: torch.Tensor, block: list[int]) -> TensorDescriptor:
 
 def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor,
                    initial_state: torch.Tensor | None, o: torch.Tensor | None, ht: torch.Tensor | None,
-                   h: torch.Tensor | None = None, vnew: torch.Tensor | None = None, num_slots: int | None = None) -> None:
+                   h: torch.Tensor | None = None, vnew: torch.Tensor | None = None,
+                   num_slots: int | None = None) -> None:
     """The walk over the intra stage's w, qg, kd ``[TT, HV, K]`` bf16, u ``[TT, HV, V]`` fp32, A_qk ``[TT, HV, 64]``
     bf16 and dl ``[NC, HV, K]`` fp32, from initial_state ``[N, HV, K, V]`` fp32 (or zeros), writing what is given:
     o ``[TT, HV, V]`` (the output walk), or h ``[NC, HV, K, V]`` and vnew ``[TT, HV, V]`` bf16 (the states walk), and
