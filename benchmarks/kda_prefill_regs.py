@@ -110,7 +110,7 @@ def cases():
         yield (f"recurrence wgmma slots={slots}", kda_walk_wgmma_kernel, walk_t,
                dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=False, STORE_FINAL=False, WRITE_O=True, STORE_H=False, NS=slots),
                4, 1)
-    yield (f"recurrence wgmma states slots={WALK_SLOTS}", kda_walk_wgmma_kernel, walk_t | dict(h=BF16, vnew=BF16),
+    yield (f"recurrence wgmma states slots={WALK_SLOTS}", kda_walk_wgmma_kernel, walk_t,
            dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=True, STORE_FINAL=False, WRITE_O=False, STORE_H=True, NS=WALK_SLOTS),
            4, 1)
     chain_t = dict(w=BF16, qg=BF16, kd=BF16, dl=F32, Aqk=F32, do=BF16, dht=F32, dh=F32, dvnew=F32, dh0=F32,

@@ -27,11 +27,15 @@ import tempfile
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kda_regs.py compiles for a GPU target: unset TRITON_INTERPRET")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E402
+from triton.runtime.jit import mangle_type  # noqa: E402
 
 from hla.ops.kda.triton.decode import kda_decode_kernel  # noqa: E402
 
@@ -80,11 +84,6 @@ def compile_sm90(fn, types: dict[str, str], constexprs: dict, num_warps: int, nu
 def tma_type(shape: tuple[int, int], block: list[int], dtype) -> str:
     """The signature type of a Gluon TMA descriptor argument (what the launcher derives from a TensorDescriptor of
     a `shape` tensor of torch `dtype` with boxes of `block` in the default NVMMA shared layout)."""
-    import torch
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.runtime.jit import mangle_type
-
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if dtype == torch.bfloat16 else gl.float32)
     return mangle_type(TensorDescriptor.from_tensor(torch.zeros(shape, dtype=dtype), block, layout))
 
