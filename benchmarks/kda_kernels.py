@@ -11,6 +11,7 @@ keeps what it finished).
 
     PYTHONPATH=src python3 benchmarks/kda_kernels.py [--out DIR] [--shapes 0,1,2,3] [--gates kimi,safe]
         [--no-prefill] [--no-bwd] [--no-decode] [--no-sweep] [--decode-batches 1,8,64,256] [--stages]
+        [--intra-wgmma]
 
 Examples that fit a 600 s call: `--shapes 0 --gates kimi --stages --no-decode` (stage times and
 one prefill row), `--no-prefill` (decode table and sweep only), `--shapes 1,2 --no-bwd`.
@@ -210,6 +211,7 @@ def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     """Zero-argument callables, one per stage of our chunked forward, each called the way
     ``chunk.py``'s forward calls it; the inputs of each stage are produced once here, so a
     callable times its stage alone. Adapt this function (only) when the stage functions change."""
+    from hla.ops.kda.triton import intra as intra_module
     from hla.ops.kda.triton.chunk import _ChunkMeta
     from hla.ops.kda.triton.intra import kda_intra_fwd
     from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
@@ -229,7 +231,20 @@ def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
         return kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False,
                                   out_dtype=v.dtype, store_h=False, block_v=block_v)
 
+    def intra_with_wgmma(on: bool):
+        def call():
+            saved = intra_module.INTRA_WGMMA
+            intra_module.INTRA_WGMMA = on
+            try:
+                return intra()
+            finally:
+                intra_module.INTRA_WGMMA = saved
+        return call
+
     calls = {"intra": intra, "recurrence": recurrence}
+    # the intra stage with the tl fast launch and with the Gluon one (intra.INTRA_WGMMA; the tl one off Hopper)
+    calls["intra, INTRA_WGMMA off"] = intra_with_wgmma(False)
+    calls["intra, INTRA_WGMMA on"] = intra_with_wgmma(True)
     # an explicit block width keeps the tl walk ("recurrence" runs the Gluon walk on Hopper with bf16 tiles)
     for bv in (16, 32, 64):
         calls[f"recurrence BV={bv}"] = lambda bv=bv: recurrence(bv)
@@ -420,6 +435,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode-batches", default=",".join(str(b) for b in DECODE_BATCHES),
                     type=_int_list, help="decode batch sizes (default 1,8,64,256)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the decode launch sweep")
+    ap.add_argument("--intra-wgmma", action="store_true",
+                    help="our prefill with the Gluon fast intra launch (intra.INTRA_WGMMA, off by default; Hopper)")
     ap.add_argument("--stages", action="store_true",
                     help="time each stage of our forward alone (and the reverse recurrence unless --no-bwd) "
                          "at the first selected shape and gate")
@@ -434,6 +451,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.intra_wgmma:
+        from hla.ops.kda.triton import intra
+
+        intra.INTRA_WGMMA = True
     load_fla()
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()

@@ -44,6 +44,10 @@ from hla.ops.kda.triton.intra_bwd import (  # noqa: E402
     kda_intra_bwd_dkk_kernel,
     kda_intra_bwd_gate_kernel,
 )
+from hla.ops.kda.triton.intra_wgmma import BLOCK_K as FAST_WGMMA_BK  # noqa: E402
+from hla.ops.kda.triton.intra_wgmma import MAX_REGISTERS as FAST_WGMMA_CAP  # noqa: E402
+from hla.ops.kda.triton.intra_wgmma import NUM_WARPS as FAST_WGMMA_WARPS  # noqa: E402
+from hla.ops.kda.triton.intra_wgmma import kda_intra_fast_wgmma_kernel  # noqa: E402
 from hla.ops.kda.triton.recurrence import kda_recurrence_fwd_kernel  # noqa: E402
 from hla.ops.kda.triton.recurrence_bwd import (  # noqa: E402
     PRODUCTS_STAGES,
@@ -73,6 +77,12 @@ def cases():
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=64 if exact else bk, BT=BT, USE_L2=True, PREC="tf32",
                     SAFE_SPAN=SAFE_SPAN, EXACT=exact, PAIRS=True, STORE_GAMMA=False, OP=tl.bfloat16,
                     SPLIT_A=AQK_BF16, **GATE), nw, ns)
+    # the Gluon fast launch (intra_wgmma.py, launched on sm_90 for bf16 inputs), both gates
+    fast_t = {n: t for n, t in intra_t.items() if n not in ("gam", "inorm")}
+    for lb in (False, True):
+        yield (f"intra fast wgmma BK={FAST_WGMMA_BK}{' bounded gate' if lb else ''}", kda_intra_fast_wgmma_kernel,
+               fast_t, dict(H=HV, HV=HV, K=K, BK=FAST_WGMMA_BK, BT=BT, HAS_GATE=True, HAS_BIAS=True, HAS_LB=lb,
+                            USE_L2=True, SAFE_SPAN=SAFE_SPAN, SPLIT_A=AQK_BF16), FAST_WGMMA_WARPS, 1, FAST_WGMMA_CAP)
     # the backward's recompute with A_qk, P, M saved: per-token tensors, Gamma and the row norms
     # (launched: BK 64 / 4 warps / 168 registers, intra.RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS / RECOMPUTE_MAX_REGISTERS)
     for bk, nw, cap in ((64, 4, RECOMPUTE_MAX_REGISTERS), (32, 4, None), (64, 4, None), (128, 8, None)):

@@ -57,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hla.ops.kda.triton import intra_wgmma as wgmma_intra
 from hla.ops.kda.triton.common import (
     INTERPRET,
     beta_rows,
@@ -155,6 +156,14 @@ SOLVE_M_PIECES = True
 # Session 14 (H200, B1 T8192 H32 D128, two same-run pairs): fwd 0.813 / 0.815 -> 0.808 / 0.810 ms (bounded gate),
 # 0.868 / 0.869 -> 0.861 / 0.864 (Kimi); fwd+bwd 3.509 / 3.509 -> 3.464 / 3.467, 3.580 / 3.584 -> 3.537 / 3.543.
 AQK_BF16 = True
+# The fast launch in Gluon on Hopper (intra_wgmma.py) where it applies. Off by default: it takes 6-10% off the intra
+# stage and 3-7% off the forward (H200, session 16, all four benchmark shapes, both gates: B4 T8192 H32 Kimi gate
+# 2.859 -> 2.692 ms), but with it check_kda_gpu.py's varlen near0 dA_log, the check's borderline value (the gate
+# gradient summed over every token: 9.3e-3 with the tl launch, which left 5 of 300 values over 1e-2 on fresh draws in
+# session 14), read
+# 1.09e-2, past the 1e-2 bound (measured on a version that forms the same operands and products in the same order;
+# every other value stayed within the check's spread). Tests turn it on (tests/ops/kda/triton/test_intra_wgmma.py).
+INTRA_WGMMA = False
 
 
 @triton.jit
@@ -560,6 +569,7 @@ def kda_intra_fwd(
     span_limit = safe_span if safe_span is not None else (
         SAFE_SPAN if use_qk_l2norm and abs(scale) <= 1e3 else min(SAFE_SPAN, RAW_SAFE_SPAN))
     solve_bk = min(block_k or 64, next_pow2(K))
+    fast_overridden = block_k is not None or num_warps is not None
     BK = min(block_k or (FAST_BLOCK_K if pairs else RECOMPUTE_BLOCK_K), next_pow2(K))
     num_warps = num_warps or (FAST_WARPS if pairs else RECOMPUTE_WARPS)
     exact_block_k, exact_warps = exact_block_k or EXACT_BLOCK_K, exact_warps or EXACT_WARPS
@@ -573,6 +583,13 @@ def kda_intra_fwd(
     apart = torch.empty(TT, HV, 64, device=dev, dtype=f32) if split_a else flag
     # the exact launch may use narrower key blocks than the flags' (fewer spills, see the docstring)
     launches = [(False, BK, num_warps)] + ([(True, min(exact_block_k, BK), exact_warps)] if pairs else [])
+    # on Hopper, the fast launch in Gluon (same outputs; its flags are per BK = 64 channels, the tl default's width)
+    if (pairs and INTRA_WGMMA and not fast_overridden and BK == wgmma_intra.BLOCK_K
+            and wgmma_intra.fast_wgmma_supported(q, k, v)):
+        wgmma_intra.kda_intra_fast_wgmma(q, k, g, A_log, dt_bias, out, apart, flag, chunk_bounds, scale=scale,
+                                         lower_bound=lower_bound, use_qk_l2norm=use_qk_l2norm, safe_span=span_limit,
+                                         split_a=split_a)
+        launches = launches[1:]
     for exact, bk, nw in launches:
         kda_intra_fwd_kernel[(NC, HV)](
             q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g,

@@ -1,0 +1,355 @@
+"""Stage 1's fast launch on Hopper, written in Gluon: the same outputs as the tl fast launch of ``intra.py``.
+
+Per (chunk of 64 tokens, value head), with Gamma the in-chunk cumulative log-decay (see ``intra.py`` for the
+mathematics and the exactness argument): qg, kd, k exp(Gamma) (parked in w's buffer), dl, and A_qk, P from anchored
+pair products, with the key blocks whose within-half factors would exceed exp(SAFE_SPAN) flagged for the exact launch.
+The exact launch and the solve that follow are the tl kernels, unchanged.
+
+What differs from the tl launch is where the work sits:
+
+- Each 32-row half of a [64, 64] key-block tile is its own register tile, laid out so that a warp owns 8 whole
+  columns (a thread 2 rows x 4 adjacent columns). The gate's cumsum, the anchor rows (an in-warp gather) and the half
+  totals are then in-thread and in-warp operations. Only two steps cross warps: the rows' l2 norms (one joined
+  reduction) and both key blocks' spans (another), the second beside the barrier the products need anyway.
+- Every global load is issued first; every operand tile goes to shared memory as one [64, BK] store (two stores into
+  slices of one buffer get a CTA barrier between them from the compiler); the within-half factors are stored
+  unconditionally and zeroed afterwards in the rare flagged key block. 10 barriers per program against 39 in a first
+  version, 30 per key block in the tl launch.
+- The pair products are wgmma from shared memory, three per key block into two [64, 64] accumulators whose rows are
+  two halves of two different matrices:
+
+      X1 = [k_hi e ; q_hi e] (k_lo e')^T  +  [k_hi m ; q_hi m] (k_hi m')^T     -> rows 32..63 of P, then of A_qk
+      X2 = [k_lo m ; q_lo m] [k_lo m' ; k_hi m']^T                             -> rows 0..31 of P, then of A_qk
+
+  with e, e' the cross-half factors about row 31 (both <= 1) and m, m' the within-half factors about rows 15 and 47.
+  The operands' zero halves keep each kept entry a sum of its own terms only (a masked-out entry may overflow to inf;
+  the final select drops it), so no per-key-block select is needed: three products per key block against the tl
+  launch's four, each followed there by a select.
+- Eight warps (two warpgroups, each owning 32 of the accumulators' 64 columns), 128 registers: two programs per SM.
+
+Hopper only (wgmma). ``intra.kda_intra_fwd`` uses it when ``intra.INTRA_WGMMA`` is set (off by default: see there
+for why) and ``fast_wgmma_supported`` says so, and the tl fast launch elsewhere (other GPUs, fp16 / fp32 inputs, the
+interpreter, explicit launch overrides).
+
+Measured (H200, session 16; the intra stage = this launch + the exact launch + the solve, against the tl fast launch
+in the same process, ms, Kimi / bounded gate): B1 T8192 H32 0.580 / 0.546 against 0.641 / 0.587; B4 2.215 / 2.100
+against 2.397 / 2.228; B1 T32768 2.165 / 2.101 against 2.342 / 2.227; B1 T8192 H96 1.657 / 1.612 against 1.803 /
+1.716: 6-10% less. The version with 39 barriers took the same time as the tl launch; ncu then read 16 warps per SM,
+11.7 cycles per issued instruction, stalls on shared-memory / shuffle dependencies (short scoreboard 25%, MIO 15%)
+and barriers (11%). 3208 SASS instructions per warp for both key blocks (8 warps) against the tl launch's 4720 per
+key block (4 warps).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from hla.ops.kda.triton.common import INTERPRET, reg_cap
+
+BLOCK_K = 64  # key-block width: also the flags' width, which the exact launch reads
+NUM_WARPS = 8
+# ~175 registers uncapped (one program of 8 warps per SM); at 128, 56-84 B of spills and two programs per SM (their
+# 2 x 96 KB of operand tiles fit the shared memory). Offline sm_90a compile, kda_prefill_regs.py. H200, B1 T8192 H32,
+# a first version: the intra stage 0.896 ms uncapped against 0.675 at 128.
+MAX_REGISTERS: int | None = 128
+
+
+def fast_wgmma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the Gluon fast launch runs these inputs: CUDA sm_90 (wgmma), bf16 q, k, v, K in {64, 128}."""
+    if INTERPRET or not q.is_cuda:
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    return (q.dtype == k.dtype == v.dtype == torch.bfloat16) and q.shape[-1] in (64, 128)
+
+
+@gluon.jit
+def _exp(x):
+    # e^x on one MUFU ex2 (see common.exp_ftz: every exponential here is a factor whose underflow is harmless)
+    return gl.exp2(x * 1.4426950408889634)
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _softplus(x):
+    # common.softplus_f32, in Gluon (which cannot call tl functions): series below t = 1/64, lg2.approx above
+    t = _exp(-gl.abs(x))
+    series = t * (1.0 - t * (0.5 - t * (0.3333333333333333 - 0.25 * t)))
+    lg = gl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [1.0 + t], dtype=gl.float32, is_pure=True,
+                                   pack=1)
+    lp = gl.where(t < 0.015625, series, 0.6931471805599453 * lg)
+    return gl.where(x > 20.0, x, gl.maximum(x, 0.0) + lp)
+
+
+@gluon.jit
+def _gate(x, mask, a, bias, lower_bound, HAS_GATE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LB: gl.constexpr):
+    """The per-token log-decay of one loaded half tile [32, BK] -> fp32 (common.kda_gate_f32 when the gate is
+    fused; 0 on masked rows)."""
+    x = x.to(gl.float32)
+    if HAS_GATE:
+        if HAS_BIAS:
+            x = x + bias[None, :]
+        if HAS_LB:
+            x = lower_bound / (1.0 + _exp(-(a * x)))
+        else:
+            x = -a * _softplus(x)
+        x = gl.where(mask, x, 0.0)
+    return x
+
+
+@gluon.jit
+def _sq(x):
+    x = x.to(gl.float32)
+    return x * x
+
+
+@gluon.jit
+def _stack(lo, hi):
+    """Two [32, BK] half tiles as one [64, BK] tile (lo's rows first): one shared-memory store instead of two into
+    slices of one buffer, between which the compiler places a CTA barrier."""
+    x = gl.permute(gl.join(lo, hi), [2, 0, 1])
+    return gl.reshape(x, [2 * x.shape[1], x.shape[2]])
+
+
+@gluon.jit
+def _row(x, i: gl.constexpr, BK: gl.constexpr, L: gl.constexpr):
+    """Row i of a [32, BK] half tile, as a [1, BK] tile (an in-warp gather: the rows lie within one warp)."""
+    return gl.gather(x, gl.full([1, BK], i, gl.int32, L), 0)
+
+
+@gluon.jit
+def _key_block(bq_lo, bq_hi, bk_lo, bk_hi, g_lo, g_hi, kb: gl.constexpr, rq_lo, rq_hi, rk_lo, rk_hi, m_lo, m_hi, t_lo,
+               t_hi, a, dt_bias, lower_bound, dl, qg, w, kd, hk, i_c, i_hv, c, xa_s, ma_s, mb_s, km_s, kc_s,
+               HV: gl.constexpr, K: gl.constexpr, BK: gl.constexpr, BT: gl.constexpr, L: gl.constexpr,
+               CL: gl.constexpr, HAS_GATE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LB: gl.constexpr,
+               SAFE_SPAN: gl.constexpr):
+    """One key block from its loaded half tiles: the gate and Gamma, dl, qg, k exp(Gamma), kd stored, the five
+    operand tiles into shared memory (within-half factors unconditionally) -> the span's per-column part [1, BK]."""
+    HB: gl.constexpr = BT // 2
+    QB: gl.constexpr = HB // 2
+    i_k = kb * BK
+    bias = gl.zeros([BK], gl.float32, CL)
+    if HAS_BIAS:
+        bias = gl.load(dt_bias + i_hv * K + i_k + c).to(gl.float32)
+    g_lo = _gate(g_lo, m_lo, a, bias, lower_bound, HAS_GATE, HAS_BIAS, HAS_LB)
+    g_hi = _gate(g_hi, m_hi, a, bias, lower_bound, HAS_GATE, HAS_BIAS, HAS_LB)
+    # the anchors: Gamma at rows 15, 31, 47 and 63 (padding rows carry g = 0), as [1, BK] rows
+    G_lo = gl.associative_scan(g_lo, 0, _add)
+    G2 = _row(G_lo, HB - 1, BK, L)
+    G_hi = gl.associative_scan(g_hi, 0, _add) + G2
+    Gl = _row(G_hi, HB - 1, BK, L)
+    G1 = _row(G_lo, QB - 1, BK, L)
+    G3 = _row(G_hi, QB - 1, BK, L)
+    gl.store(dl + (i_c * HV + i_hv).to(gl.int64) * K + i_k + c[None, :], _exp(Gl))
+
+    # rows 0..31
+    bq = bq_lo.to(gl.float32) * rq_lo[:, None]
+    bk = bk_lo.to(gl.float32) * rk_lo[:, None]
+    eg = _exp(G_lo)
+    gl.store(qg + hk + (t_lo + i_k), (bq * eg).to(gl.bfloat16), mask=m_lo)
+    gl.store(w + hk + (t_lo + i_k), (bk * eg).to(gl.bfloat16), mask=m_lo)
+    gl.store(kd + hk + (t_lo + i_k), (bk * _exp(gl.minimum(Gl - G_lo, 0.0))).to(gl.bfloat16), mask=m_lo)
+    zero = gl.zeros([HB, BK], gl.bfloat16, L)
+    kc_s.index(kb).slice(0, BT).store(_stack((bk * _exp(gl.minimum(G2 - G_lo, 0.0))).to(gl.bfloat16), zero))
+    em = _exp(gl.minimum(G_lo - G1, SAFE_SPAN))
+    mb_s.index(kb).store(_stack((bk * em).to(gl.bfloat16), (bq * em).to(gl.bfloat16)))
+    km_lo = (bk * _exp(gl.minimum(G1 - G_lo, SAFE_SPAN))).to(gl.bfloat16)
+    # rows 32..63
+    bq = bq_hi.to(gl.float32) * rq_hi[:, None]
+    bk = bk_hi.to(gl.float32) * rk_hi[:, None]
+    eg = _exp(G_hi)
+    gl.store(qg + hk + (t_hi + i_k), (bq * eg).to(gl.bfloat16), mask=m_hi)
+    gl.store(w + hk + (t_hi + i_k), (bk * eg).to(gl.bfloat16), mask=m_hi)
+    gl.store(kd + hk + (t_hi + i_k), (bk * _exp(gl.minimum(Gl - G_hi, 0.0))).to(gl.bfloat16), mask=m_hi)
+    ex = _exp(gl.minimum(G_hi - G2, 0.0))
+    xa_s.index(kb).store(_stack((bk * ex).to(gl.bfloat16), (bq * ex).to(gl.bfloat16)))
+    em = _exp(gl.minimum(G_hi - G3, SAFE_SPAN))
+    ma_s.index(kb).store(_stack((bk * em).to(gl.bfloat16), (bq * em).to(gl.bfloat16)))
+    km_hi = (bk * _exp(gl.minimum(G3 - G_hi, SAFE_SPAN))).to(gl.bfloat16)
+    km_s.index(kb).store(_stack(km_lo, km_hi))
+    kc_s.index(kb).slice(BT, BT).store(_stack(zero, km_hi))
+    return gl.maximum(gl.maximum(-G1, G1 - G2), gl.maximum(G2 - G3, G3 - Gl))
+
+
+@gluon.jit
+def kda_intra_fast_wgmma_kernel(
+    q, k, g, A_log, dt_bias, Aqk, Apart, w, qg, kd, dl, Pbuf, exact_flag, chunk_bounds, scale, lower_bound,
+    H: gl.constexpr, HV: gl.constexpr, K: gl.constexpr, BK: gl.constexpr, BT: gl.constexpr,
+    HAS_GATE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LB: gl.constexpr, USE_L2: gl.constexpr,
+    SAFE_SPAN: gl.constexpr, SPLIT_A: gl.constexpr,
+):
+    """Arguments as ``intra.kda_intra_fwd_kernel``'s fast launch (EXACT=False, PAIRS=True); flags per BK channels."""
+    HB: gl.constexpr = BT // 2
+    NK: gl.constexpr = K // BK
+    # [32, 64] half tiles: a thread 2 rows x 4 columns, 16 lanes down the rows, a warp 8 whole columns
+    L: gl.constexpr = gl.BlockedLayout([2, 4], [16, 2], [1, 8], [1, 0])
+    RL: gl.constexpr = gl.SliceLayout(1, L)
+    CL: gl.constexpr = gl.SliceLayout(0, L)
+    L2: gl.constexpr = gl.BlockedLayout([4, 4], [16, 2], [1, 8], [1, 0])  # [64, 64] tiles (the zero fill)
+    # [64, 64] accumulators: warpgroup 0 columns 0..31, warpgroup 1 columns 32..63
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 32, 16])
+    SL: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    SQ: gl.constexpr = H * K
+    SG: gl.constexpr = HV * K
+    SA: gl.constexpr = HV * BT
+
+    i_c, i_hv = gl.program_id(0), gl.program_id(1)
+    i_h = i_hv // (HV // H)
+    bos = gl.load(chunk_bounds + 2 * i_c).to(gl.int64)
+    n_rows = gl.load(chunk_bounds + 2 * i_c + 1) - gl.load(chunk_bounds + 2 * i_c)
+    q_base = q + (bos * H + i_h) * K
+    k_base = k + (bos * H + i_h) * K
+    g_base = g + (bos * HV + i_hv) * K
+    hk = (bos * HV + i_hv) * K
+    r = gl.arange(0, HB, RL)
+    c = gl.arange(0, BK, CL)
+    m_lo = (r < n_rows)[:, None]
+    m_hi = (r + HB < n_rows)[:, None]
+    p_lo = r[:, None] * SQ + c[None, :]
+    p_hi = p_lo + HB * SQ
+    t_lo = r[:, None] * SG + c[None, :]
+    t_hi = t_lo + HB * SG
+
+    # every global load first (q, k, g of both key blocks: 12 half tiles, 48 registers as bf16), so their latency
+    # overlaps; the l2 norms and the key blocks then work from registers
+    q0l = gl.load(q_base + p_lo, mask=m_lo, other=0.0)
+    q0h = gl.load(q_base + p_hi, mask=m_hi, other=0.0)
+    k0l = gl.load(k_base + p_lo, mask=m_lo, other=0.0)
+    k0h = gl.load(k_base + p_hi, mask=m_hi, other=0.0)
+    g0l = gl.load(g_base + t_lo, mask=m_lo, other=0.0)
+    g0h = gl.load(g_base + t_hi, mask=m_hi, other=0.0)
+    if NK == 2:
+        q1l = gl.load(q_base + (p_lo + BK), mask=m_lo, other=0.0)
+        q1h = gl.load(q_base + (p_hi + BK), mask=m_hi, other=0.0)
+        k1l = gl.load(k_base + (p_lo + BK), mask=m_lo, other=0.0)
+        k1h = gl.load(k_base + (p_hi + BK), mask=m_hi, other=0.0)
+        g1l = gl.load(g_base + (t_lo + BK), mask=m_lo, other=0.0)
+        g1h = gl.load(g_base + (t_hi + BK), mask=m_hi, other=0.0)
+    else:
+        q1l, q1h, k1l, k1h, g1l, g1h = q0l, q0h, k0l, k0h, g0l, g0h
+
+    if USE_L2:
+        # the four row norms in one cross-warp reduction: squares summed over the key blocks, then joined
+        sq_ql = _sq(q0l)
+        sq_qh = _sq(q0h)
+        sq_kl = _sq(k0l)
+        sq_kh = _sq(k0h)
+        if NK == 2:
+            sq_ql += _sq(q1l)
+            sq_qh += _sq(q1h)
+            sq_kl += _sq(k1l)
+            sq_kh += _sq(k1h)
+        n_q, n_k = gl.split(gl.sum(gl.join(gl.join(sq_ql, sq_qh), gl.join(sq_kl, sq_kh)), axis=1))
+        nq_lo, nq_hi = gl.split(n_q)
+        nk_lo, nk_hi = gl.split(n_k)
+        nq_lo = gl.convert_layout(nq_lo, RL)
+        nq_hi = gl.convert_layout(nq_hi, RL)
+        nk_lo = gl.convert_layout(nk_lo, RL)
+        nk_hi = gl.convert_layout(nk_hi, RL)
+        rq_lo = scale / gl.sqrt(nq_lo + 1e-6)
+        rq_hi = scale / gl.sqrt(nq_hi + 1e-6)
+        rk_lo = 1.0 / gl.sqrt(nk_lo + 1e-6)
+        rk_hi = 1.0 / gl.sqrt(nk_hi + 1e-6)
+    else:
+        rq_lo = gl.full([HB], scale, gl.float32, RL)
+        rq_hi = rq_lo
+        rk_lo = gl.full([HB], 1.0, gl.float32, RL)
+        rk_hi = rk_lo
+
+    a = 0.0
+    if HAS_GATE:
+        a = gl.exp(gl.load(A_log + i_hv).to(gl.float32))
+
+    # operand tiles, one set per key block (no reuse, so no wait between key blocks): xa = [k_hi e; q_hi e],
+    # ma = [k_hi m; q_hi m], mb = [k_lo m; q_lo m], km = [k_lo m'; k_hi m'], kc = [k_lo e'; 0; 0; k_hi m'] (its
+    # rows 0..63 and 64..127 are the two right operands of X1: a slice may only start at a multiple of its length)
+    xa_s = gl.allocate_shared_memory(gl.bfloat16, [NK, BT, BK], SL)
+    ma_s = gl.allocate_shared_memory(gl.bfloat16, [NK, BT, BK], SL)
+    mb_s = gl.allocate_shared_memory(gl.bfloat16, [NK, BT, BK], SL)
+    km_s = gl.allocate_shared_memory(gl.bfloat16, [NK, BT, BK], SL)
+    kc_s = gl.allocate_shared_memory(gl.bfloat16, [NK, 2 * BT, BK], SL)
+
+    # Every key block's tiles first, with no cross-warp step between them: the within-half factors are stored
+    # unconditionally and a flagged key block's are zeroed afterwards (rare: ~8% of chunk-heads at the benchmark's
+    # Kimi gate, none bounded), so the one cross-warp reduction (both key blocks' spans) sits beside the barrier the
+    # products need anyway.
+    sp0 = _key_block(q0l, q0h, k0l, k0h, g0l, g0h, 0, rq_lo, rq_hi, rk_lo, rk_hi, m_lo, m_hi, t_lo, t_hi, a, dt_bias,
+                     lower_bound, dl, qg, w, kd, hk, i_c, i_hv, c, xa_s, ma_s, mb_s, km_s, kc_s, HV, K, BK, BT, L, CL,
+                     HAS_GATE, HAS_BIAS, HAS_LB, SAFE_SPAN)
+    sp1 = sp0
+    if NK == 2:
+        sp1 = _key_block(q1l, q1h, k1l, k1h, g1l, g1h, 1, rq_lo, rq_hi, rk_lo, rk_hi, m_lo, m_hi, t_lo, t_hi, a,
+                         dt_bias, lower_bound, dl, qg, w, kd, hk, i_c, i_hv, c, xa_s, ma_s, mb_s, km_s, kc_s, HV, K, BK,
+                         BT, L, CL, HAS_GATE, HAS_BIAS, HAS_LB, SAFE_SPAN)
+    span0, span1 = gl.split(gl.max(gl.join(sp0, sp1), axis=1))
+    span0 = gl.max(span0, axis=0)
+    span1 = gl.max(span1, axis=0)
+    n_flagged = 0
+    for kb in gl.static_range(NK):
+        span = span0 if kb == 0 else span1
+        flagged = span > SAFE_SPAN
+        gl.store(exact_flag + (i_c * HV + i_hv) * NK + kb, flagged.to(gl.int32))
+        n_flagged += flagged.to(gl.int32)
+        if flagged:  # no within-half products for this key block: the exact launch adds them
+            ma_s.index(kb).store(gl.zeros([BT, BK], gl.bfloat16, L2))
+            mb_s.index(kb).store(gl.zeros([BT, BK], gl.bfloat16, L2))
+
+    # every warp's tiles are written (and fenced for the async proxy) before either warpgroup reads them
+    fence_async_shared()
+    gl.thread_barrier()
+    x1 = gl.zeros([BT, BT], gl.float32, MMA)
+    x2 = gl.zeros([BT, BT], gl.float32, MMA)
+    for kb in gl.static_range(NK):
+        x1 = warpgroup_mma(xa_s.index(kb), kc_s.index(kb).slice(0, BT).permute([1, 0]), x1, is_async=True)
+        x1 = warpgroup_mma(ma_s.index(kb), kc_s.index(kb).slice(BT, BT).permute([1, 0]), x1, is_async=True)
+        x2 = warpgroup_mma(mb_s.index(kb), km_s.index(kb).permute([1, 0]), x2, is_async=True)
+    x1, x2 = warpgroup_mma_wait(0, deps=(x1, x2))
+
+    # X1's rows: 0..31 are P's rows 32..63, 32..63 are A_qk's rows 32..63; X2's: P's rows 0..31, A_qk's rows 0..31.
+    # Kept: j < i in P, j <= i in A_qk (the cross-half entries of X1 are all j < i).
+    ri = gl.arange(0, BT, gl.SliceLayout(1, MMA))
+    cj = gl.arange(0, BT, gl.SliceLayout(0, MMA))[None, :]
+    top = (ri < HB)[:, None]
+    i1 = gl.where(ri < HB, ri + HB, ri)[:, None]
+    i2 = gl.where(ri < HB, ri, ri - HB)[:, None]
+    x1 = gl.where(gl.where(top, i1 > cj, i1 >= cj), x1, 0.0)
+    x2 = gl.where(gl.where(top, i2 > cj, i2 >= cj), x2, 0.0)
+    p_base = Pbuf + (i_c * HV + i_hv).to(gl.int64) * BT * BT
+    gl.store(p_base + (i1 * BT + cj), x1, mask=top)
+    gl.store(p_base + (i2 * BT + cj), x2, mask=top)
+    a_off = (bos * HV + i_hv) * BT
+    m1 = (ri >= HB)[:, None] & (i1 < n_rows)
+    m2 = (ri >= HB)[:, None] & (i2 < n_rows)
+    if SPLIT_A and n_flagged > 0:  # fp32 partial sums: the exact launch completes and rounds them
+        gl.store(Apart + a_off + (i1 * SA + cj), x1, mask=m1)
+        gl.store(Apart + a_off + (i2 * SA + cj), x2, mask=m2)
+    else:
+        gl.store(Aqk + a_off + (i1 * SA + cj), x1.to(Aqk.dtype.element_ty), mask=m1)
+        gl.store(Aqk + a_off + (i2 * SA + cj), x2.to(Aqk.dtype.element_ty), mask=m2)
+
+
+def kda_intra_fast_wgmma(q, k, g, A_log, dt_bias, out: dict, apart: torch.Tensor, flag: torch.Tensor,
+                         chunk_bounds: torch.Tensor, *, scale: float, lower_bound: float | None, use_qk_l2norm: bool,
+                         safe_span: float, split_a: bool) -> None:
+    """The fast launch over q, k ``[TT, H, K]``, g ``[TT, HV, K]`` (raw when A_log) into ``out``'s Aqk, w, qg, kd, dl
+    and P (shapes as ``intra.kda_intra_fwd``'s), the flags ``[NC, HV, K // BLOCK_K]`` and, with split_a, the fp32
+    A_qk partials of flagged chunk-heads in apart. Check ``fast_wgmma_supported`` first."""
+    TT, H, K = q.shape
+    HV = g.shape[1]
+    NC = chunk_bounds.shape[0]
+    has_gate = A_log is not None
+    kda_intra_fast_wgmma_kernel[(NC, HV)](
+        q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g, out["Aqk"], apart, out["w"],
+        out["qg"], out["kd"], out["dl"], out["P"], flag, chunk_bounds, float(scale),
+        float(lower_bound) if lower_bound is not None else 0.0,
+        H=H, HV=HV, K=K, BK=BLOCK_K, BT=64, HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None,
+        HAS_LB=has_gate and lower_bound is not None, USE_L2=use_qk_l2norm, SAFE_SPAN=safe_span, SPLIT_A=split_a,
+        num_warps=NUM_WARPS, **reg_cap(MAX_REGISTERS),
+    )
