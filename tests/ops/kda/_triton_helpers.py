@@ -54,3 +54,26 @@ def precompute(x):
     y["beta"] = torch.sigmoid(x["beta"]).detach()
     y["A_log"] = y["dt_bias"] = y["lower_bound"] = None
     return y
+
+
+def sm90_regs_rows(prefix: str) -> list[list[str]]:
+    """The rows of ``benchmarks/kda_prefill_regs.py --only prefix`` (the kernels compiled for sm_90a, offline, in a
+    subprocess without the interpreter): [name, warps, stages, registers, spill stores B, spill loads B, shared KB,
+    blocks per SM] as strings. Asserts that the script ran, that some row matched and that none failed to compile."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).parents[3] / "benchmarks"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(bench.parent / "src"), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, str(bench / "kda_prefill_regs.py"), "--only", prefix],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in r.stdout.splitlines()
+            if line.startswith(f"| {prefix}")]
+    assert rows, r.stdout
+    for row in rows:
+        assert "error" not in row[3], f"{row[0]}: {row[3]}"
+    return rows

@@ -1,8 +1,6 @@
 """The Gluon walk (recurrence_wgmma.py): where it is used, that it compiles for sm_90a without spills (offline, on
 the CPU), and on an H100 / H200 that it matches the tl walk and a float64 walk over the same stage-1 tensors."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +10,9 @@ import torch
 from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
 from hla.ops.kda.triton.recurrence_wgmma import wgmma_walk_supported
 
-BENCH = Path(__file__).parents[4] / "benchmarks"
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from _triton_helpers import sm90_regs_rows  # noqa: E402
+
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
@@ -46,15 +46,7 @@ def test_not_used_on_the_cpu_nor_for_other_tiles():
 
 
 def test_compiles_for_sm90_without_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(BENCH.parent / "src"), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, str(BENCH / "kda_prefill_regs.py"), "--only", "recurrence wgmma"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| recurrence wgmma")]
-    assert rows, r.stdout
-    for name, _warps, _stages, regs, spill_st, spill_ld, shared_kb, _blocks in rows:
-        assert "error" not in regs, f"{name}: {regs}"
+    for name, _warps, _stages, _regs, spill_st, spill_ld, shared_kb, _blocks in sm90_regs_rows("recurrence wgmma"):
         assert int(spill_st) == 0 and int(spill_ld) == 0, f"{name} spills"
         assert int(shared_kb) <= 227, f"{name} needs {shared_kb} KB of shared memory"
 

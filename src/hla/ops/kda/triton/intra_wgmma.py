@@ -125,6 +125,20 @@ def _row(x, i: gl.constexpr, BK: gl.constexpr, L: gl.constexpr):
 
 
 @gluon.jit
+def _token_tiles(bq, bk, rq, rk, G, Gl, qg, w, kd, off, mask):
+    """One half tile's per-token outputs from its loaded q, k and Gamma: qg = q exp(Gamma), k exp(Gamma) (into w's
+    buffer) and kd = k exp(Gamma_last - Gamma), bf16, at the chunk-head's scalar bases qg, w, kd plus the int32 tile
+    offsets off -> q and k scaled and normalised, fp32."""
+    bq = bq.to(gl.float32) * rq[:, None]
+    bk = bk.to(gl.float32) * rk[:, None]
+    eg = _exp(G)
+    gl.store(qg + off, (bq * eg).to(gl.bfloat16), mask=mask)
+    gl.store(w + off, (bk * eg).to(gl.bfloat16), mask=mask)
+    gl.store(kd + off, (bk * _exp(gl.minimum(Gl - G, 0.0))).to(gl.bfloat16), mask=mask)
+    return bq, bk
+
+
+@gluon.jit
 def _key_block(bq_lo, bq_hi, bk_lo, bk_hi, g_lo, g_hi, kb: gl.constexpr, rq_lo, rq_hi, rk_lo, rk_hi, m_lo, m_hi, t_lo,
                t_hi, a, dt_bias, lower_bound, dl, qg, w, kd, hk, i_c, i_hv, c, xa_s, ma_s, mb_s, km_s, kc_s,
                HV: gl.constexpr, K: gl.constexpr, BK: gl.constexpr, BT: gl.constexpr, L: gl.constexpr,
@@ -150,24 +164,14 @@ def _key_block(bq_lo, bq_hi, bk_lo, bk_hi, g_lo, g_hi, kb: gl.constexpr, rq_lo, 
     gl.store(dl + (i_c * HV + i_hv).to(gl.int64) * K + i_k + c[None, :], _exp(Gl))
 
     # rows 0..31
-    bq = bq_lo.to(gl.float32) * rq_lo[:, None]
-    bk = bk_lo.to(gl.float32) * rk_lo[:, None]
-    eg = _exp(G_lo)
-    gl.store(qg + hk + (t_lo + i_k), (bq * eg).to(gl.bfloat16), mask=m_lo)
-    gl.store(w + hk + (t_lo + i_k), (bk * eg).to(gl.bfloat16), mask=m_lo)
-    gl.store(kd + hk + (t_lo + i_k), (bk * _exp(gl.minimum(Gl - G_lo, 0.0))).to(gl.bfloat16), mask=m_lo)
+    bq, bk = _token_tiles(bq_lo, bk_lo, rq_lo, rk_lo, G_lo, Gl, qg + hk, w + hk, kd + hk, t_lo + i_k, m_lo)
     zero = gl.zeros([HB, BK], gl.bfloat16, L)
     kc_s.index(kb).slice(0, BT).store(_stack((bk * _exp(gl.minimum(G2 - G_lo, 0.0))).to(gl.bfloat16), zero))
     em = _exp(gl.minimum(G_lo - G1, SAFE_SPAN))
     mb_s.index(kb).store(_stack((bk * em).to(gl.bfloat16), (bq * em).to(gl.bfloat16)))
     km_lo = (bk * _exp(gl.minimum(G1 - G_lo, SAFE_SPAN))).to(gl.bfloat16)
     # rows 32..63
-    bq = bq_hi.to(gl.float32) * rq_hi[:, None]
-    bk = bk_hi.to(gl.float32) * rk_hi[:, None]
-    eg = _exp(G_hi)
-    gl.store(qg + hk + (t_hi + i_k), (bq * eg).to(gl.bfloat16), mask=m_hi)
-    gl.store(w + hk + (t_hi + i_k), (bk * eg).to(gl.bfloat16), mask=m_hi)
-    gl.store(kd + hk + (t_hi + i_k), (bk * _exp(gl.minimum(Gl - G_hi, 0.0))).to(gl.bfloat16), mask=m_hi)
+    bq, bk = _token_tiles(bq_hi, bk_hi, rq_hi, rk_hi, G_hi, Gl, qg + hk, w + hk, kd + hk, t_hi + i_k, m_hi)
     ex = _exp(gl.minimum(G_hi - G2, 0.0))
     xa_s.index(kb).store(_stack((bk * ex).to(gl.bfloat16), (bq * ex).to(gl.bfloat16)))
     em = _exp(gl.minimum(G_hi - G3, SAFE_SPAN))
