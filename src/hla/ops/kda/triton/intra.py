@@ -158,11 +158,10 @@ SOLVE_M_PIECES = True
 AQK_BF16 = True
 # The fast launch in Gluon on Hopper (intra_wgmma.py) where it applies. Off by default: it takes 6-10% off the intra
 # stage and 3-7% off the forward (H200, session 16, all four benchmark shapes, both gates: B4 T8192 H32 Kimi gate
-# 2.859 -> 2.692 ms), but with it check_kda_gpu.py's varlen near0 dA_log, the check's borderline value (the gate
-# gradient summed over every token: 9.3e-3 with the tl launch, which left 5 of 300 values over 1e-2 on fresh draws in
-# session 14), read
-# 1.09e-2, past the 1e-2 bound (measured on a version that forms the same operands and products in the same order;
-# every other value stayed within the check's spread). Tests turn it on (tests/ops/kda/triton/test_intra_wgmma.py).
+# 2.859 -> 2.692 ms), but with it check_kda_gpu.py's borderline value, the varlen near0 dA_log (the gate gradient
+# summed over every token; 9.3e-3 with the tl launch, which left 5 of 300 values over 1e-2 on fresh draws in session
+# 14), read 1.09e-2, past the 1e-2 bound (measured on a version that forms the same operands and products in the same
+# order; every other value stayed within the check's spread). Tests turn it on (tests/ops/kda/triton/test_intra_wgmma.py).
 INTRA_WGMMA = False
 
 
