@@ -32,6 +32,12 @@ def refuse_one_stage_16bit(num_stages: int, K: int, tile_bytes: int, walk: str) 
         raise ValueError(f"num_stages: 1 faults for the {walk} with 16-bit tiles (K <= 128); use 2 or 3")
 
 
+def on_hopper(x: torch.Tensor) -> bool:
+    """Whether x lives on an sm_90 GPU and kernels really run there (not the interpreter): where the Gluon kernels
+    (wgmma, TMA) apply."""
+    return not INTERPRET and x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
+
+
 @triton.jit
 def bf16_halves(x):
     """fp32 x -> its bf16 hi and lo halves (x ~ hi + lo to ~16 mantissa bits): two bf16 tensor-core products

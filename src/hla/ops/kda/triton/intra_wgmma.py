@@ -47,7 +47,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from hla.ops.kda.triton.common import INTERPRET, reg_cap
+from hla.ops.kda.triton.common import on_hopper, reg_cap
 
 BLOCK_K = 64  # key-block width: also the flags' width, which the exact launch reads
 NUM_WARPS = 8
@@ -59,11 +59,7 @@ MAX_REGISTERS: int | None = 128
 
 def fast_wgmma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the Gluon fast launch runs these inputs: CUDA sm_90 (wgmma), bf16 q, k, v, K in {64, 128}."""
-    if INTERPRET or not q.is_cuda:
-        return False
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return False
-    return (q.dtype == k.dtype == v.dtype == torch.bfloat16) and q.shape[-1] in (64, 128)
+    return on_hopper(q) and (q.dtype == k.dtype == v.dtype == torch.bfloat16) and q.shape[-1] in (64, 128)
 
 
 @gluon.jit

@@ -27,7 +27,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from hla.ops.kda.triton.common import INTERPRET
+from hla.ops.kda.triton.common import on_hopper
 
 # Ring slots (chunks in flight). H200, B1 T8192 H32 D128 (session 15, forward walk): 3 slots 0.210 / 0.219 ms,
 # 2 slots 0.256: TMA's latency is not covered by one chunk's products. A slot holds w, kd, qg [64, K] bf16,
@@ -43,11 +43,9 @@ def wgmma_walk_supported(w: torch.Tensor, u: torch.Tensor, aqk: torch.Tensor, wr
     V a multiple of 64; either the output walk (write_o, bf16 o: an fp32 o's store staging would not fit beside three
     slots) or the backward's states walk (store_h, bf16 snapshots of h and v_new), not both in one launch (their tiles
     would not fit the shared memory together)."""
-    if INTERPRET or not w.is_cuda or write_o == store_h or (write_o and out_dtype != torch.bfloat16):
+    if not on_hopper(w) or write_o == store_h or (write_o and out_dtype != torch.bfloat16):
         return False
     if store_h and (h_dtype != torch.bfloat16 or vnew_dtype != torch.bfloat16):
-        return False
-    if torch.cuda.get_device_capability(w.device) != (9, 0):
         return False
     K, V = w.shape[-1], u.shape[-1]
     return (w.dtype == torch.bfloat16 and aqk.dtype == torch.bfloat16 and u.dtype == torch.float32
