@@ -89,7 +89,8 @@ def cases():
         yield (f"intra per-token BK={bk} cap {cap}", kda_intra_fwd_kernel, intra_t,
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=bk, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=SAFE_SPAN, EXACT=False,
                     PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, **GATE), nw, 1, cap)
-    solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32)
+    solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32, kd=BF16, Aqk=BF16,
+                   AqkM=BF16)
     # launched: 2 warps, intra.SOLVE_STAGES (every row here at that), the inverse in intra.SOLVE_INV_PRECISION for
     # 16-bit inputs (ieee for fp32); w, u from M's bf16 halves uncapped for bf16 inputs (intra.SOLVE_M_PIECES), one
     # tf32 product at intra.SOLVE_MAX_REGISTERS for fp16 inputs
@@ -100,6 +101,11 @@ def cases():
         yield (f"solve inverse {inv} cap {cap} M halves {pieces}", kda_intra_solve_kernel, solve_t,
                dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV=inv,
                     INVERT=True, M_PIECES=pieces), nw, SOLVE_STAGES, cap)
+    # the forward's solve with the premultiplied walk operands (chunk.PREMULTIPLY): AqkM and kd <- (M diag(beta))^T kd
+    yield (f"solve premultiplied, inverse {SOLVE_INV_PRECISION}, M halves {SOLVE_M_PIECES}", kda_intra_solve_kernel,
+           solve_t, dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32",
+                         PREC_INV=SOLVE_INV_PRECISION, INVERT=True, M_PIECES=SOLVE_M_PIECES, PREMUL=True), 2,
+           SOLVE_STAGES, None)
     yield (f"solve, saved M, M halves {SOLVE_M_PIECES}", kda_intra_solve_kernel, solve_t,
            dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee",
                 INVERT=False, M_PIECES=SOLVE_M_PIECES), 2, SOLVE_STAGES,

@@ -69,7 +69,7 @@ def _walk_f64(st, cu, h0):
     return o, torch.stack(states)
 
 
-def _gpu_stage1(lengths, HV, K, V):
+def _gpu_stage1(lengths, HV, K, V, premultiply=False):
     """Stage-1 tensors as the forward makes them (kda_intra_fwd on bf16 raw projections, bounded gate)."""
     from hla.ops.kda.triton.chunk import _ChunkMeta
     from hla.ops.kda.triton.intra import kda_intra_fwd
@@ -84,7 +84,7 @@ def _gpu_stage1(lengths, HV, K, V):
     st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, scale=K**-0.5,
                        A_log=torch.empty(HV, device=dev).uniform_(1, 16).log(),
                        dt_bias=torch.randn(HV * K, device=dev) * 0.5 - 3, lower_bound=-5.0, use_qk_l2norm=True,
-                       use_beta_sigmoid=True)
+                       use_beta_sigmoid=True, premultiply=premultiply)
     return st, meta
 
 
@@ -108,6 +108,32 @@ def test_matches_the_tl_walk_and_float64(K, lengths):
 
     # both walks round v_new to bf16 for the products and o to bf16 (~2.5e-3 from float64, session 15) and agree to
     # ~2.5e-5 (the same fp32 values rounded)
+    assert rel(o_g, o_r) < 5e-3 and rel(s_g, s_r) < 5e-3
+    assert rel(o_g, o_t.double()) < 2e-4 and rel(s_g, s_t.double()) < 2e-4
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (wgmma)")
+@pytest.mark.parametrize("K,lengths", [(128, [1000, 64, 333]), (64, [1, 900])])
+def test_premultiplied_walk_matches_the_tl_walk_and_float64(K, lengths):
+    # the forward's walk over v, k exp(Gamma), (M diag(beta))^T kd and A_qk M diag(beta) (chunk.PREMULTIPLY)
+    import hla.ops.kda.triton.recurrence as rec
+
+    torch.manual_seed(0)
+    pre, meta = _gpu_stage1(lengths, 3, K, 128, premultiply=True)
+    torch.manual_seed(0)
+    plain, _ = _gpu_stage1(lengths, 3, K, 128)
+    walk_st = dict(pre, Aqk=pre["AqkM"])
+    assert pre["u"].dtype == torch.bfloat16
+    assert rec._use_wgmma_walk(walk_st, True, False, True, (None, None, None), premultiplied=True)
+    h0 = torch.randn(meta.N, 3, K, 128, device="cuda") * 0.1
+    run = dict(initial_state=h0, output_final_state=True, out_dtype=torch.bfloat16)
+    o_g, s_g, _, _ = kda_recurrence_fwd(walk_st, meta.cu, meta.chunk_offsets, **run, premultiplied=True)
+    o_t, s_t, _, _ = kda_recurrence_fwd(walk_st, meta.cu, meta.chunk_offsets, block_v=32, **run, premultiplied=True)
+    o_r, s_r = _walk_f64(plain, meta.cu.tolist(), h0)
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
     assert rel(o_g, o_r) < 5e-3 and rel(s_g, s_r) < 5e-3
     assert rel(o_g, o_t.double()) < 2e-4 and rel(s_g, s_t.double()) < 2e-4
 

@@ -1,12 +1,12 @@
 """Chunked KDA in Triton: host side, launch order and the autograd wiring.
 
 Forward, four launches: the intra-chunk stage (intra.py: a fast pass with the gate, l2norm and beta
-fused, an exact pass only for the key blocks it flagged, and the solve for w, u), then the
-recurrence that also writes the output (recurrence.py). Saved for the backward: the inputs and stage
-1's per-chunk matrices A_qk, P and M (three [64, 64] tiles per chunk and value head, P and M in fp32,
-A_qk in bf16 for bf16 inputs: 640 bytes per token and head, about 0.6x the bf16 q, k, v, g at
-K = V = 128; 768 with an fp32 A_qk), the part of stage 1 that costs
-tensor-core pair products, the exact launch and the inverse. The backward recomputes the per-token
+fused, an exact pass only for the key blocks it flagged, and the solve, which folds M diag(beta) into the
+walk's kd and A_qk: PREMULTIPLY), then the recurrence that also writes the output (recurrence.py).
+Saved for the backward: the inputs and stage 1's per-chunk matrices A_qk, P and M (three [64, 64]
+tiles per chunk and value head, P and M in fp32, A_qk in bf16 for bf16 inputs: 640 bytes per token
+and head, about 0.6x the bf16 q, k, v, g at K = V = 128; 768 with an fp32 A_qk), the part of stage 1
+that costs tensor-core pair products, the exact launch and the inverse. The backward recomputes the per-token
 tensors of stage 1 (qg, kd, w, u and, for the intra backward, Gamma in fp32 and the rows' inverse
 norms: larger than the matrices, cheap to form), re-runs the recurrence storing each chunk's entry
 state and v_new, walks the chunks in reverse for the state gradients and forms the per-chunk
@@ -82,6 +82,12 @@ def _intra_kwargs(opts: dict, A_log: torch.Tensor | None, dt_bias: torch.Tensor 
                 use_qk_l2norm=opts["use_qk_l2norm"], use_beta_sigmoid=opts["use_beta_sigmoid"])
 
 
+# The forward's output walk over the premultiplied operands (intra.kda_intra_fwd's premultiply): the solve writes
+# (M diag(beta))^T kd and A_qk M diag(beta) instead of w and an fp32 u, and the walk reads v instead of u. False: the
+# walk over w, u as the backward's states walk still takes them.
+PREMULTIPLY = True
+
+
 class KDAChunkTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, A_log, dt_bias, initial_state, opts):
@@ -97,9 +103,12 @@ class KDAChunkTriton(torch.autograd.Function):
             return v.new_empty(B, T, HV, V), ht
         flat = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta)]
         h0 = initial_state.contiguous() if initial_state is not None else None
-        st = kda_intra_fwd(*flat, meta.chunk_bounds, chunk_size=meta.BT, **_intra_kwargs(opts, A_log, dt_bias))
-        o, ht, _, _ = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=h0,
-                                         output_final_state=opts["output_final_state"], out_dtype=v.dtype)
+        st = kda_intra_fwd(*flat, meta.chunk_bounds, chunk_size=meta.BT, **_intra_kwargs(opts, A_log, dt_bias),
+                           premultiply=PREMULTIPLY)
+        o, ht, _, _ = kda_recurrence_fwd(dict(st, Aqk=st["AqkM"]) if PREMULTIPLY else st, meta.cu,
+                                         meta.chunk_offsets, initial_state=h0,
+                                         output_final_state=opts["output_final_state"], out_dtype=v.dtype,
+                                         premultiplied=PREMULTIPLY)
         ctx.save_for_backward(*flat, A_log, dt_bias, h0, st["Aqk"], st["P"], st["M"])
         ctx.meta, ctx.opts, ctx.shape = meta, opts, (B, T, H, K, HV, V)
         return o.view(B, T, HV, V), ht

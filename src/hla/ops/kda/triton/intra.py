@@ -387,14 +387,15 @@ def kda_intra_fwd_kernel(
 
 @triton.jit
 def kda_intra_solve_kernel(
-    v, beta, w, u, Pbuf, Mbuf, chunk_bounds,
+    v, beta, w, u, Pbuf, Mbuf, chunk_bounds, kd, Aqk, AqkM,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr, INVERT: tl.constexpr = True,
-    M_PIECES: tl.constexpr = False,
+    M_PIECES: tl.constexpr = False, PREMUL: tl.constexpr = False,
 ):
     """Second launch of stage 1 (its own registers, so more programs fit per SM): M from P, then
     w = M diag(beta) (k exp(Gamma)) in place over w's buffer and u = M diag(beta) v. INVERT=False:
-    M is read from Mbuf (saved by the forward)."""
+    M is read from Mbuf (saved by the forward). PREMUL (the forward's output walk): no w, u; instead
+    kd <- (M diag(beta))^T kd in place and AqkM = A_qk M diag(beta) (see ``kda_intra_fwd``)."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
     n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
@@ -461,6 +462,29 @@ def kda_intra_solve_kernel(
     b_m = tl.load(m_base + o_t[:, None] * BT + o_t[None, :]) * b_beta[None, :]
     if M_PIECES:
         b_mh, b_ml = bf16_halves(b_m)
+    if PREMUL:
+        # AqkM = A_qk (M diag(beta)); then kd <- (M diag(beta))^T kd, key block by key block, in place
+        off_a = (bos * HV + i_hv) * BT + o_t[:, None] * (HV * BT) + o_t[None, :]
+        b_a = tl.load(Aqk + off_a, mask=m_t[:, None], other=0.0)
+        if M_PIECES:
+            b_am = tl.dot(b_a, b_ml, tl.dot(b_a, b_mh))
+        else:
+            b_am = tl.dot(b_a.to(tl.float32), b_m, input_precision=PREC)
+        tl.store(AqkM + off_a, b_am.to(AqkM.dtype.element_ty), mask=m_t[:, None])
+        b_mt = tl.load(m_base + o_t[None, :] * BT + o_t[:, None]) * b_beta[:, None]
+        if M_PIECES:
+            b_mth, b_mtl = bf16_halves(b_mt)
+        for i_k in range(0, K, BK):
+            o_k = i_k + tl.arange(0, BK)
+            m = m_t[:, None] & (o_k < K)[None, :]
+            p_kd = (kd + hk_base) + o_t[:, None] * SG + o_k[None, :]
+            b_x = tl.load(p_kd, mask=m, other=0.0)
+            if M_PIECES:
+                b_kx = tl.dot(b_mtl, b_x, tl.dot(b_mth, b_x))
+            else:
+                b_kx = tl.dot(b_mt, b_x.to(tl.float32), input_precision=PREC)
+            tl.store(p_kd, b_kx.to(kd.dtype.element_ty), mask=m)
+        return
     for i_v in range(0, V, BV):
         o_v = i_v + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
@@ -520,6 +544,7 @@ def kda_intra_fwd(
     safe_span: float | None = None,
     saved: dict[str, torch.Tensor] | None = None,
     store_gamma: bool = False,
+    premultiply: bool = False,
 ) -> dict[str, torch.Tensor]:
     """q, k ``[TT, H, K]``, v ``[TT, HV, V]``, g ``[TT, HV, K]`` (raw when A_log), beta ``[TT, HV]``
     (flattened tokens), chunk_bounds int32 ``[NC, 2]`` -> dict: Aqk ``[TT, HV, 64]`` (zero above the
@@ -538,7 +563,18 @@ def kda_intra_fwd(
 
     saved: Aqk, P and M from an earlier call on the same inputs (the forward keeps them for the
     backward): then only the per-token tensors are recomputed (qg, kd, dl, w, u; no pair products, no
-    exact launch, no inverse), the saved three are returned as they are and there is no exact_flag."""
+    exact launch, no inverse), the saved three are returned as they are and there is no exact_flag.
+
+    premultiply (the forward's output walk; not with saved): M diag(beta) goes into the walk's other operands
+    instead of into w and u. With v_new = M diag(beta) Z, Z = v - k exp(Gamma) S, the walk's o = qg S + A_qk v_new
+    and S <- diag(dl) S + kd^T v_new become o = qg S + (A_qk M diag(beta)) Z and S <- diag(dl) S + ((M diag(beta))^T
+    kd)^T Z: the same walk over w = k exp(Gamma) (as the fast pass left it), u = v (the input itself, not an fp32
+    copy), kd = (M diag(beta))^T kd (in place) and A_qk = AqkM = A_qk M diag(beta) (returned beside the unchanged
+    Aqk, which the backward keeps). The solve then reads P and kd, A_qk and writes kd, AqkM: neither v nor an fp32 u
+    is read or written (at K = V = 128, bf16: 96 instead of 128 KB a chunk-head in the solve, 64 instead of 72 KB a
+    chunk in each 64-column walk program)."""
+    if premultiply and saved is not None:
+        raise ValueError("kda_intra_fwd: premultiply is for the forward's own pair products, not with saved")
     if chunk_size != 64:
         raise ValueError(f"chunk_size: the triton backend supports 64, got {chunk_size}")
     TT, H, K = q.shape
@@ -554,7 +590,7 @@ def kda_intra_fwd(
         mats = {n: saved[n] for n in ("Aqk", "P", "M")}
     out = dict(
         w=torch.empty(TT, HV, K, device=dev, dtype=v.dtype),
-        u=torch.empty(TT, HV, V, device=dev, dtype=f32),
+        u=v if premultiply else torch.empty(TT, HV, V, device=dev, dtype=f32),
         qg=torch.empty(TT, HV, K, device=dev, dtype=v.dtype),
         kd=torch.empty(TT, HV, K, device=dev, dtype=v.dtype),
         dl=torch.empty(NC, HV, K, device=dev, dtype=f32),
@@ -607,10 +643,13 @@ def kda_intra_fwd(
         out["exact_flag"] = flag
     inv_prec = "ieee" if INTERPRET else prec_inv or (SOLVE_INV_PRECISION if half_inputs else "ieee")
     m_pieces = SOLVE_M_PIECES and not INTERPRET and v.dtype == torch.bfloat16
+    if premultiply:
+        out["AqkM"] = torch.empty_like(out["Aqk"])
     kda_intra_solve_kernel[(NC, HV)](
-        v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds,
+        v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds, out["kd"], out["Aqk"],
+        out.get("AqkM", out["Aqk"]),
         HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
-        PREC="ieee" if INTERPRET else "tf32", PREC_INV=inv_prec, INVERT=pairs, M_PIECES=m_pieces,
+        PREC="ieee" if INTERPRET else "tf32", PREC_INV=inv_prec, INVERT=pairs, M_PIECES=m_pieces, PREMUL=premultiply,
         num_warps=solve_warps or SOLVE_WARPS, num_stages=SOLVE_STAGES,
         **reg_cap(SOLVE_MAX_REGISTERS if half_inputs and not m_pieces else None),
     )

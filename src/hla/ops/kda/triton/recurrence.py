@@ -35,7 +35,7 @@ def kda_recurrence_fwd_kernel(
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_H: tl.constexpr, WRITE_O: tl.constexpr,
-    SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SPLIT: tl.constexpr, NUM_STAGES: tl.constexpr, VN_SPLIT: tl.constexpr = False,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -93,7 +93,11 @@ def kda_recurrence_fwd_kernel(
             if SPLIT:
                 b_o += tl.dot(b_qg, b_sl)
             tl.store((o + off_v) + p_tv, b_o.to(o.dtype.element_ty), mask=m_tv)
-        b_s = b_s * b_dl[:, None] + tl.dot(tl.trans(b_kd), b_vnc)
+        if VN_SPLIT:  # v_new's hi + lo halves into the state (the premultiplied walk: see kda_recurrence_fwd)
+            b_s = b_s * b_dl[:, None] + tl.dot(tl.trans(b_kd), (b_vn - b_vnc.to(tl.float32)).to(b_w.dtype),
+                                                 tl.dot(tl.trans(b_kd), b_vnc))
+        else:
+            b_s = b_s * b_dl[:, None] + tl.dot(tl.trans(b_kd), b_vnc)
 
     if STORE_FINAL:
         tl.store(ht + (i_n * HV + i_hv).to(tl.int64) * K * V + p_s, b_s, mask=m_s)
@@ -127,12 +131,13 @@ WGMMA_WALK = True
 
 def _use_wgmma_walk(st: dict, write_o: bool, store_h: bool, split: bool, overrides: tuple,
                     h_dtype: torch.dtype | None = None, vnew_dtype: torch.dtype | None = None,
-                    out_dtype: torch.dtype = torch.bfloat16) -> bool:
+                    out_dtype: torch.dtype = torch.bfloat16, premultiplied: bool = False) -> bool:
     if not (WGMMA_WALK and split) or any(x is not None for x in overrides):
         return False
     from hla.ops.kda.triton.recurrence_wgmma import wgmma_walk_supported
 
-    return wgmma_walk_supported(st["w"], st["u"], st["Aqk"], write_o, store_h, h_dtype, vnew_dtype, out_dtype)
+    return wgmma_walk_supported(st["w"], st["u"], st["Aqk"], write_o, store_h, h_dtype, vnew_dtype, out_dtype,
+                                premultiplied)
 
 
 def _pick_bv(n_programs_per_block: int, V: int) -> int:
@@ -149,19 +154,27 @@ def kda_recurrence_fwd(
     initial_state: torch.Tensor | None, output_final_state: bool, out_dtype: torch.dtype,
     store_h: bool = False, write_o: bool = True, block_v: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, split: bool = True, h_dtype: torch.dtype | None = None,
-    vnew_dtype: torch.dtype | None = None,
+    vnew_dtype: torch.dtype | None = None, premultiplied: bool = False,
 ):
     """st: the intra stage's dict (w, u, qg, kd, dl, Aqk) -> (o ``[TT, HV, V]``, final ``[N, HV, K, V]``
     or None, h ``[NC, HV, K, V]`` or None, v_new ``[TT, HV, V]`` or None); h, v_new for the backward, in
-    h_dtype / vnew_dtype (None: ``snapshot_dtypes``)."""
+    h_dtype / vnew_dtype (None: ``snapshot_dtypes``).
+
+    premultiplied: st from ``kda_intra_fwd(..., premultiply=True)`` with Aqk = its AqkM (u is then v in its own
+    dtype, and what the walk calls v_new is Z = v - k exp(Gamma) S, whose M diag(beta) sits in kd and A_qk). Z enters
+    the state update as bf16 hi + lo halves: with it rounded once, the float64 model
+    (benchmarks/kda_premultiplied_model.py) put the final state's error 8-20% above the unpremultiplied walk's, with
+    the halves 2-9% below it."""
     TT, HV, K = st["w"].shape
     V = st["u"].shape[-1]
     N = cu_seqlens.shape[0] - 1
     NC = st["dl"].shape[0]
     h_default, vnew_default = snapshot_dtypes(st["w"].dtype)
     h_dtype, vnew_dtype = h_dtype or h_default, vnew_dtype or vnew_default
+    if premultiplied and (store_h or not write_o):
+        raise ValueError("kda_recurrence_fwd: the premultiplied walk is the output walk (write_o, no store_h)")
     wgmma = _use_wgmma_walk(st, write_o, store_h, split, (block_v, num_warps, num_stages), h_dtype, vnew_dtype,
-                            out_dtype)
+                            out_dtype, premultiplied)
     if K > 128:
         # K = 256 on the H200 (2026-11-26, compute-sanitizer): BV 16 / 4 warps, BV 32 / 4 or 8 warps read
         # shared memory out of bounds in the output product (a code-generation fault; the chain's, in
@@ -178,14 +191,15 @@ def kda_recurrence_fwd(
     if wgmma:
         from hla.ops.kda.triton.recurrence_wgmma import kda_walk_wgmma
 
-        kda_walk_wgmma(st, cu_seqlens, chunk_offsets, initial_state, o, ht, h, vnew)
+        kda_walk_wgmma(st, cu_seqlens, chunk_offsets, initial_state, o, ht, h, vnew, vn_split=premultiplied)
         return o, ht, h, vnew
     dummy = st["u"]
     if num_stages is None:
-        # Each pipeline stage holds one chunk's w, kd, qg [64, K], u [64, BV] fp32 and A_qk [64, 64]: 64 KB
-        # for bf16 at K=128, BV=32 with the bf16 A_qk (3 stages measured at 197 KB of the 227 KB of an sm_90
-        # SM; 213 KB with an fp32 A_qk). fp32 inputs or K=256 fit one stage only.
-        per_stage = 64 * (3 * K * st["w"].element_size() + 4 * BV + 64 * st["Aqk"].element_size())
+        # Each pipeline stage holds one chunk's w, kd, qg [64, K], u [64, BV] (fp32; the premultiplied walk's u is v
+        # itself) and A_qk [64, 64]: 64 KB for bf16 at K=128, BV=32 with the bf16 A_qk (3 stages measured at 197 KB of
+        # the 227 KB of an sm_90 SM; 213 KB with an fp32 A_qk). fp32 inputs or K=256 fit one stage only.
+        per_stage = 64 * (3 * K * st["w"].element_size() + st["u"].element_size() * BV
+                          + 64 * st["Aqk"].element_size())
         num_stages = max(1, min(3, (220 * 1024) // per_stage))
     refuse_one_stage_16bit(num_stages, K, st["w"].element_size(), "recurrence")
     kda_recurrence_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
@@ -195,7 +209,7 @@ def kda_recurrence_fwd(
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BK=next_pow2(K), BV=BV, BT=64,
         HAS_H0=initial_state is not None, STORE_FINAL=output_final_state, STORE_H=store_h, WRITE_O=write_o,
-        SPLIT=split, NUM_STAGES=num_stages, num_warps=num_warps,
+        SPLIT=split, NUM_STAGES=num_stages, VN_SPLIT=premultiplied, num_warps=num_warps,
     )
     return o, ht, h, vnew
 

@@ -11,6 +11,7 @@ v_new^T rounded to bf16, as ``recurrence.py`` does with SPLIT) and its right ope
 memory, where TMA puts each chunk's tiles three chunks ahead. The Triton (tl) walk stages S through shared memory
 twice per chunk and waits on CTA barriers for it; here S never leaves the registers. (The compiler still places 15
 barriers in each chunk's SASS: around the five TMA issues and in the four rounds of the o store's layout change.)
+The forward's walk may run over premultiplied operands (u = v, VN_SPLIT: see ``recurrence.kda_recurrence_fwd``).
 
 Written in Gluon (``triton.experimental.gluon``, Triton 3.6) because tl cannot keep an accumulator as a register
 operand of the next product, nor place loads with TMA into a ring the program manages. Hopper only (wgmma); the
@@ -31,25 +32,26 @@ from hla.ops.kda.triton.common import on_hopper
 
 # Ring slots (chunks in flight). H200, B1 T8192 H32 D128 (session 15, forward walk): 3 slots 0.210 / 0.219 ms,
 # 2 slots 0.256: TMA's latency is not covered by one chunk's products. A slot holds w, kd, qg [64, K] bf16,
-# A_qk [64, 64] bf16 and u [64, 64] fp32: 72 KB at K = 128, so 3 slots take 216 KB of the SM's 227.
+# A_qk [64, 64] bf16 and u [64, 64] fp32 (bf16 in the premultiplied walk): 72 KB at K = 128, so 3 slots take 216 KB
+# of the SM's 227 (192 KB premultiplied).
 WALK_SLOTS = 3
 BV = 64  # value columns per CTA: the M of one wgmma
 
 
 def wgmma_walk_supported(w: torch.Tensor, u: torch.Tensor, aqk: torch.Tensor, write_o: bool, store_h: bool,
                          h_dtype: torch.dtype | None = None, vnew_dtype: torch.dtype | None = None,
-                         out_dtype: torch.dtype = torch.bfloat16) -> bool:
+                         out_dtype: torch.dtype = torch.bfloat16, premultiplied: bool = False) -> bool:
     """Whether the Gluon walk runs these tiles: CUDA sm_90 (wgmma), bf16 w / qg / kd with a bf16 A_qk, K in {64, 128},
     V a multiple of 64; either the output walk (write_o, bf16 o: an fp32 o's store staging would not fit beside three
     slots) or the backward's states walk (store_h, bf16 snapshots of h and v_new), not both in one launch (their tiles
-    would not fit the shared memory together)."""
+    would not fit the shared memory together). u is fp32, or bf16 for the premultiplied output walk (u = v)."""
     if not on_hopper(w) or write_o == store_h or (write_o and out_dtype != torch.bfloat16):
         return False
     if store_h and (h_dtype != torch.bfloat16 or vnew_dtype != torch.bfloat16):
         return False
     K, V = w.shape[-1], u.shape[-1]
-    return (w.dtype == torch.bfloat16 and aqk.dtype == torch.bfloat16 and u.dtype == torch.float32
-            and K in (64, 128) and V % BV == 0)
+    u_ok = u.dtype == torch.float32 or (premultiplied and write_o and u.dtype == torch.bfloat16)
+    return w.dtype == torch.bfloat16 and aqk.dtype == torch.bfloat16 and u_ok and K in (64, 128) and V % BV == 0
 
 
 @gluon.jit
@@ -85,9 +87,11 @@ def kda_walk_wgmma_kernel(
     w_desc, kd_desc, qg_desc, a_desc, u_desc, dl, h0, o, ht, h, vnew, cu_seqlens, chunk_offsets,
     HV: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BT: gl.constexpr,
     HAS_H0: gl.constexpr, STORE_FINAL: gl.constexpr, WRITE_O: gl.constexpr, STORE_H: gl.constexpr, NS: gl.constexpr,
+    VN_SPLIT: gl.constexpr = False,
 ):
     """WRITE_O: the forward's walk (o, and the final state with STORE_FINAL). STORE_H: the backward's states walk,
-    storing each chunk's entry state h ``[NC, HV, K, V]`` and the v_new tiles ``[TT, HV, V]`` (both bf16), no o."""
+    storing each chunk's entry state h ``[NC, HV, K, V]`` and the v_new tiles ``[TT, HV, V]`` (both bf16), no o.
+    VN_SPLIT (the premultiplied output walk, u bf16): v_new enters the state update as bf16 hi + lo halves."""
     BV: gl.constexpr = 64
     # wgmma accumulators: [BV, BT] (v_new^T, o^T) and [BV, K] (S^T); each warp owns 16 of the BV rows
     MT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
@@ -96,7 +100,8 @@ def kda_walk_wgmma_kernel(
     AK: gl.constexpr = gl.DotOperandLayout(0, MK, 2)
     # o^T, v_new^T [BV, BT] and S^T [BV, K] for the stores: 8 consecutive value columns per thread (16-byte stores)
     LO: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
-    NBYTES: gl.constexpr = (3 if WRITE_O else 2) * BT * K * 2 + (BT * BT * 2 if WRITE_O else 0) + BT * BV * 4
+    U_BYTES: gl.constexpr = u_desc.dtype.primitive_bitwidth // 8
+    NBYTES: gl.constexpr = (3 if WRITE_O else 2) * BT * K * 2 + (BT * BT * 2 if WRITE_O else 0) + BT * BV * U_BYTES
 
     i_v, i_nh = gl.program_id(0), gl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -113,7 +118,7 @@ def kda_walk_wgmma_kernel(
     else:  # never read: _fill's qg / A_qk loads are compiled out
         qg_s = w_s
         a_s = w_s
-    u_s = gl.allocate_shared_memory(gl.float32, [NS, BT, BV], u_desc.layout)
+    u_s = gl.allocate_shared_memory(u_desc.dtype, [NS, BT, BV], u_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(NS):
         mbarrier.init(bars.index(s), count=1)
@@ -156,7 +161,8 @@ def kda_walk_wgmma_kernel(
         y = warpgroup_mma_wait(2 if WRITE_O else 0, deps=(y,))
         # rows past the sequence end hold the next sequence's tokens: v_new = 0 there keeps them out of S
         m_t = (t * BT + ct) < seq_len
-        vn = gl.where(m_t[None, :], u_s.index(sl).permute([1, 0]).load(MT) - y, 0.0).to(gl.bfloat16)
+        vn32 = gl.where(m_t[None, :], u_s.index(sl).permute([1, 0]).load(MT).to(gl.float32) - y, 0.0)
+        vn = vn32.to(gl.bfloat16)
         tok = (seq_bos + t * BT).to(gl.int64)
         m_o = (t * BT + co < seq_len)[None, :]
         p_o = (tok * HV + i_hv) * V + i_v * BV + (co[None, :] * (HV * V) + ro[:, None])
@@ -165,6 +171,9 @@ def kda_walk_wgmma_kernel(
         if WRITE_O:
             oT = warpgroup_mma(gl.convert_layout(vn, AT), a_s.index(sl).permute([1, 0]), oT, is_async=True)
         b_s = warpgroup_mma(gl.convert_layout(vn, AK), kd_s.index(sl), b_s * b_dl[None, :], is_async=True)
+        if VN_SPLIT:
+            vn_lo = (vn32 - vn.to(gl.float32)).to(gl.bfloat16)
+            b_s = warpgroup_mma(gl.convert_layout(vn_lo, AK), kd_s.index(sl), b_s, is_async=True)
         if WRITE_O:
             oT, b_s, a_hi, a_lo = warpgroup_mma_wait(0, deps=(oT, b_s, a_hi, a_lo))
             gl.store(o + p_o, gl.convert_layout(oT.to(o.dtype.element_ty), LO), mask=m_o)
@@ -186,7 +195,7 @@ def _descriptor(x: torch.Tensor, block: list[int]) -> TensorDescriptor:
 def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor,
                    initial_state: torch.Tensor | None, o: torch.Tensor | None, ht: torch.Tensor | None,
                    h: torch.Tensor | None = None, vnew: torch.Tensor | None = None,
-                   num_slots: int | None = None) -> None:
+                   num_slots: int | None = None, vn_split: bool = False) -> None:
     """The walk over the intra stage's w, qg, kd ``[TT, HV, K]`` bf16, u ``[TT, HV, V]`` fp32, A_qk ``[TT, HV, 64]``
     bf16 and dl ``[NC, HV, K]`` fp32, from initial_state ``[N, HV, K, V]`` fp32 (or zeros), writing what is given:
     o ``[TT, HV, V]`` (the output walk), or h ``[NC, HV, K, V]`` and vnew ``[TT, HV, V]`` bf16 (the states walk), and
@@ -206,5 +215,5 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
         ht if ht is not None else dummy, h if h is not None else dummy, vnew if vnew is not None else dummy,
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BT=64, HAS_H0=initial_state is not None, STORE_FINAL=ht is not None, WRITE_O=write_o,
-        STORE_H=h is not None, NS=num_slots or WALK_SLOTS, num_warps=4,
+        STORE_H=h is not None, NS=num_slots or WALK_SLOTS, VN_SPLIT=vn_split, num_warps=4,
     )
