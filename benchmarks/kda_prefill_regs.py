@@ -56,7 +56,7 @@ from hla.ops.kda.triton.recurrence_bwd import (  # noqa: E402
     kda_state_grad_chain_kernel,
     kda_state_grad_products_kernel,
 )
-from hla.ops.kda.triton.recurrence_wgmma import WALK_SLOTS, kda_walk_wgmma_kernel  # noqa: E402
+from hla.ops.kda.triton.recurrence_wgmma import DL_LAYOUT, WALK_SLOTS, kda_walk_wgmma_kernel  # noqa: E402
 from kda_regs import blocks_per_sm, compile_report, tma_type  # noqa: E402
 
 HV, K, V, BT = 32, 128, 128, 64
@@ -120,7 +120,8 @@ def cases():
     bf, f32 = torch.bfloat16, torch.float32
     walk_t = dict(w_desc=tma_type((8192, HV * K), [BT, K], bf), kd_desc=tma_type((8192, HV * K), [BT, K], bf),
                   qg_desc=tma_type((8192, HV * K), [BT, K], bf), a_desc=tma_type((8192, HV * BT), [BT, BT], bf),
-                  u_desc=tma_type((8192, HV * V), [BT, 64], f32), dl=F32, h0=F32, o=BF16, ht=F32, h=BF16, vnew=BF16,
+                  u_desc=tma_type((8192, HV * V), [BT, 64], f32),
+                  dl_desc=tma_type((128 * HV, K), [1, K], f32, DL_LAYOUT), h0=F32, o=BF16, ht=F32, h=BF16, vnew=BF16,
                   cu_seqlens=I32, chunk_offsets=I32)
     for slots in sorted({WALK_SLOTS, 2}, reverse=True):
         yield (f"recurrence wgmma slots={slots}", kda_walk_wgmma_kernel, walk_t,

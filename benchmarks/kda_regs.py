@@ -81,10 +81,11 @@ def compile_sm90(fn, types: dict[str, str], constexprs: dict, num_warps: int, nu
     return triton.compile(src, target=SM90, options=options)
 
 
-def tma_type(shape: tuple[int, int], block: list[int], dtype) -> str:
+def tma_type(shape: tuple[int, int], block: list[int], dtype, layout=None) -> str:
     """The signature type of a Gluon TMA descriptor argument (what the launcher derives from a TensorDescriptor of
-    a `shape` tensor of torch `dtype` with boxes of `block` in the default NVMMA shared layout)."""
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if dtype == torch.bfloat16 else gl.float32)
+    a `shape` tensor of torch `dtype` with boxes of `block` in `layout`, by default the default NVMMA shared layout)."""
+    layout = layout or gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if dtype == torch.bfloat16
+                                                            else gl.float32)
     return mangle_type(TensorDescriptor.from_tensor(torch.zeros(shape, dtype=dtype), block, layout))
 
 

@@ -8,10 +8,11 @@ kd^T v_new), computed transposed, so that the state never leaves the registers o
 One CTA (one warpgroup, 4 warps) per (sequence, value head, 64 value columns) holds S^T ``[64, K]`` fp32 in the
 accumulator layout of ``wgmma``. Every product takes its left operand from registers (S^T as its bf16 hi + lo halves,
 v_new^T rounded to bf16, as ``recurrence.py`` does with SPLIT) and its right operand (w, qg, A_qk, kd) from shared
-memory, where TMA puts each chunk's tiles three chunks ahead. The Triton (tl) walk stages S through shared memory
-twice per chunk and waits on CTA barriers for it; here S never leaves the registers. (The compiler still places 15
-barriers in each chunk's SASS: around the five TMA issues and in the four rounds of the o store's layout change.)
-The forward's walk may run over premultiplied operands (u = v, VN_SPLIT: see ``recurrence.kda_recurrence_fwd``).
+memory, where TMA puts each chunk's tiles (and its decay row dl) three chunks ahead. The Triton (tl) walk stages S
+through shared memory twice per chunk and waits on CTA barriers for it; here S never leaves the registers. (The
+compiler still places barriers in each chunk's SASS: around the TMA issues and in the four rounds of the o store's
+layout change.) The forward's walk may run over premultiplied operands (u = v, VN_SPLIT: see
+``recurrence.kda_recurrence_fwd``).
 
 Written in Gluon (``triton.experimental.gluon``, Triton 3.6) because tl cannot keep an accumulator as a register
 operand of the next product, nor place loads with TMA into a ring the program manages. Hopper only (wgmma); the
@@ -32,10 +33,12 @@ from hla.ops.kda.triton.common import on_hopper
 
 # Ring slots (chunks in flight). H200, B1 T8192 H32 D128 (session 15, forward walk): 3 slots 0.210 / 0.219 ms,
 # 2 slots 0.256: TMA's latency is not covered by one chunk's products. A slot holds w, kd, qg [64, K] bf16,
-# A_qk [64, 64] bf16 and u [64, 64] fp32 (bf16 in the premultiplied walk): 72 KB at K = 128, so 3 slots take 216 KB
-# of the SM's 227 (192 KB premultiplied).
+# A_qk [64, 64] bf16, u [64, 64] fp32 (bf16 in the premultiplied walk) and dl [K] fp32: 72.5 KB at K = 128, so 3
+# slots take 218 KB of the SM's 227 (194 KB premultiplied).
 WALK_SLOTS = 3
 BV = 64  # value columns per CTA: the M of one wgmma
+# a chunk's decay row [1, K] fp32 in shared memory, unswizzled (read as a [K] vector)
+DL_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
 
 def wgmma_walk_supported(w: torch.Tensor, u: torch.Tensor, aqk: torch.Tensor, write_o: bool, store_h: bool,
@@ -64,16 +67,18 @@ def _split_hi_lo(x, L: gl.constexpr):
 
 
 @gluon.jit
-def _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, w_s, kd_s, qg_s, a_s, u_s, bars, slot, tn, NT, seq_bos, i_hv, i_v,
-          K: gl.constexpr, V: gl.constexpr, BT: gl.constexpr, BV: gl.constexpr, NBYTES: gl.constexpr,
-          WRITE_O: gl.constexpr):
-    """TMA loads of chunk tn's tiles into ring slot `slot` (nothing when tn is past the sequence; qg and A_qk only for
-    the output walk). Rows past the sequence's end come from the next sequence (or are zero past the tensor): the walk
-    zeroes v_new there."""
+def _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, w_s, kd_s, qg_s, a_s, u_s, dl_s, bars, slot, tn, NT,
+          seq_bos, c_lo, i_hv, i_v, HV: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BT: gl.constexpr,
+          BV: gl.constexpr, NBYTES: gl.constexpr, WRITE_O: gl.constexpr):
+    """TMA loads of chunk tn's tiles and decay row dl into ring slot `slot` (nothing when tn is past the sequence; qg
+    and A_qk only for the output walk). Rows past the sequence's end come from the next sequence (or are zero past
+    the tensor): the walk zeroes v_new there."""
     ok = tn < NT
     tok = seq_bos + tn * BT
     bar = bars.index(slot)
     mbarrier.expect(bar, NBYTES, pred=ok)
+    tma.async_copy_global_to_shared(dl_desc, [((c_lo + tn) * HV + i_hv).to(gl.int32), 0], bar, dl_s.index(slot),
+                                    pred=ok)
     tma.async_copy_global_to_shared(w_desc, [tok, i_hv * K], bar, w_s.index(slot), pred=ok)
     tma.async_copy_global_to_shared(kd_desc, [tok, i_hv * K], bar, kd_s.index(slot), pred=ok)
     if WRITE_O:
@@ -84,7 +89,7 @@ def _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, w_s, kd_s, qg_s, a_s, u_s, b
 
 @gluon.jit
 def kda_walk_wgmma_kernel(
-    w_desc, kd_desc, qg_desc, a_desc, u_desc, dl, h0, o, ht, h, vnew, cu_seqlens, chunk_offsets,
+    w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, h0, o, ht, h, vnew, cu_seqlens, chunk_offsets,
     HV: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BT: gl.constexpr,
     HAS_H0: gl.constexpr, STORE_FINAL: gl.constexpr, WRITE_O: gl.constexpr, STORE_H: gl.constexpr, NS: gl.constexpr,
     VN_SPLIT: gl.constexpr = False,
@@ -101,7 +106,8 @@ def kda_walk_wgmma_kernel(
     # o^T, v_new^T [BV, BT] and S^T [BV, K] for the stores: 8 consecutive value columns per thread (16-byte stores)
     LO: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
     U_BYTES: gl.constexpr = u_desc.dtype.primitive_bitwidth // 8
-    NBYTES: gl.constexpr = (3 if WRITE_O else 2) * BT * K * 2 + (BT * BT * 2 if WRITE_O else 0) + BT * BV * U_BYTES
+    NBYTES: gl.constexpr = ((3 if WRITE_O else 2) * BT * K * 2 + (BT * BT * 2 if WRITE_O else 0) + BT * BV * U_BYTES
+                            + K * 4)
 
     i_v, i_nh = gl.program_id(0), gl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -119,12 +125,15 @@ def kda_walk_wgmma_kernel(
         qg_s = w_s
         a_s = w_s
     u_s = gl.allocate_shared_memory(u_desc.dtype, [NS, BT, BV], u_desc.layout)
+    # each chunk's decay row exp(Gamma_last) [K] fp32 travels with its tiles (a load per chunk from the kernel cost
+    # ~10% of the walk: its latency sat on the state update, session 17)
+    dl_s = gl.allocate_shared_memory(gl.float32, [NS, 1, K], dl_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(NS):
         mbarrier.init(bars.index(s), count=1)
     for s in gl.static_range(NS - 1):
-        _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, w_s, kd_s, qg_s, a_s, u_s, bars, s, s, NT, seq_bos, i_hv, i_v,
-              K, V, BT, BV, NBYTES, WRITE_O)
+        _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, w_s, kd_s, qg_s, a_s, u_s, dl_s, bars, s, s, NT,
+              seq_bos, c_lo, i_hv, i_v, HV, K, V, BT, BV, NBYTES, WRITE_O)
 
     rv = i_v * BV + gl.arange(0, BV, gl.SliceLayout(1, MK))
     ck = gl.arange(0, K, gl.SliceLayout(0, MK))
@@ -141,7 +150,7 @@ def kda_walk_wgmma_kernel(
     for t in range(0, NT):
         sl = t % NS
         mbarrier.wait(bars.index(sl), (t // NS) & 1)
-        b_dl = gl.load(dl + ((c_lo + t) * HV + i_hv) * K + ck)
+        b_dl = dl_s.index(sl).load(MK)  # [1, K], broadcast over the rows of S^T
         if STORE_H:  # the chunk's entry state, rounded to bf16
             gl.store((h + ((c_lo + t) * HV + i_hv) * K * V + i_v * BV) + (ck_o[None, :] * V + ro[:, None]),
                      gl.convert_layout(b_s.to(h.dtype.element_ty), LO))
@@ -156,8 +165,8 @@ def kda_walk_wgmma_kernel(
         # every warp is past chunk t-1 (its products were waited for): its slot takes chunk t+NS-1
         gl.thread_barrier()
         tn = t + NS - 1
-        _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, w_s, kd_s, qg_s, a_s, u_s, bars, tn % NS, tn, NT, seq_bos,
-              i_hv, i_v, K, V, BT, BV, NBYTES, WRITE_O)
+        _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, w_s, kd_s, qg_s, a_s, u_s, dl_s, bars, tn % NS, tn, NT,
+              seq_bos, c_lo, i_hv, i_v, HV, K, V, BT, BV, NBYTES, WRITE_O)
         y = warpgroup_mma_wait(2 if WRITE_O else 0, deps=(y,))
         # rows past the sequence end hold the next sequence's tokens: v_new = 0 there keeps them out of S
         m_t = (t * BT + ct) < seq_len
@@ -170,7 +179,7 @@ def kda_walk_wgmma_kernel(
             gl.store(vnew + p_o, gl.convert_layout(vn.to(vnew.dtype.element_ty), LO), mask=m_o)
         if WRITE_O:
             oT = warpgroup_mma(gl.convert_layout(vn, AT), a_s.index(sl).permute([1, 0]), oT, is_async=True)
-        b_s = warpgroup_mma(gl.convert_layout(vn, AK), kd_s.index(sl), b_s * b_dl[None, :], is_async=True)
+        b_s = warpgroup_mma(gl.convert_layout(vn, AK), kd_s.index(sl), b_s * b_dl, is_async=True)
         if VN_SPLIT:
             vn_lo = (vn32 - vn.to(gl.float32)).to(gl.bfloat16)
             b_s = warpgroup_mma(gl.convert_layout(vn_lo, AK), kd_s.index(sl), b_s, is_async=True)
@@ -210,7 +219,8 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
     dummy = st["u"]
     kda_walk_wgmma_kernel[(V // BV, N * HV)](
         w_desc, _descriptor(st["kd"], [64, K]), _descriptor(st["qg"], [64, K]) if write_o else w_desc,
-        _descriptor(st["Aqk"], [64, 64]) if write_o else w_desc, _descriptor(st["u"], [64, BV]), st["dl"],
+        _descriptor(st["Aqk"], [64, 64]) if write_o else w_desc, _descriptor(st["u"], [64, BV]),
+        TensorDescriptor.from_tensor(st["dl"].view(-1, K), [1, K], DL_LAYOUT),
         initial_state if initial_state is not None else dummy, o if write_o else dummy,
         ht if ht is not None else dummy, h if h is not None else dummy, vnew if vnew is not None else dummy,
         cu_seqlens, chunk_offsets,
