@@ -211,7 +211,9 @@ def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     """Zero-argument callables, one per stage of our chunked forward, each called the way
     ``chunk.py``'s forward calls it; the inputs of each stage are produced once here, so a
     callable times its stage alone. Adapt this function (only) when the stage functions change."""
+    from hla.ops.kda.triton import chunk as chunk_module
     from hla.ops.kda.triton import intra as intra_module
+    from hla.ops.kda.triton import recurrence_wgmma as walk_module
     from hla.ops.kda.triton.chunk import _ChunkMeta
     from hla.ops.kda.triton.intra import kda_intra_fwd
     from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
@@ -220,31 +222,43 @@ def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     meta = _ChunkMeta(B, T, None, chunk_size, DEV)
     q, k, v, g, beta = (x[n].reshape(B * T, *x[n].shape[2:]) for n in ("q", "k", "v", "g", "beta"))
 
-    def intra():
+    def intra(premultiply=None):
+        pre = chunk_module.PREMULTIPLY if premultiply is None else premultiply
         return kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, scale=K**-0.5, A_log=x["A_log"],
                              dt_bias=x["dt_bias"], lower_bound=x["lower_bound"], use_qk_l2norm=True,
-                             use_beta_sigmoid=True, chunk_size=meta.BT)
+                             use_beta_sigmoid=True, chunk_size=meta.BT, premultiply=pre)
 
-    st = intra()
+    walk_st = {pre: intra(pre) for pre in (False, True)}
+    walk_st[True] = dict(walk_st[True], Aqk=walk_st[True]["AqkM"])  # as chunk.py hands it to the walk
 
-    def recurrence(block_v=None):
-        return kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, initial_state=None, output_final_state=False,
-                                  out_dtype=v.dtype, store_h=False, block_v=block_v)
+    def recurrence(block_v=None, premultiplied=None):
+        pre = chunk_module.PREMULTIPLY if premultiplied is None else premultiplied
+        return kda_recurrence_fwd(walk_st[pre], meta.cu, meta.chunk_offsets, initial_state=None,
+                                  output_final_state=False, out_dtype=v.dtype, store_h=False, block_v=block_v,
+                                  premultiplied=pre)
 
-    def intra_with_wgmma(on: bool):
+    def with_flag(module, name: str, on: bool, fn):
         def call():
-            saved = intra_module.INTRA_WGMMA
-            intra_module.INTRA_WGMMA = on
+            saved = getattr(module, name)
+            setattr(module, name, on)
             try:
-                return intra()
+                return fn()
             finally:
-                intra_module.INTRA_WGMMA = saved
+                setattr(module, name, saved)
         return call
 
     calls = {"intra": intra, "recurrence": recurrence}
+    # the walk's operands as chunk.PREMULTIPLY picks them, and the other form
+    calls["intra, plain operands (PREMULTIPLY off)"] = lambda: intra(False)
+    calls["recurrence, plain operands"] = lambda: recurrence(premultiplied=False)
+    calls["intra, premultiplied"] = lambda: intra(True)
+    calls["recurrence, premultiplied"] = lambda: recurrence(premultiplied=True)
+    # the premultiplied Gluon walk storing o of full chunks by TMA (recurrence_wgmma.O_TMA_STORE; Hopper)
+    calls["recurrence, premultiplied, O_TMA_STORE on"] = with_flag(
+        walk_module, "O_TMA_STORE", True, lambda: recurrence(premultiplied=True))
     # the intra stage with the tl fast launch and with the Gluon one (intra.INTRA_WGMMA; the tl one off Hopper)
-    calls["intra, INTRA_WGMMA off"] = intra_with_wgmma(False)
-    calls["intra, INTRA_WGMMA on"] = intra_with_wgmma(True)
+    calls["intra, INTRA_WGMMA off"] = with_flag(intra_module, "INTRA_WGMMA", False, intra)
+    calls["intra, INTRA_WGMMA on"] = with_flag(intra_module, "INTRA_WGMMA", True, intra)
     # an explicit block width keeps the tl walk ("recurrence" runs the Gluon walk on Hopper with bf16 tiles)
     for bv in (16, 32, 64):
         calls[f"recurrence BV={bv}"] = lambda bv=bv: recurrence(bv)
