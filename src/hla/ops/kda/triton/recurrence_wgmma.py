@@ -43,7 +43,7 @@ from hla.ops.kda.triton.common import on_hopper
 # slots take 218 KB of the SM's 227 (194 KB premultiplied).
 WALK_SLOTS = 3
 BV = 64  # value columns per CTA: the M of one wgmma
-# a chunk's decay row [1, K] fp32 in shared memory, unswizzled (read as a [K] vector)
+# a chunk's decay row [1, K] fp32 in shared memory, unswizzled (read as a [1, K] row in the state's accumulator layout)
 DL_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 # The premultiplied output walk stores o of full chunks by TMA from an 8 KB buffer (kda_walk_wgmma_kernel's O_TMA; the
 # plain walk's fp32 u leaves no room for it). Offline (sm_90a): kda_prefill_regs.py's "recurrence wgmma ...
@@ -230,7 +230,8 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
                    initial_state: torch.Tensor | None, o: torch.Tensor | None, ht: torch.Tensor | None,
                    h: torch.Tensor | None = None, vnew: torch.Tensor | None = None,
                    num_slots: int | None = None, vn_split: bool = False, o_tma: bool | None = None) -> None:
-    """The walk over the intra stage's w, qg, kd ``[TT, HV, K]`` bf16, u ``[TT, HV, V]`` fp32, A_qk ``[TT, HV, 64]``
+    """The walk over the intra stage's w, qg, kd ``[TT, HV, K]`` bf16, u ``[TT, HV, V]`` fp32 (v itself, bf16, for the
+    premultiplied walk: vn_split, and then o of full chunks by TMA with o_tma / O_TMA_STORE), A_qk ``[TT, HV, 64]``
     bf16 and dl ``[NC, HV, K]`` fp32, from initial_state ``[N, HV, K, V]`` fp32 (or zeros), writing what is given:
     o ``[TT, HV, V]`` (the output walk), or h ``[NC, HV, K, V]`` and vnew ``[TT, HV, V]`` bf16 (the states walk), and
     the final state ht ``[N, HV, K, V]`` fp32. Check ``wgmma_walk_supported`` first."""
