@@ -2,7 +2,8 @@
 
 The chunked kernels store w = M (beta k exp(Gamma)), kd = k exp(Gamma_last - Gamma) and qg = q exp(Gamma)
 in the input dtype (bf16) and run the state recurrence on them, whose state update takes v_new in
-bf16 too ("vn"). This script runs the chunked KDA in float64 on the CPU with any of the four rounded
+bf16 too ("vn"); the fast intra launch forms A_qk and A_kk from one bf16 product of anchored factors
+("pairs"). This script runs the chunked KDA in float64 on the CPU with any of the four rounded
 to bf16 in the forward (gradients passed straight through) and prints each gradient's relative
 error against the exact float64 run, per draw. Inputs are check_kda_gpu.py's (`--gate near0` is
 the case whose dA_log failed on the H200).
@@ -29,7 +30,7 @@ from hla.ops.kda.chunk_torch import (  # noqa: E402
 )
 from hla.ops.kda.gate import kda_gate, l2norm  # noqa: E402
 
-ROUNDABLE = ("w", "kd", "qg", "vn")
+ROUNDABLE = ("w", "kd", "qg", "vn", "pairs")
 GRADS = ("q", "k", "v", "g", "beta", "A_log", "dt_bias")
 
 
@@ -44,6 +45,29 @@ class _RoundBF16(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad
+
+
+def _pairs_bf16(qc, kc, gc, bc):
+    """A_kk (beta-scaled) and A_qk ``[.., BT, BT]`` as the fast intra launch forms them for 16-bit inputs: one bf16
+    product of anchored factors, x_i exp(G_i - G_a) and k_j exp(G_a - G_j) each rounded to bf16, anchor a = 31 for
+    pairs across the two 32-row halves and 15 / 47 for pairs inside a half (float64 otherwise: no overflow here)."""
+    BT = gc.shape[-2]
+    i = torch.arange(BT)
+    half = i // (BT // 2)
+    cross = (half[:, None] == 1) & (half[None, :] == 0)
+    same = half[:, None] == half[None, :]
+    A_qk = torch.zeros(*gc.shape[:-1], BT, dtype=gc.dtype)
+    A_kk = torch.zeros_like(A_qk)
+    for a, mask in ((BT // 2 - 1, cross), (BT // 4 - 1, same & (half[:, None] == 0)),
+                    (3 * BT // 4 - 1, same & (half[:, None] == 1))):
+        ga = gc[..., a:a + 1, :]
+        left = torch.exp(gc - ga)
+        fk = (kc * torch.exp(ga - gc)).to(torch.bfloat16).double()
+        fq = (qc * left).to(torch.bfloat16).double()
+        fkr = (kc * left).to(torch.bfloat16).double()
+        A_qk = torch.where(mask & (i[:, None] >= i[None, :]), fq @ fk.transpose(-1, -2), A_qk)
+        A_kk = torch.where(mask & (i[:, None] > i[None, :]), fkr @ fk.transpose(-1, -2), A_kk)
+    return A_kk * bc.unsqueeze(-1), A_qk
 
 
 def chunked_kda(q, k, v, g, beta, scale: float, rounded=(), BT: int = 64):
@@ -61,6 +85,10 @@ def chunked_kda(q, k, v, g, beta, scale: float, rounded=(), BT: int = 64):
     qc, kc, vc, gch, bc = chunks(q) * scale, chunks(k), chunks(v), chunks(g), chunks(beta).squeeze(-1)
     gc = chunk_kda_cumsum(gch)
     A_kk, A_qk = chunk_kda_intra(qc, kc, gc, bc, "auto")
+    if "pairs" in rounded:  # the pair products' bf16 operands, gradients passed straight through
+        with torch.no_grad():
+            kk, qk = _pairs_bf16(qc, kc, gc, bc)
+        A_kk, A_qk = A_kk + (kk - A_kk).detach(), A_qk + (qk - A_qk).detach()
     w, u = chunk_kda_wu(chunk_kda_solve_tril(A_kk), kc, vc, gc, bc)
     w = store(w, "w")
     g_last = gc[..., -1:, :]

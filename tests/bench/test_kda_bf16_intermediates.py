@@ -38,3 +38,21 @@ def test_bf16_storage_moves_gradients_by_bf16_amounts():
         assert torch.equal(same[n], exact[n])
         err = ((rounded[n] - exact[n]).norm() / exact[n].norm()).item()
         assert 1e-5 < err < 0.1, (n, err)
+
+
+def test_pair_products_from_bf16_factors_are_the_pairs_to_bf16_precision():
+    # the fast launch's anchored factors (anchors 31 across the halves, 15 / 47 inside them), rounded to bf16: the
+    # same strictly-lower A_kk and lower A_qk to bf16 precision (a wrong anchor or mask would be far off)
+    from hla.ops.kda.chunk_torch import chunk_kda_cumsum, chunk_kda_intra
+
+    torch.manual_seed(0)
+    B, HV, NT, BT, K = 1, 2, 2, 64, 16
+    q = l2norm(torch.randn(B, HV, NT, BT, K, dtype=torch.float64)) * K**-0.5
+    k = l2norm(torch.randn(B, HV, NT, BT, K, dtype=torch.float64))
+    gc = chunk_kda_cumsum(-torch.rand(B, HV, NT, BT, K, dtype=torch.float64) * 0.2)
+    beta = torch.rand(B, HV, NT, BT, dtype=torch.float64)
+    A_kk, A_qk = chunk_kda_intra(q, k, gc, beta, "auto")
+    kk, qk = b16._pairs_bf16(q, k, gc, beta)
+    for got, ref in ((kk, A_kk), (qk, A_qk)):
+        err = ((got - ref).norm() / ref.norm()).item()
+        assert 1e-5 < err < 1e-2, err
