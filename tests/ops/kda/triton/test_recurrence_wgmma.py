@@ -133,6 +133,9 @@ def test_premultiplied_walk_matches_the_tl_walk_and_float64(K, lengths, o_tma, m
     walk_st = dict(pre, Aqk=pre["AqkM"])
     assert pre["u"].dtype == torch.bfloat16
     assert rec._use_wgmma_walk(walk_st, True, False, True, (None, None, None), premultiplied=True)
+    # u is then the caller's v: rows off TMA's 16-byte alignment keep the tl walk
+    odd = torch.empty(pre["u"].numel() + 1, device="cuda", dtype=torch.bfloat16)[1:].view(pre["u"].shape)
+    assert not rec._use_wgmma_walk(dict(walk_st, u=odd), True, False, True, (None, None, None), premultiplied=True)
     h0 = torch.randn(meta.N, 3, K, 128, device="cuda") * 0.1
     run = dict(initial_state=h0, output_final_state=True, out_dtype=torch.bfloat16)
     o_g, s_g, _, _ = kda_recurrence_fwd(walk_st, meta.cu, meta.chunk_offsets, **run, premultiplied=True)

@@ -64,7 +64,9 @@ def wgmma_walk_supported(w: torch.Tensor, u: torch.Tensor, aqk: torch.Tensor, wr
     if store_h and (h_dtype != torch.bfloat16 or vnew_dtype != torch.bfloat16):
         return False
     K, V = w.shape[-1], u.shape[-1]
-    u_ok = u.dtype == torch.float32 or (premultiplied and write_o and u.dtype == torch.bfloat16)
+    # the premultiplied walk's u is the caller's v: TMA needs its rows at 16-byte aligned addresses
+    u_ok = (u.dtype == torch.float32 or (premultiplied and write_o and u.dtype == torch.bfloat16)) and (
+        u.is_contiguous() and u.data_ptr() % 16 == 0)
     return w.dtype == torch.bfloat16 and aqk.dtype == torch.bfloat16 and u_ok and K in (64, 128) and V % BV == 0
 
 
