@@ -24,8 +24,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 from check_kda_gpu import make_inputs  # noqa: E402
-from hla.ops.kda.chunk_torch import chunk_kda_cumsum, chunk_kda_intra  # noqa: E402
-from hla.ops.kda.gate import kda_gate, l2norm  # noqa: E402
+from hla.ops.kda.chunk_torch import chunk_kda_intra  # noqa: E402
+from hla.ops.kda.gate import l2norm  # noqa: E402
+from kda_premultiplied_model import chunked_inputs  # noqa: E402
 
 BT = 64
 
@@ -94,21 +95,13 @@ def main(argv=None) -> int:
     for gate in args.gates.split(","):
         x = make_inputs(1, args.T, args.heads, args.heads, args.dim, args.dim, gate, torch.device("cpu"),
                         dtype=torch.bfloat16)
-        q, k = l2norm(x["q"].double()), l2norm(x["k"].double())
+        k = None
         if args.key_directions:
             dirs = l2norm(torch.randn(args.key_directions, args.dim, dtype=torch.float64))
-            pick = torch.randint(args.key_directions, k.shape[:-1])
-            k = l2norm(dirs[pick] + 0.05 * torch.randn_like(k))
-        g = kda_gate(x["g"].double(), x["A_log"].double(), x["dt_bias"].double(), x["lower_bound"])
-        beta = torch.sigmoid(x["beta"].double())
-
-        def chunks(t):
-            t = t if t.dim() == 4 else t.unsqueeze(-1)
-            B, T, HV, D = t.shape
-            return t.reshape(B, T // BT, BT, HV, D).permute(0, 3, 1, 2, 4)
-
-        bc = chunks(beta).squeeze(-1)
-        A_kk, _ = chunk_kda_intra(chunks(q), chunks(k), chunk_kda_cumsum(chunks(g)), bc, "auto")
+            pick = torch.randint(args.key_directions, x["k"].shape[:-1])
+            k = l2norm(dirs[pick] + 0.05 * torch.randn(*x["k"].shape, dtype=torch.float64))
+        qc, kc, _, gc, bc = chunked_inputs(x, k)
+        A_kk, _ = chunk_kda_intra(qc, kc, gc, bc, "auto")
         N = fp32(A_kk)  # diag(beta) P as the solve reads it (P in fp32)
         eye = torch.eye(BT, dtype=N.dtype)
         exact = torch.linalg.solve_triangular(eye + N, eye.expand_as(N), upper=False, unitriangular=True)

@@ -49,20 +49,27 @@ def _rounded(x: torch.Tensor, how: str) -> torch.Tensor:
     return bf16(x) if how == "once" else hi_lo(x)
 
 
-def walk(x: dict, form: str, z_out: str, z_state: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """o ``[B, T, HV, V]`` and the final state ``[B, HV, K, V]`` of one form, in float64 with the kernels'
-    roundings; x from ``check_kda_gpu.make_inputs`` (T a multiple of BT, no varlen)."""
-    q, k, v = l2norm(x["q"].double()), l2norm(x["k"].double()), x["v"].double()
+def chunked_inputs(x: dict, k: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """What the kernels' chunk stages see of ``check_kda_gpu.make_inputs``' raw projections x, in float64: q (l2-normed
+    and scaled), k (l2-normed, or the given k), v and the chunks' cumulative gate ``[B, HV, NT, BT, D]``, beta
+    ``[B, HV, NT, BT]`` (after its sigmoid); T a multiple of BT, no varlen."""
+    q = l2norm(x["q"].double())
+    k = l2norm(x["k"].double()) if k is None else k
     g = kda_gate(x["g"].double(), x["A_log"].double(), x["dt_bias"].double(), x["lower_bound"])
-    beta = torch.sigmoid(x["beta"].double())
 
     def chunks(t):
         t = t if t.dim() == 4 else t.unsqueeze(-1)
         B, T, HV, D = t.shape
         return t.reshape(B, T // BT, BT, HV, D).permute(0, 3, 1, 2, 4)
 
-    qc, kc, vc, bc = chunks(q) * q.shape[-1] ** -0.5, chunks(k), chunks(v), chunks(beta).squeeze(-1)
-    gc = chunk_kda_cumsum(chunks(g))
+    return (chunks(q) * q.shape[-1] ** -0.5, chunks(k), chunks(x["v"].double()), chunk_kda_cumsum(chunks(g)),
+            chunks(torch.sigmoid(x["beta"].double())).squeeze(-1))
+
+
+def walk(x: dict, form: str, z_out: str, z_state: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """o ``[B, T, HV, V]`` and the final state ``[B, HV, K, V]`` of one form, in float64 with the kernels'
+    roundings; x from ``check_kda_gpu.make_inputs`` (T a multiple of BT, no varlen)."""
+    qc, kc, vc, gc, bc = chunked_inputs(x)
     A_kk, A_qk = chunk_kda_intra(qc, kc, gc, bc, "auto")
     Mb = hi_lo(chunk_kda_solve_tril(A_kk) * bc.unsqueeze(-2))  # M diag(beta), as the solve's hi + lo halves
     kexp, g_last = bf16(kc * torch.exp(gc)), gc[..., -1:, :]
