@@ -70,9 +70,12 @@ def _pairs_bf16(qc, kc, gc, bc):
     return A_kk * bc.unsqueeze(-1), A_qk
 
 
-def chunked_kda(q, k, v, g, beta, scale: float, rounded=(), BT: int = 64):
+def chunked_kda(q, k, v, g, beta, scale: float, rounded=(), BT: int = 64, form: str = "plain"):
     """Chunked KDA, one sequence: q, k, v ``[1, T, HV, D]`` float64 (q, k normalised), g ``[1, T, HV,
     K]`` log-decay, beta ``[1, T, HV]``; T a multiple of BT. The names in rounded are stored in bf16.
+    form "premultiplied" walks as the forward does with chunk.PREMULTIPLY: "w" rounds k exp(Gamma), "kd" both kd and
+    (M diag(beta))^T kd, "pairs" also A_qk M diag(beta), "vn" Z = v - k exp(Gamma) S where o takes it (the state
+    update takes Z's hi + lo halves: exact here).
     -> o ``[1, HV, NT, BT, V]``, final state ``[1, HV, K, V]``."""
     def chunks(x):
         x = x if x.dim() == 4 else x.unsqueeze(-1)
@@ -89,13 +92,25 @@ def chunked_kda(q, k, v, g, beta, scale: float, rounded=(), BT: int = 64):
         with torch.no_grad():
             kk, qk = _pairs_bf16(qc, kc, gc, bc)
         A_kk, A_qk = A_kk + (kk - A_kk).detach(), A_qk + (qk - A_qk).detach()
-    w, u = chunk_kda_wu(chunk_kda_solve_tril(A_kk), kc, vc, gc, bc)
-    w = store(w, "w")
     g_last = gc[..., -1:, :]
-    kd = store(kc * torch.exp(g_last - gc), "kd").transpose(-1, -2)
     qg = store(qc * torch.exp(gc), "qg")
     decay = torch.exp(g_last).transpose(-1, -2)  # [1, HV, NT, K, 1]
     S = torch.zeros(*qc.shape[:2], qc.shape[-1], vc.shape[-1], dtype=qc.dtype)
+    if form == "premultiplied":
+        Mb = chunk_kda_solve_tril(A_kk) * bc.unsqueeze(-2)  # M diag(beta)
+        kexp = store(kc * torch.exp(gc), "w")
+        kdm = store(Mb.transpose(-1, -2) @ store(kc * torch.exp(g_last - gc), "kd"), "kd").transpose(-1, -2)
+        aqm = store(A_qk @ Mb, "pairs")
+        outs = []
+        for v_n, w_n, d_n, k_n, q_n, a_n in zip(vc.unbind(2), kexp.unbind(2), decay.unbind(2), kdm.unbind(2),
+                                                 qg.unbind(2), aqm.unbind(2), strict=True):
+            z = v_n - w_n @ S
+            outs.append(q_n @ S + a_n @ store(z, "vn"))
+            S = d_n * S + k_n @ z
+        return torch.stack(outs, 2), S
+    w, u = chunk_kda_wu(chunk_kda_solve_tril(A_kk), kc, vc, gc, bc)
+    w = store(w, "w")
+    kd = store(kc * torch.exp(g_last - gc), "kd").transpose(-1, -2)
     outs = []
     for u_n, w_n, d_n, k_n, q_n, a_n in zip(u.unbind(2), w.unbind(2), decay.unbind(2), kd.unbind(2), qg.unbind(2),
                                              A_qk.unbind(2), strict=True):
@@ -105,12 +120,12 @@ def chunked_kda(q, k, v, g, beta, scale: float, rounded=(), BT: int = 64):
     return torch.stack(outs, 2), S
 
 
-def gradients(x: dict, rounded, do=None, ds=None):
+def gradients(x: dict, rounded, do=None, ds=None, form: str = "plain"):
     """Gradients of <o, do> + <S, ds> for the raw projections of x (float64 leaves)."""
     d = {n: x[n].detach().double().requires_grad_(True) for n in GRADS}
     gate = kda_gate(d["g"], d["A_log"], d["dt_bias"], None)
     o, s = chunked_kda(l2norm(d["q"]), l2norm(d["k"]), d["v"], gate, torch.sigmoid(d["beta"]),
-                       d["q"].shape[-1] ** -0.5, rounded)
+                       d["q"].shape[-1] ** -0.5, rounded, form=form)
     if do is None:
         do, ds = torch.randn_like(o), torch.randn_like(s)
     grads = torch.autograd.grad([o, s], [d[n] for n in GRADS], [do, ds])
@@ -124,20 +139,22 @@ def main(argv=None) -> int:
     ap.add_argument("--T", type=int, default=2048, help="tokens (a multiple of 64)")
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--form", default="plain", choices=("plain", "premultiplied"),
+                    help="the forward walk's operands (chunk.PREMULTIPLY): see chunked_kda")
     args = ap.parse_args(argv)
     if args.T % 64:
         ap.error(f"--T: expected a multiple of 64, got {args.T}")
     torch.manual_seed(0)
     variants = [(n,) for n in ROUNDABLE] + [ROUNDABLE]
-    print(f"gate {args.gate}, T {args.T}, HV {args.heads}, K = V = {args.dim}; relative error vs exact float64 "
-          f"(dA_log / dg), bf16-stored: " + ", ".join("+".join(v) for v in variants), flush=True)
+    print(f"{args.form} form, gate {args.gate}, T {args.T}, HV {args.heads}, K = V = {args.dim}; relative error vs "
+          f"exact float64 (dA_log / dg), bf16-stored: " + ", ".join("+".join(v) for v in variants), flush=True)
     for draw in range(args.draws):
         x = make_inputs(1, args.T, args.heads, args.heads, args.dim, args.dim, args.gate, torch.device("cpu"),
                         dtype=torch.bfloat16)
         exact, do, ds = gradients(x, ())
         cols = []
         for v in variants:
-            got, _, _ = gradients(x, v, do, ds)
+            got, _, _ = gradients(x, v, do, ds, form=args.form)
             e = {n: ((got[n] - exact[n]).norm() / exact[n].norm()).item() for n in ("A_log", "g")}
             cols.append(f"{'+'.join(v)} {e['A_log']:.1e} / {e['g']:.1e}")
         print(f"draw {draw}: " + "   ".join(cols), flush=True)

@@ -4,6 +4,7 @@ storage changes the gradients only through the rounded tensors."""
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
@@ -17,12 +18,13 @@ def _inputs(T=128, HV=2, D=16):
     return b16.make_inputs(1, T, HV, HV, D, D, "kimi", torch.device("cpu"), dtype=torch.float64)
 
 
-def test_exact_pipeline_matches_chunk_kda_torch():
+@pytest.mark.parametrize("form", ["plain", "premultiplied"])
+def test_exact_pipeline_matches_chunk_kda_torch(form):
     x = _inputs()
     d = {n: x[n].double() for n in b16.GRADS}
     gate = kda_gate(d["g"], d["A_log"], d["dt_bias"], None)
     q, k, beta = l2norm(d["q"]), l2norm(d["k"]), torch.sigmoid(d["beta"])
-    o, s = b16.chunked_kda(q, k, d["v"], gate, beta, 16**-0.5)
+    o, s = b16.chunked_kda(q, k, d["v"], gate, beta, 16**-0.5, form=form)
     ref_o, ref_s = chunk_kda_torch(q, k, d["v"], gate, beta, scale=16**-0.5, output_final_state=True)
     o = o.permute(0, 2, 3, 1, 4).reshape(ref_o.shape)  # [1, HV, NT, BT, V] -> [1, T, HV, V]
     assert ((o - ref_o).norm() / ref_o.norm()).item() < 1e-12
