@@ -11,7 +11,7 @@ from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
 from hla.ops.kda.triton.recurrence_wgmma import wgmma_walk_supported
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _triton_helpers import sm90_regs_rows  # noqa: E402
+from _triton_helpers import rel, sm90_regs_rows  # noqa: E402
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
@@ -72,6 +72,18 @@ def _walk_f64(st, cu, h0):
     return o, torch.stack(states)
 
 
+def _assert_walk_matches(walk_st, ref_st, meta, h0, premultiplied=False):
+    """The Gluon output walk over walk_st against the tl walk over the same tensors and a float64 walk over ref_st (the
+    plain operands of the same inputs): o and the final state. Both walks round v_new (or Z) to bf16 for the products
+    and o to bf16 (~2.5e-3 from float64, session 15) and agree to ~2.5e-5 (the same fp32 values rounded)."""
+    run = dict(initial_state=h0, output_final_state=True, out_dtype=torch.bfloat16, premultiplied=premultiplied)
+    o_g, s_g, _, _ = kda_recurrence_fwd(walk_st, meta.cu, meta.chunk_offsets, **run)
+    o_t, s_t, _, _ = kda_recurrence_fwd(walk_st, meta.cu, meta.chunk_offsets, block_v=32, **run)  # an override: tl
+    o_r, s_r = _walk_f64(ref_st, meta.cu.tolist(), h0)
+    assert rel(o_g, o_r) < 5e-3 and rel(s_g, s_r) < 5e-3
+    assert rel(o_g, o_t) < 2e-4 and rel(s_g, s_t) < 2e-4
+
+
 def _gpu_stage1(lengths, HV, K, V, premultiply=False):
     """Stage-1 tensors as the forward makes them (kda_intra_fwd on bf16 raw projections, bounded gate)."""
     from hla.ops.kda.triton.chunk import _ChunkMeta
@@ -99,20 +111,9 @@ def test_matches_the_tl_walk_and_float64(K, lengths):
     HV, V = 3, 128
     st, meta = _gpu_stage1(lengths, HV, K, V)
     h0 = torch.randn(meta.N, HV, K, V, device="cuda") * 0.1
-    run = dict(initial_state=h0, output_final_state=True, out_dtype=torch.bfloat16)
     assert rec._use_wgmma_walk(st, True, False, True, (None, None, None))
     assert not rec._use_wgmma_walk(st, True, False, True, (None, None, None), out_dtype=torch.float32)
-    o_g, s_g, _, _ = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, **run)
-    o_t, s_t, _, _ = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, block_v=32, **run)  # an override: tl
-    o_r, s_r = _walk_f64(st, meta.cu.tolist(), h0)
-
-    def rel(a, b):
-        return ((a.double() - b).norm() / b.norm()).item()
-
-    # both walks round v_new to bf16 for the products and o to bf16 (~2.5e-3 from float64, session 15) and agree to
-    # ~2.5e-5 (the same fp32 values rounded)
-    assert rel(o_g, o_r) < 5e-3 and rel(s_g, s_r) < 5e-3
-    assert rel(o_g, o_t.double()) < 2e-4 and rel(s_g, s_t.double()) < 2e-4
+    _assert_walk_matches(st, st, meta, h0)
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (wgmma)")
@@ -137,16 +138,7 @@ def test_premultiplied_walk_matches_the_tl_walk_and_float64(K, lengths, o_tma, m
     odd = torch.empty(pre["u"].numel() + 1, device="cuda", dtype=torch.bfloat16)[1:].view(pre["u"].shape)
     assert not rec._use_wgmma_walk(dict(walk_st, u=odd), True, False, True, (None, None, None), premultiplied=True)
     h0 = torch.randn(meta.N, 3, K, 128, device="cuda") * 0.1
-    run = dict(initial_state=h0, output_final_state=True, out_dtype=torch.bfloat16)
-    o_g, s_g, _, _ = kda_recurrence_fwd(walk_st, meta.cu, meta.chunk_offsets, **run, premultiplied=True)
-    o_t, s_t, _, _ = kda_recurrence_fwd(walk_st, meta.cu, meta.chunk_offsets, block_v=32, **run, premultiplied=True)
-    o_r, s_r = _walk_f64(plain, meta.cu.tolist(), h0)
-
-    def rel(a, b):
-        return ((a.double() - b).norm() / b.norm()).item()
-
-    assert rel(o_g, o_r) < 5e-3 and rel(s_g, s_r) < 5e-3
-    assert rel(o_g, o_t.double()) < 2e-4 and rel(s_g, s_t.double()) < 2e-4
+    _assert_walk_matches(walk_st, plain, meta, h0, premultiplied=True)
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (wgmma)")
@@ -158,9 +150,5 @@ def test_states_walk_matches_the_tl_states_walk():
     _, _, h_g, vn_g = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, **run)
     _, _, h_t, vn_t = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, block_v=32, **run)
     assert h_g.dtype == h_t.dtype == torch.bfloat16 and vn_g.dtype == vn_t.dtype == torch.bfloat16
-
-    def rel(a, b):
-        return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
     # bf16 snapshots of the same fp32 walk: they differ where the two walks' fp32 values round apart
     assert rel(h_g, h_t) < 2e-3 and rel(vn_g, vn_t) < 2e-3
