@@ -213,7 +213,6 @@ def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     callable times its stage alone. Adapt this function (only) when the stage functions change."""
     from hla.ops.kda.triton import chunk as chunk_module
     from hla.ops.kda.triton import intra as intra_module
-    from hla.ops.kda.triton import recurrence_wgmma as walk_module
     from hla.ops.kda.triton.chunk import _ChunkMeta
     from hla.ops.kda.triton.intra import kda_intra_fwd
     from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
@@ -253,9 +252,6 @@ def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     calls["recurrence, plain operands"] = lambda: recurrence(premultiplied=False)
     calls["intra, premultiplied"] = lambda: intra(True)
     calls["recurrence, premultiplied"] = lambda: recurrence(premultiplied=True)
-    # the premultiplied Gluon walk storing o of full chunks by TMA (recurrence_wgmma.O_TMA_STORE; Hopper)
-    calls["recurrence, premultiplied, O_TMA_STORE on"] = with_flag(
-        walk_module, "O_TMA_STORE", True, lambda: recurrence(premultiplied=True))
     # the intra stage with the tl fast launch and with the Gluon one (intra.INTRA_WGMMA; the tl one off Hopper)
     calls["intra, INTRA_WGMMA off"] = with_flag(intra_module, "INTRA_WGMMA", False, intra)
     calls["intra, INTRA_WGMMA on"] = with_flag(intra_module, "INTRA_WGMMA", True, intra)

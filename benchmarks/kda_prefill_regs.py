@@ -122,19 +122,17 @@ def cases():
                   qg_desc=tma_type((8192, HV * K), [BT, K], bf), a_desc=tma_type((8192, HV * BT), [BT, BT], bf),
                   u_desc=tma_type((8192, HV * V), [BT, 64], f32),
                   dl_desc=tma_type((128 * HV, K), [1, K], f32, DL_LAYOUT),
-                  o_desc=tma_type((8192, HV * V), [BT, 64], bf), h0=F32, o=BF16, ht=F32, h=BF16, vnew=BF16,
+                  h0=F32, o=BF16, ht=F32, h=BF16, vnew=BF16,
                   cu_seqlens=I32, chunk_offsets=I32)
     for slots in sorted({WALK_SLOTS, 2}, reverse=True):
         yield (f"recurrence wgmma slots={slots}", kda_walk_wgmma_kernel, walk_t,
                dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=False, STORE_FINAL=False, WRITE_O=True, STORE_H=False, NS=slots),
                4, 1)
-    # the forward's walk over the premultiplied operands (u = v bf16), with o of full chunks by TMA
-    # (recurrence_wgmma.O_TMA_STORE, off; with the fp32 u its 8 KB buffer would not fit beside three slots)
-    for o_tma in (False, True):
-        yield (f"recurrence wgmma slots={WALK_SLOTS} premultiplied{', o by TMA' if o_tma else ''}",
-               kda_walk_wgmma_kernel, dict(walk_t, u_desc=tma_type((8192, HV * V), [BT, 64], bf)),
-               dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=False, STORE_FINAL=False, WRITE_O=True, STORE_H=False,
-                    NS=WALK_SLOTS, VN_SPLIT=True, O_TMA=o_tma), 4, 1)
+    # the forward's walk over the premultiplied operands (u = v bf16)
+    yield (f"recurrence wgmma slots={WALK_SLOTS} premultiplied", kda_walk_wgmma_kernel,
+           dict(walk_t, u_desc=tma_type((8192, HV * V), [BT, 64], bf)),
+           dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=False, STORE_FINAL=False, WRITE_O=True, STORE_H=False, NS=WALK_SLOTS,
+                VN_SPLIT=True), 4, 1)
     yield (f"recurrence wgmma states slots={WALK_SLOTS}", kda_walk_wgmma_kernel, walk_t,
            dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=True, STORE_FINAL=False, WRITE_O=False, STORE_H=True, NS=WALK_SLOTS),
            4, 1)

@@ -117,15 +117,10 @@ def test_matches_the_tl_walk_and_float64(K, lengths):
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (wgmma)")
-@pytest.mark.parametrize("o_tma", [False, True], ids=["o-stored", "o-by-tma"])
 @pytest.mark.parametrize("K,lengths", [(128, [1000, 64, 333]), (64, [1, 900])])
-def test_premultiplied_walk_matches_the_tl_walk_and_float64(K, lengths, o_tma, monkeypatch):
-    # the forward's walk over v, k exp(Gamma), (M diag(beta))^T kd and A_qk M diag(beta) (chunk.PREMULTIPLY), with o
-    # stored through registers or, for full chunks, by TMA (recurrence_wgmma.O_TMA_STORE)
+def test_premultiplied_walk_matches_the_tl_walk_and_float64(K, lengths):
+    # the forward's walk over v, k exp(Gamma), (M diag(beta))^T kd and A_qk M diag(beta) (chunk.PREMULTIPLY)
     import hla.ops.kda.triton.recurrence as rec
-    import hla.ops.kda.triton.recurrence_wgmma as walk
-
-    monkeypatch.setattr(walk, "O_TMA_STORE", o_tma)
 
     torch.manual_seed(0)
     pre, meta = _gpu_stage1(lengths, 3, K, 128, premultiply=True)

@@ -27,7 +27,6 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
     mbarrier,
     tma,
     warpgroup_mma,
@@ -45,11 +44,6 @@ WALK_SLOTS = 3
 BV = 64  # value columns per CTA: the M of one wgmma
 # a chunk's decay row [1, K] fp32 in shared memory, unswizzled (read as a [1, K] row in the state's accumulator layout)
 DL_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-# The premultiplied output walk stores o of full chunks by TMA from an 8 KB buffer (kda_walk_wgmma_kernel's O_TMA; the
-# plain walk's fp32 u leaves no room for it). Offline (sm_90a): kda_prefill_regs.py's "recurrence wgmma ...
-# premultiplied, o by TMA" row. Not measured on a GPU yet, so off; session 17's ablation put the o store (its layout
-# change and the stores) at ~8% of the B1 walk and ~10% of the B4 walk.
-O_TMA_STORE = False
 
 
 def wgmma_walk_supported(w: torch.Tensor, u: torch.Tensor, aqk: torch.Tensor, write_o: bool, store_h: bool,
@@ -102,16 +96,14 @@ def _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, w_s, kd_s, qg_s, a_
 
 @gluon.jit
 def kda_walk_wgmma_kernel(
-    w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, o_desc, h0, o, ht, h, vnew, cu_seqlens, chunk_offsets,
+    w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, h0, o, ht, h, vnew, cu_seqlens, chunk_offsets,
     HV: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BT: gl.constexpr,
     HAS_H0: gl.constexpr, STORE_FINAL: gl.constexpr, WRITE_O: gl.constexpr, STORE_H: gl.constexpr, NS: gl.constexpr,
-    VN_SPLIT: gl.constexpr = False, O_TMA: gl.constexpr = False,
+    VN_SPLIT: gl.constexpr = False,
 ):
     """WRITE_O: the forward's walk (o, and the final state with STORE_FINAL). STORE_H: the backward's states walk,
     storing each chunk's entry state h ``[NC, HV, K, V]`` and the v_new tiles ``[TT, HV, V]`` (both bf16), no o.
-    VN_SPLIT (the premultiplied output walk, u bf16): v_new enters the state update as bf16 hi + lo halves.
-    O_TMA (the output walk): a chunk whose 64 rows all belong to the sequence stores o by TMA from one [BT, 64] bf16
-    buffer (o_desc) instead of through the register layout change; partial chunks keep the masked store."""
+    VN_SPLIT (the premultiplied output walk, u bf16): v_new enters the state update as bf16 hi + lo halves."""
     BV: gl.constexpr = 64
     # wgmma accumulators: [BV, BT] (v_new^T, o^T) and [BV, K] (S^T); each warp owns 16 of the BV rows
     MT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
@@ -143,8 +135,6 @@ def kda_walk_wgmma_kernel(
     # each chunk's decay row exp(Gamma_last) [K] fp32 travels with its tiles (a load per chunk from the kernel cost
     # ~10% of the walk: its latency sat on the state update, session 17)
     dl_s = gl.allocate_shared_memory(gl.float32, [NS, 1, K], dl_desc.layout)
-    if O_TMA:
-        o_s = gl.allocate_shared_memory(gl.bfloat16, [BT, BV], o_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(NS):
         mbarrier.init(bars.index(s), count=1)
@@ -202,19 +192,9 @@ def kda_walk_wgmma_kernel(
             b_s = warpgroup_mma(gl.convert_layout(vn_lo, AK), kd_s.index(sl), b_s, is_async=True)
         if WRITE_O:
             oT, b_s, a_hi, a_lo = warpgroup_mma_wait(0, deps=(oT, b_s, a_hi, a_lo))
-            if O_TMA and (t + 1) * BT <= seq_len:
-                tma.store_wait(0)  # the previous chunk's store has read the buffer
-                gl.thread_barrier()
-                o_s.permute([1, 0]).store(oT.to(gl.bfloat16))
-                fence_async_shared()
-                gl.thread_barrier()
-                tma.async_copy_shared_to_global(o_desc, [(seq_bos + t * BT).to(gl.int32), i_hv * V + i_v * BV], o_s)
-            else:
-                gl.store(o + p_o, gl.convert_layout(oT.to(o.dtype.element_ty), LO), mask=m_o)
+            gl.store(o + p_o, gl.convert_layout(oT.to(o.dtype.element_ty), LO), mask=m_o)
         else:
             b_s, a_hi, a_lo = warpgroup_mma_wait(0, deps=(b_s, a_hi, a_lo))
-    if O_TMA:
-        tma.store_wait(0)
     for s in gl.static_range(NS):
         mbarrier.invalidate(bars.index(s))
     if STORE_FINAL:
@@ -231,9 +211,9 @@ def _descriptor(x: torch.Tensor, block: list[int]) -> TensorDescriptor:
 def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor,
                    initial_state: torch.Tensor | None, o: torch.Tensor | None, ht: torch.Tensor | None,
                    h: torch.Tensor | None = None, vnew: torch.Tensor | None = None,
-                   num_slots: int | None = None, vn_split: bool = False, o_tma: bool | None = None) -> None:
+                   num_slots: int | None = None, vn_split: bool = False) -> None:
     """The walk over the intra stage's w, qg, kd ``[TT, HV, K]`` bf16, u ``[TT, HV, V]`` fp32 (v itself, bf16, for the
-    premultiplied walk: vn_split, and then o of full chunks by TMA with o_tma / O_TMA_STORE), A_qk ``[TT, HV, 64]``
+    premultiplied walk: vn_split), A_qk ``[TT, HV, 64]``
     bf16 and dl ``[NC, HV, K]`` fp32, from initial_state ``[N, HV, K, V]`` fp32 (or zeros), writing what is given:
     o ``[TT, HV, V]`` (the output walk), or h ``[NC, HV, K, V]`` and vnew ``[TT, HV, V]`` bf16 (the states walk), and
     the final state ht ``[N, HV, K, V]`` fp32. Check ``wgmma_walk_supported`` first."""
@@ -245,15 +225,13 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
     # as well (its stores take the scratch the output walk's tiles would).
     w_desc = _descriptor(st["w"], [64, K])
     dummy = st["u"]
-    # the staging buffer fits beside three slots of the premultiplied walk's tiles (u = v in bf16) only
-    o_tma = write_o and st["u"].dtype == torch.bfloat16 and (O_TMA_STORE if o_tma is None else o_tma)
     kda_walk_wgmma_kernel[(V // BV, N * HV)](
         w_desc, _descriptor(st["kd"], [64, K]), _descriptor(st["qg"], [64, K]) if write_o else w_desc,
         _descriptor(st["Aqk"], [64, 64]) if write_o else w_desc, _descriptor(st["u"], [64, BV]),
-        TensorDescriptor.from_tensor(st["dl"].view(-1, K), [1, K], DL_LAYOUT), _descriptor(o, [64, BV]) if o_tma else w_desc,
+        TensorDescriptor.from_tensor(st["dl"].view(-1, K), [1, K], DL_LAYOUT),
         initial_state if initial_state is not None else dummy, o if write_o else dummy,
         ht if ht is not None else dummy, h if h is not None else dummy, vnew if vnew is not None else dummy,
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BT=64, HAS_H0=initial_state is not None, STORE_FINAL=ht is not None, WRITE_O=write_o,
-        STORE_H=h is not None, NS=num_slots or WALK_SLOTS, VN_SPLIT=vn_split, O_TMA=o_tma, num_warps=4,
+        STORE_H=h is not None, NS=num_slots or WALK_SLOTS, VN_SPLIT=vn_split, num_warps=4,
     )
