@@ -133,6 +133,12 @@ def cases():
            dict(walk_t, u_desc=tma_type((8192, HV * V), [BT, 64], bf)),
            dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=False, STORE_FINAL=False, WRITE_O=True, STORE_H=False, NS=WALK_SLOTS,
                 VN_SPLIT=True), 4, 1)
+    # the same with the o products' tiles in a slot of their own and two ring slots (recurrence_wgmma.TWO_PER_SM's
+    # O_SLOT: two programs per SM where the grid has more programs than SMs)
+    yield ("recurrence wgmma slots=2 premultiplied, o slot", kda_walk_wgmma_kernel,
+           dict(walk_t, u_desc=tma_type((8192, HV * V), [BT, 64], bf)),
+           dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=False, STORE_FINAL=False, WRITE_O=True, STORE_H=False, NS=2,
+                VN_SPLIT=True, O_SLOT=True), 4, 1)
     yield (f"recurrence wgmma states slots={WALK_SLOTS}", kda_walk_wgmma_kernel, walk_t,
            dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=True, STORE_FINAL=False, WRITE_O=False, STORE_H=True, NS=WALK_SLOTS),
            4, 1)

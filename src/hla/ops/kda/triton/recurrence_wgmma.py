@@ -23,6 +23,8 @@ as bf16 snapshots, no output).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -42,6 +44,10 @@ from hla.ops.kda.triton.common import on_hopper
 # slots take 218 KB of the SM's 227 (194 KB premultiplied).
 WALK_SLOTS = 3
 BV = 64  # value columns per CTA: the M of one wgmma
+# The premultiplied output walk with its o products' tiles in a slot of their own and two ring slots (the kernel's
+# O_SLOT: ~105 KB, two programs per SM) where its grid has more programs than the GPU has SMs (B4 or H96 at T8192 H32
+# D128: 256 and 192 programs against the H200's 132); with fewer programs (B1: 64) one program per SM keeps three slots.
+TWO_PER_SM = True
 # a chunk's decay row [1, K] fp32 in shared memory, unswizzled (read as a [1, K] row in the state's accumulator layout)
 DL_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
@@ -74,6 +80,16 @@ def _split_hi_lo(x, L: gl.constexpr):
 
 
 @gluon.jit
+def _fill_o(qg_desc, a_desc, qg_s, a_s, bar, tn, NT, seq_bos, i_hv, K: gl.constexpr, BT: gl.constexpr):
+    """TMA loads of chunk tn's qg and A_qk tiles into the o slot (O_SLOT; nothing past the sequence)."""
+    ok = tn < NT
+    tok = seq_bos + tn * BT
+    mbarrier.expect(bar, BT * K * 2 + BT * BT * 2, pred=ok)
+    tma.async_copy_global_to_shared(qg_desc, [tok, i_hv * K], bar, qg_s, pred=ok)
+    tma.async_copy_global_to_shared(a_desc, [tok, i_hv * BT], bar, a_s, pred=ok)
+
+
+@gluon.jit
 def _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, w_s, kd_s, qg_s, a_s, u_s, dl_s, bars, slot, tn, NT,
           seq_bos, c_lo, i_hv, i_v, HV: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BT: gl.constexpr,
           BV: gl.constexpr, NBYTES: gl.constexpr, WRITE_O: gl.constexpr):
@@ -99,11 +115,15 @@ def kda_walk_wgmma_kernel(
     w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, h0, o, ht, h, vnew, cu_seqlens, chunk_offsets,
     HV: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BT: gl.constexpr,
     HAS_H0: gl.constexpr, STORE_FINAL: gl.constexpr, WRITE_O: gl.constexpr, STORE_H: gl.constexpr, NS: gl.constexpr,
-    VN_SPLIT: gl.constexpr = False,
+    VN_SPLIT: gl.constexpr = False, O_SLOT: gl.constexpr = False,
 ):
     """WRITE_O: the forward's walk (o, and the final state with STORE_FINAL). STORE_H: the backward's states walk,
     storing each chunk's entry state h ``[NC, HV, K, V]`` and the v_new tiles ``[TT, HV, V]`` (both bf16), no o.
-    VN_SPLIT (the premultiplied output walk, u bf16): v_new enters the state update as bf16 hi + lo halves."""
+    VN_SPLIT (the premultiplied output walk, u bf16): v_new enters the state update as bf16 hi + lo halves.
+    O_SLOT (the output walk): the ring's NS slots hold what the state chain reads (w, kd, u, dl) and the o products'
+    tiles (qg, A_qk) have one slot of their own, filled for the next chunk once this chunk's products are done: with
+    NS = 2 and the premultiplied walk's bf16 u that is ~105 KB, so two programs share an SM (where the grid has more
+    programs than SMs, each hides the other's waits)."""
     BV: gl.constexpr = 64
     # wgmma accumulators: [BV, BT] (v_new^T, o^T) and [BV, K] (S^T); each warp owns 16 of the BV rows
     MT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
@@ -113,7 +133,8 @@ def kda_walk_wgmma_kernel(
     # o^T, v_new^T [BV, BT] and S^T [BV, K] for the stores: 8 consecutive value columns per thread (16-byte stores)
     LO: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
     U_BYTES: gl.constexpr = u_desc.dtype.primitive_bitwidth // 8
-    NBYTES: gl.constexpr = ((3 if WRITE_O else 2) * BT * K * 2 + (BT * BT * 2 if WRITE_O else 0) + BT * BV * U_BYTES
+    RING_O: gl.constexpr = WRITE_O and not O_SLOT  # the o tiles travel in the ring
+    NBYTES: gl.constexpr = ((3 if RING_O else 2) * BT * K * 2 + (BT * BT * 2 if RING_O else 0) + BT * BV * U_BYTES
                             + K * 4)
 
     i_v, i_nh = gl.program_id(0), gl.program_id(1)
@@ -125,9 +146,14 @@ def kda_walk_wgmma_kernel(
 
     w_s = gl.allocate_shared_memory(gl.bfloat16, [NS, BT, K], w_desc.layout)
     kd_s = gl.allocate_shared_memory(gl.bfloat16, [NS, BT, K], kd_desc.layout)
-    if WRITE_O:
+    if RING_O:
         qg_s = gl.allocate_shared_memory(gl.bfloat16, [NS, BT, K], qg_desc.layout)
         a_s = gl.allocate_shared_memory(gl.bfloat16, [NS, BT, BT], a_desc.layout)
+    elif O_SLOT:
+        qg_s = gl.allocate_shared_memory(gl.bfloat16, [1, BT, K], qg_desc.layout)
+        a_s = gl.allocate_shared_memory(gl.bfloat16, [1, BT, BT], a_desc.layout)
+        obar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(obar.index(0), count=1)
     else:  # never read: _fill's qg / A_qk loads are compiled out
         qg_s = w_s
         a_s = w_s
@@ -140,7 +166,9 @@ def kda_walk_wgmma_kernel(
         mbarrier.init(bars.index(s), count=1)
     for s in gl.static_range(NS - 1):
         _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, w_s, kd_s, qg_s, a_s, u_s, dl_s, bars, s, s, NT,
-              seq_bos, c_lo, i_hv, i_v, HV, K, V, BT, BV, NBYTES, WRITE_O)
+              seq_bos, c_lo, i_hv, i_v, HV, K, V, BT, BV, NBYTES, RING_O)
+    if O_SLOT:
+        _fill_o(qg_desc, a_desc, qg_s.index(0), a_s.index(0), obar.index(0), 0, NT, seq_bos, i_hv, K, BT)
 
     rv = i_v * BV + gl.arange(0, BV, gl.SliceLayout(1, MK))
     ck = gl.arange(0, K, gl.SliceLayout(0, MK))
@@ -166,14 +194,17 @@ def kda_walk_wgmma_kernel(
         y = warpgroup_mma(a_hi, wT, gl.zeros([BV, BT], gl.float32, MT), is_async=True)
         y = warpgroup_mma(a_lo, wT, y, is_async=True)
         if WRITE_O:
-            qT = qg_s.index(sl).permute([1, 0])
+            osl = 0 if O_SLOT else sl
+            if O_SLOT:  # this chunk's qg, A_qk (loaded at the end of the last chunk)
+                mbarrier.wait(obar.index(0), t & 1)
+            qT = qg_s.index(osl).permute([1, 0])
             oT = warpgroup_mma(a_hi, qT, gl.zeros([BV, BT], gl.float32, MT), is_async=True)
             oT = warpgroup_mma(a_lo, qT, oT, is_async=True)
         # every warp is past chunk t-1 (its products were waited for): its slot takes chunk t+NS-1
         gl.thread_barrier()
         tn = t + NS - 1
         _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, w_s, kd_s, qg_s, a_s, u_s, dl_s, bars, tn % NS, tn, NT,
-              seq_bos, c_lo, i_hv, i_v, HV, K, V, BT, BV, NBYTES, WRITE_O)
+              seq_bos, c_lo, i_hv, i_v, HV, K, V, BT, BV, NBYTES, RING_O)
         y = warpgroup_mma_wait(2 if WRITE_O else 0, deps=(y,))
         # rows past the sequence end hold the next sequence's tokens: v_new = 0 there keeps them out of S
         m_t = (t * BT + ct) < seq_len
@@ -185,18 +216,23 @@ def kda_walk_wgmma_kernel(
         if STORE_H:  # the v_new tile the products below take
             gl.store(vnew + p_o, gl.convert_layout(vn.to(vnew.dtype.element_ty), LO), mask=m_o)
         if WRITE_O:
-            oT = warpgroup_mma(gl.convert_layout(vn, AT), a_s.index(sl).permute([1, 0]), oT, is_async=True)
+            oT = warpgroup_mma(gl.convert_layout(vn, AT), a_s.index(osl).permute([1, 0]), oT, is_async=True)
         b_s = warpgroup_mma(gl.convert_layout(vn, AK), kd_s.index(sl), b_s * b_dl, is_async=True)
         if VN_SPLIT:
             vn_lo = (vn32 - vn.to(gl.float32)).to(gl.bfloat16)
             b_s = warpgroup_mma(gl.convert_layout(vn_lo, AK), kd_s.index(sl), b_s, is_async=True)
         if WRITE_O:
             oT, b_s, a_hi, a_lo = warpgroup_mma_wait(0, deps=(oT, b_s, a_hi, a_lo))
+            if O_SLOT:  # every warp is past this chunk's products: the o slot takes the next chunk's tiles
+                gl.thread_barrier()
+                _fill_o(qg_desc, a_desc, qg_s.index(0), a_s.index(0), obar.index(0), t + 1, NT, seq_bos, i_hv, K, BT)
             gl.store(o + p_o, gl.convert_layout(oT.to(o.dtype.element_ty), LO), mask=m_o)
         else:
             b_s, a_hi, a_lo = warpgroup_mma_wait(0, deps=(b_s, a_hi, a_lo))
     for s in gl.static_range(NS):
         mbarrier.invalidate(bars.index(s))
+    if O_SLOT:
+        mbarrier.invalidate(obar.index(0))
     if STORE_FINAL:
         gl.store(ht + (i_n * HV + i_hv).to(gl.int64) * K * V + p_s, b_s)
 
@@ -211,12 +247,13 @@ def _descriptor(x: torch.Tensor, block: list[int]) -> TensorDescriptor:
 def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor,
                    initial_state: torch.Tensor | None, o: torch.Tensor | None, ht: torch.Tensor | None,
                    h: torch.Tensor | None = None, vnew: torch.Tensor | None = None,
-                   num_slots: int | None = None, vn_split: bool = False) -> None:
+                   num_slots: int | None = None, vn_split: bool = False, o_slot: bool | None = None) -> None:
     """The walk over the intra stage's w, qg, kd ``[TT, HV, K]`` bf16, u ``[TT, HV, V]`` fp32 (v itself, bf16, for the
     premultiplied walk: vn_split), A_qk ``[TT, HV, 64]``
     bf16 and dl ``[NC, HV, K]`` fp32, from initial_state ``[N, HV, K, V]`` fp32 (or zeros), writing what is given:
     o ``[TT, HV, V]`` (the output walk), or h ``[NC, HV, K, V]`` and vnew ``[TT, HV, V]`` bf16 (the states walk), and
-    the final state ht ``[N, HV, K, V]`` fp32. Check ``wgmma_walk_supported`` first."""
+    the final state ht ``[N, HV, K, V]`` fp32. Check ``wgmma_walk_supported`` first. o_slot (None: TWO_PER_SM's rule;
+    the premultiplied output walk only): the kernel's O_SLOT, at two ring slots unless num_slots says otherwise."""
     TT, HV, K = st["w"].shape
     V = st["u"].shape[-1]
     N = cu_seqlens.shape[0] - 1
@@ -225,6 +262,9 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
     # as well (its stores take the scratch the output walk's tiles would).
     w_desc = _descriptor(st["w"], [64, K])
     dummy = st["u"]
+    if o_slot is None:
+        o_slot = TWO_PER_SM and (V // BV) * N * HV > _sm_count(st["w"].device)
+    o_slot = o_slot and write_o and st["u"].dtype == torch.bfloat16
     kda_walk_wgmma_kernel[(V // BV, N * HV)](
         w_desc, _descriptor(st["kd"], [64, K]), _descriptor(st["qg"], [64, K]) if write_o else w_desc,
         _descriptor(st["Aqk"], [64, 64]) if write_o else w_desc, _descriptor(st["u"], [64, BV]),
@@ -233,5 +273,11 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
         ht if ht is not None else dummy, h if h is not None else dummy, vnew if vnew is not None else dummy,
         cu_seqlens, chunk_offsets,
         HV=HV, K=K, V=V, BT=64, HAS_H0=initial_state is not None, STORE_FINAL=ht is not None, WRITE_O=write_o,
-        STORE_H=h is not None, NS=num_slots or WALK_SLOTS, VN_SPLIT=vn_split, num_warps=4,
+        STORE_H=h is not None, NS=num_slots or (2 if o_slot else WALK_SLOTS), VN_SPLIT=vn_split, O_SLOT=o_slot,
+        num_warps=4,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
