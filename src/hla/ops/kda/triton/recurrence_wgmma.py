@@ -8,7 +8,8 @@ kd^T v_new), computed transposed, so that the state never leaves the registers o
 One CTA (one warpgroup, 4 warps) per (sequence, value head, 64 value columns) holds S^T ``[64, K]`` fp32 in the
 accumulator layout of ``wgmma``. Every product takes its left operand from registers (S^T as its bf16 hi + lo halves,
 v_new^T rounded to bf16, as ``recurrence.py`` does with SPLIT) and its right operand (w, qg, A_qk, kd) from shared
-memory, where TMA puts each chunk's tiles (and its decay row dl) three chunks ahead. The Triton (tl) walk stages S
+memory, where TMA puts each chunk's tiles (and its decay row dl) three chunks ahead (where the grid has more programs
+than SMs, the forward's walk keeps two programs per SM instead: TWO_PER_SM). The Triton (tl) walk stages S
 through shared memory twice per chunk and waits on CTA barriers for it; here S never leaves the registers. (The
 compiler still places barriers in each chunk's SASS: around the TMA issues and in the four rounds of the o store's
 layout change.) The forward's walk may run over premultiplied operands (u = v, VN_SPLIT: see
@@ -258,8 +259,9 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
     V = st["u"].shape[-1]
     N = cu_seqlens.shape[0] - 1
     write_o = o is not None
-    # The output walk keeps three chunks in flight; the states walk loads no qg / A_qk (48 KB a slot) and keeps three
-    # as well (its stores take the scratch the output walk's tiles would).
+    # The output walk keeps three chunks in flight (two, and qg / A_qk one chunk ahead, with the o slot); the states walk
+    # loads no qg / A_qk (48 KB a slot) and keeps three as well (its stores take the scratch the output walk's tiles
+    # would).
     w_desc = _descriptor(st["w"], [64, K])
     dummy = st["u"]
     if o_slot is None:
