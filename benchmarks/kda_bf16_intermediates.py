@@ -9,6 +9,7 @@ error against the exact float64 run, per draw. Inputs are check_kda_gpu.py's (`-
 the case whose dA_log failed on the H200).
 
     PYTHONPATH=src python3 benchmarks/kda_bf16_intermediates.py [--gate near0] [--draws 8] [--T 2048]
+        [--variants pairs+qg,w+kd+vn]
 """
 
 from __future__ import annotations
@@ -132,6 +133,15 @@ def gradients(x: dict, rounded, do=None, ds=None, form: str = "plain"):
     return dict(zip(GRADS, grads, strict=True)), do, ds
 
 
+def parse_variants(text: str) -> list[tuple[str, ...]]:
+    """'pairs+qg,w+kd+vn' -> [('pairs', 'qg'), ('w', 'kd', 'vn')]; names outside ROUNDABLE are refused."""
+    variants = [tuple(n for n in v.split("+") if n) for v in text.split(",") if v]
+    unknown = sorted({n for v in variants for n in v} - set(ROUNDABLE))
+    if unknown or not variants:
+        raise argparse.ArgumentTypeError(f"expected sets of {', '.join(ROUNDABLE)} joined by '+', got {text!r}")
+    return variants
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gate", default="near0", choices=("kimi", "bench", "near0", "veryneg"))
@@ -141,11 +151,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--form", default="plain", choices=("plain", "premultiplied"),
                     help="the forward walk's operands (chunk.PREMULTIPLY): see chunked_kda")
+    ap.add_argument("--variants", type=parse_variants, default=None,
+                    help="comma-separated sets of tensors rounded together, each joined by '+', e.g. "
+                         f"'pairs+qg,w+kd+vn' (of {', '.join(ROUNDABLE)}; default: each alone, then all)")
     args = ap.parse_args(argv)
     if args.T % 64:
         ap.error(f"--T: expected a multiple of 64, got {args.T}")
     torch.manual_seed(0)
-    variants = [(n,) for n in ROUNDABLE] + [ROUNDABLE]
+    variants = args.variants or [(n,) for n in ROUNDABLE] + [ROUNDABLE]
     print(f"{args.form} form, gate {args.gate}, T {args.T}, HV {args.heads}, K = V = {args.dim}; relative error vs "
           f"exact float64 (dA_log / dg), bf16-stored: " + ", ".join("+".join(v) for v in variants), flush=True)
     for draw in range(args.draws):

@@ -58,3 +58,9 @@ def test_pair_products_from_bf16_factors_are_the_pairs_to_bf16_precision():
     for got, ref in ((kk, A_kk), (qk, A_qk)):
         err = ((got - ref).norm() / ref.norm()).item()
         assert 1e-5 < err < 1e-2, err
+
+
+def test_variants_option():
+    assert b16.parse_variants("pairs+qg,w+kd+vn") == [("pairs", "qg"), ("w", "kd", "vn")]
+    with pytest.raises(Exception, match="expected sets of"):
+        b16.parse_variants("pairs+u")
