@@ -32,7 +32,36 @@ from hla.ops.kda.chunk_torch import (  # noqa: E402
 from hla.ops.kda.gate import kda_gate, l2norm  # noqa: E402
 
 ROUNDABLE = ("w", "kd", "qg", "vn", "pairs")
+# The state path's three (plain form) also as ":values" (rounded where the forward multiplies them: the states and
+# v_new the backward recomputes) or ":grads" (rounded only in the gradient formulas that take them: w^T dv_new,
+# kd dS, dA_qk and dkd from v_new), to tell which side of their rounding the gradients feel.
+SPLIT_ROUNDABLE = tuple(f"{n}:{side}" for n in ("w", "kd", "vn") for side in ("values", "grads"))
 GRADS = ("q", "k", "v", "g", "beta", "A_log", "dt_bias")
+
+
+def _sides(name: str, rounded) -> tuple[bool, bool]:
+    """Whether name is rounded in the products' values and in their gradient formulas."""
+    return (name in rounded or f"{name}:values" in rounded, name in rounded or f"{name}:grads" in rounded)
+
+
+class _RoundedMatmul(torch.autograd.Function):
+    """a @ b with each operand rounded to bf16 in the forward value and / or in the gradient formula of the other
+    (ra, rb: (values, grads) flags); with both flags set this is the product of two stored bf16 tensors."""
+
+    @staticmethod
+    def forward(ctx, a, b, ra, rb):
+        ctx.save_for_backward(a, b)
+        ctx.ra, ctx.rb = ra, rb
+        return _bf16(a, ra[0]) @ _bf16(b, rb[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return grad @ _bf16(b, ctx.rb[1]).transpose(-1, -2), _bf16(a, ctx.ra[1]).transpose(-1, -2) @ grad, None, None
+
+
+def _bf16(x, on: bool):
+    return x.to(torch.bfloat16).to(x.dtype) if on else x
 
 
 class _RoundBF16(torch.autograd.Function):
@@ -73,7 +102,8 @@ def _pairs_bf16(qc, kc, gc, bc):
 
 def chunked_kda(q, k, v, g, beta, scale: float, rounded=(), BT: int = 64, form: str = "plain"):
     """Chunked KDA, one sequence: q, k, v ``[1, T, HV, D]`` float64 (q, k normalised), g ``[1, T, HV,
-    K]`` log-decay, beta ``[1, T, HV]``; T a multiple of BT. The names in rounded are stored in bf16.
+    K]`` log-decay, beta ``[1, T, HV]``; T a multiple of BT. The names in rounded are stored in bf16 (in the plain form
+    w, kd and vn also as "name:values" / "name:grads": SPLIT_ROUNDABLE).
     form "premultiplied" walks as the forward does with chunk.PREMULTIPLY: "w" rounds k exp(Gamma), "kd" both kd and
     (M diag(beta))^T kd, "pairs" also A_qk M diag(beta), "vn" Z = v - k exp(Gamma) S where o takes it (the state
     update takes Z's hi + lo halves: exact here).
@@ -110,14 +140,15 @@ def chunked_kda(q, k, v, g, beta, scale: float, rounded=(), BT: int = 64, form: 
             S = d_n * S + k_n @ z
         return torch.stack(outs, 2), S
     w, u = chunk_kda_wu(chunk_kda_solve_tril(A_kk), kc, vc, gc, bc)
-    w = store(w, "w")
-    kd = store(kc * torch.exp(g_last - gc), "kd").transpose(-1, -2)
+    kd = (kc * torch.exp(g_last - gc)).transpose(-1, -2)
+    rw, rkd, rvn, no = _sides("w", rounded), _sides("kd", rounded), _sides("vn", rounded), (False, False)
     outs = []
     for u_n, w_n, d_n, k_n, q_n, a_n in zip(u.unbind(2), w.unbind(2), decay.unbind(2), kd.unbind(2), qg.unbind(2),
                                              A_qk.unbind(2), strict=True):
-        v_new = u_n - w_n @ S
+        v_new = u_n - _RoundedMatmul.apply(w_n, S, rw, no)
         outs.append(q_n @ S + a_n @ v_new)
-        S = d_n * S + k_n @ store(v_new, "vn")  # the kernels' state update takes v_new in bf16
+        # the kernels' state update takes kd and v_new in bf16
+        S = d_n * S + _RoundedMatmul.apply(k_n, v_new, rkd, rvn)
     return torch.stack(outs, 2), S
 
 
@@ -136,9 +167,10 @@ def gradients(x: dict, rounded, do=None, ds=None, form: str = "plain"):
 def parse_variants(text: str) -> list[tuple[str, ...]]:
     """'pairs+qg,w+kd+vn' -> [('pairs', 'qg'), ('w', 'kd', 'vn')]; names outside ROUNDABLE are refused."""
     variants = [tuple(n for n in v.split("+") if n) for v in text.split(",") if v]
-    unknown = sorted({n for v in variants for n in v} - set(ROUNDABLE))
+    unknown = sorted({n for v in variants for n in v} - set(ROUNDABLE) - set(SPLIT_ROUNDABLE))
     if unknown or not variants:
-        raise argparse.ArgumentTypeError(f"expected sets of {', '.join(ROUNDABLE)} joined by '+', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected sets of {', '.join(ROUNDABLE + SPLIT_ROUNDABLE)} joined by '+', got {text!r}")
     return variants
 
 
@@ -153,7 +185,8 @@ def main(argv=None) -> int:
                     help="the forward walk's operands (chunk.PREMULTIPLY): see chunked_kda")
     ap.add_argument("--variants", type=parse_variants, default=None,
                     help="comma-separated sets of tensors rounded together, each joined by '+', e.g. "
-                         f"'pairs+qg,w+kd+vn' (of {', '.join(ROUNDABLE)}; default: each alone, then all)")
+                         f"'pairs+qg,w+kd+vn' (of {', '.join(ROUNDABLE + SPLIT_ROUNDABLE)}; default: each alone, "
+                         "then all)")
     args = ap.parse_args(argv)
     if args.T % 64:
         ap.error(f"--T: expected a multiple of 64, got {args.T}")

@@ -62,5 +62,22 @@ def test_pair_products_from_bf16_factors_are_the_pairs_to_bf16_precision():
 
 def test_variants_option():
     assert b16.parse_variants("pairs+qg,w+kd+vn") == [("pairs", "qg"), ("w", "kd", "vn")]
+    assert b16.parse_variants("w:values+vn:grads") == [("w:values", "vn:grads")]
     with pytest.raises(Exception, match="expected sets of"):
         b16.parse_variants("pairs+u")
+
+
+def test_values_and_grads_sides_make_up_the_stored_rounding():
+    x = _inputs()
+    exact, do, ds = b16.gradients(x, ())
+    both, _, _ = b16.gradients(x, ("w", "kd", "vn"), do, ds)
+    sides, _, _ = b16.gradients(x, b16.SPLIT_ROUNDABLE, do, ds)
+    values, _, _ = b16.gradients(x, ("w:values", "kd:values", "vn:values"), do, ds)
+    grads, _, _ = b16.gradients(x, ("w:grads", "kd:grads", "vn:grads"), do, ds)
+    for n in b16.GRADS:
+        assert torch.equal(both[n], sides[n])
+    # dq takes the states' values only and dv the gradient formulas only; the others take both sides
+    assert torch.equal(grads["q"], exact["q"]) and not torch.equal(values["q"], exact["q"])
+    assert torch.equal(values["v"], exact["v"]) and not torch.equal(grads["v"], exact["v"])
+    for n in ("k", "g", "beta", "A_log", "dt_bias"):
+        assert not torch.equal(values[n], exact[n]) and not torch.equal(grads[n], exact[n])
