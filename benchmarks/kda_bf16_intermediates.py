@@ -116,6 +116,9 @@ def chunked_kda(q, k, v, g, beta, scale: float, rounded=(), BT: int = 64, form: 
     def store(x, name):
         return _RoundBF16.apply(x) if name in rounded else x
 
+    if form == "premultiplied" and set(rounded) & set(SPLIT_ROUNDABLE):
+        raise ValueError(f"rounded: {', '.join(SPLIT_ROUNDABLE)} are for the plain form, got {sorted(rounded)}")
+
     qc, kc, vc, gch, bc = chunks(q) * scale, chunks(k), chunks(v), chunks(g), chunks(beta).squeeze(-1)
     gc = chunk_kda_cumsum(gch)
     A_kk, A_qk = chunk_kda_intra(qc, kc, gc, bc, "auto")

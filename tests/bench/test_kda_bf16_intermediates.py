@@ -81,3 +81,5 @@ def test_values_and_grads_sides_make_up_the_stored_rounding():
     assert torch.equal(values["v"], exact["v"]) and not torch.equal(grads["v"], exact["v"])
     for n in ("k", "g", "beta", "A_log", "dt_bias"):
         assert not torch.equal(values[n], exact[n]) and not torch.equal(grads[n], exact[n])
+    with pytest.raises(ValueError, match="plain form"):
+        b16.gradients(x, ("w:values",), do, ds, form="premultiplied")
