@@ -70,7 +70,7 @@ class _RoundBF16(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
-        return x.to(torch.bfloat16).to(x.dtype)
+        return _bf16(x, True)
 
     @staticmethod
     def backward(ctx, grad):

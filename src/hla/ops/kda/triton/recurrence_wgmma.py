@@ -254,13 +254,13 @@ def _box_layout(block: tuple[int, ...], bf16: bool) -> gl.NVMMASharedLayout:
 def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor,
                    initial_state: torch.Tensor | None, o: torch.Tensor | None, ht: torch.Tensor | None,
                    h: torch.Tensor | None = None, vnew: torch.Tensor | None = None,
-                   num_slots: int | None = None, vn_split: bool = False, o_slot: bool | None = None) -> None:
+                   num_slots: int | None = None, vn_split: bool = False) -> None:
     """The walk over the intra stage's w, qg, kd ``[TT, HV, K]`` bf16, u ``[TT, HV, V]`` fp32 (v itself, bf16, for the
     premultiplied walk: vn_split), A_qk ``[TT, HV, 64]``
     bf16 and dl ``[NC, HV, K]`` fp32, from initial_state ``[N, HV, K, V]`` fp32 (or zeros), writing what is given:
     o ``[TT, HV, V]`` (the output walk), or h ``[NC, HV, K, V]`` and vnew ``[TT, HV, V]`` bf16 (the states walk), and
-    the final state ht ``[N, HV, K, V]`` fp32. Check ``wgmma_walk_supported`` first. o_slot (None: TWO_PER_SM's rule;
-    the premultiplied output walk only): the kernel's O_SLOT, at two ring slots unless num_slots says otherwise."""
+    the final state ht ``[N, HV, K, V]`` fp32. Check ``wgmma_walk_supported`` first. The premultiplied output walk takes
+    the kernel's O_SLOT (two ring slots unless num_slots says otherwise) by TWO_PER_SM's rule."""
     TT, HV, K = st["w"].shape
     V = st["u"].shape[-1]
     N = cu_seqlens.shape[0] - 1
@@ -270,9 +270,8 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
     # would).
     w_desc = _descriptor(st["w"], [64, K])
     dummy = st["u"]
-    if o_slot is None:
-        o_slot = TWO_PER_SM and (V // BV) * N * HV > _sm_count(st["w"].device)
-    o_slot = o_slot and write_o and st["u"].dtype == torch.bfloat16
+    o_slot = (TWO_PER_SM and write_o and st["u"].dtype == torch.bfloat16
+              and (V // BV) * N * HV > _sm_count(st["w"].device))
     kda_walk_wgmma_kernel[(V // BV, N * HV)](
         w_desc, _descriptor(st["kd"], [64, K]), _descriptor(st["qg"], [64, K]) if write_o else w_desc,
         _descriptor(st["Aqk"], [64, 64]) if write_o else w_desc, _descriptor(st["u"], [64, BV]),
