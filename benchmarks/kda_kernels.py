@@ -11,7 +11,7 @@ keeps what it finished).
 
     PYTHONPATH=src python3 benchmarks/kda_kernels.py [--out DIR] [--shapes 0,1,2,3] [--gates kimi,safe]
         [--no-prefill] [--no-bwd] [--no-decode] [--no-sweep] [--decode-batches 1,8,64,256] [--stages]
-        [--intra-wgmma]
+        [--intra-wgmma {inference,always,off}]
 
 Examples that fit a 600 s call: `--shapes 0 --gates kimi --stages --no-decode` (stage times and
 one prefill row), `--no-prefill` (decode table and sweep only), `--shapes 1,2 --no-bwd`.
@@ -253,8 +253,8 @@ def forward_stage_calls(x: dict, chunk_size: int = 64) -> dict:
     calls["intra, premultiplied"] = lambda: intra(True)
     calls["recurrence, premultiplied"] = lambda: recurrence(premultiplied=True)
     # the intra stage with the tl fast launch and with the Gluon one (intra.INTRA_WGMMA; the tl one off Hopper)
-    calls["intra, INTRA_WGMMA off"] = with_flag(intra_module, "INTRA_WGMMA", False, intra)
-    calls["intra, INTRA_WGMMA on"] = with_flag(intra_module, "INTRA_WGMMA", True, intra)
+    calls["intra, INTRA_WGMMA off"] = with_flag(intra_module, "INTRA_WGMMA", "off", intra)
+    calls["intra, INTRA_WGMMA on"] = with_flag(intra_module, "INTRA_WGMMA", "always", intra)
     # an explicit block width keeps the tl walk ("recurrence" runs the Gluon walk on Hopper with bf16 tiles)
     for bv in (16, 32, 64):
         calls[f"recurrence BV={bv}"] = lambda bv=bv: recurrence(bv)
@@ -445,8 +445,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--decode-batches", default=",".join(str(b) for b in DECODE_BATCHES),
                     type=_int_list, help="decode batch sizes (default 1,8,64,256)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the decode launch sweep")
-    ap.add_argument("--intra-wgmma", action="store_true",
-                    help="our prefill with the Gluon fast intra launch (intra.INTRA_WGMMA, off by default; Hopper)")
+    ap.add_argument("--intra-wgmma", choices=("inference", "always", "off"), default=None,
+                    help="where our prefill takes the Gluon fast intra launch (intra.INTRA_WGMMA; default: its "
+                         "setting, 'inference': the forward-only timings; Hopper)")
     ap.add_argument("--stages", action="store_true",
                     help="time each stage of our forward alone (and the reverse recurrence unless --no-bwd) "
                          "at the first selected shape and gate")
@@ -464,7 +465,7 @@ def main(argv=None) -> int:
     if args.intra_wgmma:
         from hla.ops.kda.triton import intra
 
-        intra.INTRA_WGMMA = True
+        intra.INTRA_WGMMA = args.intra_wgmma
     load_fla()
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()

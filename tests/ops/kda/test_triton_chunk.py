@@ -175,3 +175,24 @@ def test_chunk_backward_precomputed_inputs():
     grads = torch.autograd.grad([o, s], [x[n] for n in names], [do.float(), ds.float()])
     for n, gr, rr in zip(names, grads, ref_grads, strict=True):
         assert rel(gr, rr) < 1e-5, n
+
+
+def test_forward_tells_the_intra_stage_whether_a_backward_follows(monkeypatch):
+    """A forward whose outputs need no gradient (no input requires one, or torch.no_grad) tells the intra stage so
+    (intra.INTRA_WGMMA = "inference" then takes the Gluon fast launch on Hopper); a training forward does not."""
+    from hla.ops.kda.triton import chunk, intra
+
+    seen = []
+    real = chunk.kda_intra_fwd
+    monkeypatch.setattr(chunk, "kda_intra_fwd", lambda *a, **k: seen.append(k["for_backward"]) or real(*a, **k))
+    x = make_inputs(T=70)
+    o, _ = _chunk(x)
+    x["q"].requires_grad_(True)
+    with torch.no_grad():
+        o_ng, _ = _chunk(x)
+    o_tr, _ = _chunk(x)
+    assert seen == [False, False, True]
+    assert torch.equal(o, o_ng) and torch.equal(o, o_tr.detach())  # the same launches off Hopper
+    monkeypatch.setattr(intra, "INTRA_WGMMA", "sometimes")
+    with pytest.raises(ValueError, match="INTRA_WGMMA"):
+        _chunk(x)

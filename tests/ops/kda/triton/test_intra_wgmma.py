@@ -83,7 +83,7 @@ def test_matches_the_tl_fast_launch(gate, lengths, H, HV, K, span, monkeypatch):
     monkeypatch.setattr(intra_wgmma, "kda_intra_fast_wgmma", lambda *a, **k: launched.append(1) or fast(*a, **k))
     runs = {}
     for on in (False, True):
-        monkeypatch.setattr(intra, "INTRA_WGMMA", on)
+        monkeypatch.setattr(intra, "INTRA_WGMMA", "always" if on else "off")
         runs[on] = intra.kda_intra_fwd(*args, **kw, safe_span=span)
         assert len(launched) == int(on), "the Gluon launch ran when off, or did not run when on"
     # an explicit launch shape keeps the tl launch
@@ -100,3 +100,45 @@ def test_matches_the_tl_fast_launch(gate, lengths, H, HV, K, span, monkeypatch):
         err = _rel(gl_[name], tl_[name])
         assert err < (4e-3 if name == "Aqk" else 1e-3), f"{name}: {err:.2e} (flagged {flagged:.1%})"
         assert torch.isfinite(gl_[name]).all(), name
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (wgmma)")
+@pytest.mark.parametrize("gate", ["kimi", "bounded"])
+def test_inference_forward_takes_it(gate, monkeypatch):
+    """By default (INTRA_WGMMA = "inference") a forward without gradients takes the Gluon launch and a training
+    forward the tl one: both outputs and final states against the float64 reference and each other, varlen."""
+    from hla.ops.kda.gate import kda_gate, l2norm
+    from hla.ops.kda.reference import kda_reference
+    from hla.ops.kda.triton import intra_wgmma
+    from hla.ops.kda.triton.chunk import kda_chunk_triton
+
+    launched = []
+    fast = intra_wgmma.kda_intra_fast_wgmma
+    monkeypatch.setattr(intra_wgmma, "kda_intra_fast_wgmma", lambda *a, **k: launched.append(1) or fast(*a, **k))
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    lengths, H = [1500, 64, 700, 3], 4
+    TT = sum(lengths)
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), device=dev, dtype=torch.int32)
+    q, k, v, g = (torch.randn(1, TT, H, 128, device=dev, dtype=bf) for _ in range(4))
+    beta = torch.randn(1, TT, H, device=dev, dtype=bf)
+    A_log = torch.empty(H, device=dev).uniform_(1, 16).log()
+    dt_bias = torch.randn(H * 128, device=dev) * 0.5 - 3
+    lb = -5.0 if gate == "bounded" else None
+    h0 = torch.randn(len(lengths), H, 128, 128, device=dev)
+
+    def ours():
+        return kda_chunk_triton(q, k, v, g, beta, scale=128**-0.5, initial_state=h0, output_final_state=True,
+                                cu_seqlens=cu, A_log=A_log, dt_bias=dt_bias, lower_bound=lb, use_qk_l2norm=True,
+                                use_beta_sigmoid=True)
+
+    o, s = ours()
+    assert len(launched) == 1
+    q.requires_grad_(True)
+    o_train, s_train = ours()
+    assert len(launched) == 1
+    d = lambda t: t.detach().double()  # noqa: E731
+    ro, rs = kda_reference(l2norm(d(q)), l2norm(d(k)), d(v), kda_gate(d(g), d(A_log), d(dt_bias), lb),
+                           torch.sigmoid(d(beta)), initial_state=d(h0), output_final_state=True, cu_seqlens=cu.long())
+    for name, a, b in (("o", o, ro), ("state", s, rs), ("o train", o_train, ro), ("state train", s_train, rs)):
+        assert _rel(a, b) < 5e-3, f"{name}: {_rel(a, b):.2e}"
+    assert _rel(o, o_train) < 2e-3 and _rel(s, s_train) < 1e-3, (_rel(o, o_train), _rel(s, s_train))

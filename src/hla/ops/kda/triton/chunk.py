@@ -104,7 +104,7 @@ class KDAChunkTriton(torch.autograd.Function):
         flat = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta)]
         h0 = initial_state.contiguous() if initial_state is not None else None
         st = kda_intra_fwd(*flat, meta.chunk_bounds, chunk_size=meta.BT, **_intra_kwargs(opts, A_log, dt_bias),
-                           premultiply=PREMULTIPLY)
+                           premultiply=PREMULTIPLY, for_backward=opts["needs_grad"])
         o, ht, _, _ = kda_recurrence_fwd(dict(st, Aqk=st["AqkM"]) if PREMULTIPLY else st, meta.cu,
                                          meta.chunk_offsets, initial_state=h0,
                                          output_final_state=opts["output_final_state"], out_dtype=v.dtype,
@@ -172,9 +172,13 @@ def kda_chunk_triton(
         raise ValueError(f"chunk_size: the triton backend supports 64, got {chunk_size}")
     if initial_state is not None and initial_state.dtype != torch.float32:
         initial_state = initial_state.float()
+    # a forward whose outputs need no gradient (inference, torch.no_grad) may take launches chosen for the forward
+    # alone (intra.INTRA_WGMMA): nothing it computes feeds a backward
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, g, beta, A_log, dt_bias, initial_state))
     opts = dict(scale=float(scale), output_final_state=output_final_state, cu_seqlens=cu_seqlens,
                 lower_bound=lower_bound, use_qk_l2norm=use_qk_l2norm, use_beta_sigmoid=use_beta_sigmoid,
-                chunk_size=chunk_size)
+                chunk_size=chunk_size, needs_grad=needs_grad)
     A_log_f = A_log.reshape(-1).float() if A_log is not None else None
     dt_f = dt_bias.reshape(-1).float() if dt_bias is not None else None
     o, ht = KDAChunkTriton.apply(q, k, v, g, beta, A_log_f, dt_f, initial_state, opts)

@@ -27,9 +27,9 @@ What differs from the tl launch is where the work sits:
   launch's four, each followed there by a select.
 - Eight warps (two warpgroups, each owning 32 of the accumulators' 64 columns), 128 registers: two programs per SM.
 
-Hopper only (wgmma). ``intra.kda_intra_fwd`` uses it when ``intra.INTRA_WGMMA`` is set (off by default: see there
-for why) and ``fast_wgmma_supported`` says so, and the tl fast launch elsewhere (other GPUs, fp16 / fp32 inputs, the
-interpreter, explicit launch overrides).
+Hopper only (wgmma). ``intra.kda_intra_fwd`` uses it where ``intra.INTRA_WGMMA`` (by default: in forwards that feed
+no backward; see there for why) and ``fast_wgmma_supported`` say so, and the tl fast launch elsewhere (other GPUs,
+fp16 / fp32 inputs, the interpreter, explicit launch overrides).
 
 Measured (H200, session 16; the intra stage = this launch + the exact launch + the solve, against the tl fast launch
 in the same process, ms, Kimi / bounded gate): B1 T8192 H32 0.580 / 0.546 against 0.641 / 0.587; B4 2.215 / 2.100
