@@ -90,7 +90,7 @@ def cases():
                dict(H=HV, HV=HV, K=K, BK=bk, FBK=bk, BT=BT, USE_L2=True, PREC="tf32", SAFE_SPAN=SAFE_SPAN, EXACT=False,
                     PAIRS=False, STORE_GAMMA=True, OP=tl.bfloat16, **GATE), nw, 1, cap)
     solve_t = dict(v=BF16, beta=BF16, w=BF16, u=F32, Pbuf=F32, Mbuf=F32, chunk_bounds=I32, kd=BF16, Aqk=BF16,
-                   AqkM=BF16)
+                   AqkM=BF16, ready=I32)
     # launched: 2 warps, intra.SOLVE_STAGES (every row here at that), the inverse in intra.SOLVE_INV_PRECISION for
     # 16-bit inputs (ieee for fp32); w, u from M's bf16 halves uncapped for bf16 inputs (intra.SOLVE_M_PIECES), one
     # tf32 product at intra.SOLVE_MAX_REGISTERS for fp16 inputs
@@ -106,6 +106,10 @@ def cases():
            solve_t, dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32",
                          PREC_INV=SOLVE_INV_PRECISION, INVERT=True, M_PIECES=SOLVE_M_PIECES, PREMUL=True), 2,
            SOLVE_STAGES, None)
+    yield ("solve premultiplied, signalling a walk beside it", kda_intra_solve_kernel,
+           solve_t, dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32",
+                         PREC_INV=SOLVE_INV_PRECISION, INVERT=True, M_PIECES=SOLVE_M_PIECES, PREMUL=True, SIGNAL=True),
+           2, SOLVE_STAGES, None)
     yield (f"solve, saved M, M halves {SOLVE_M_PIECES}", kda_intra_solve_kernel, solve_t,
            dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee",
                 INVERT=False, M_PIECES=SOLVE_M_PIECES), 2, SOLVE_STAGES,
@@ -123,7 +127,7 @@ def cases():
                   u_desc=tma_type((8192, HV * V), [BT, 64], f32),
                   dl_desc=tma_type((128 * HV, K), [1, K], f32, DL_LAYOUT),
                   h0=F32, o=BF16, ht=F32, h=BF16, vnew=BF16,
-                  cu_seqlens=I32, chunk_offsets=I32)
+                  cu_seqlens=I32, chunk_offsets=I32, ready=I32)
     for slots in sorted({WALK_SLOTS, 2}, reverse=True):
         yield (f"recurrence wgmma slots={slots}", kda_walk_wgmma_kernel, walk_t,
                dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=False, STORE_FINAL=False, WRITE_O=True, STORE_H=False, NS=slots),
@@ -139,6 +143,11 @@ def cases():
            dict(walk_t, u_desc=tma_type((8192, HV * V), [BT, 64], bf)),
            dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=False, STORE_FINAL=False, WRITE_O=True, STORE_H=False, NS=2,
                 VN_SPLIT=True, O_SLOT=True), 4, 1)
+    # the same waiting for the solve running beside it (chunk.BESIDE_SOLVE's per-chunk flags)
+    yield (f"recurrence wgmma slots={WALK_SLOTS} premultiplied, beside the solve", kda_walk_wgmma_kernel,
+           dict(walk_t, u_desc=tma_type((8192, HV * V), [BT, 64], bf)),
+           dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=False, STORE_FINAL=False, WRITE_O=True, STORE_H=False, NS=WALK_SLOTS,
+                VN_SPLIT=True, WAIT=True), 4, 1)
     yield (f"recurrence wgmma states slots={WALK_SLOTS}", kda_walk_wgmma_kernel, walk_t,
            dict(HV=HV, K=K, V=V, BT=BT, HAS_H0=True, STORE_FINAL=False, WRITE_O=False, STORE_H=True, NS=WALK_SLOTS),
            4, 1)

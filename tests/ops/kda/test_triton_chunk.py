@@ -196,3 +196,23 @@ def test_forward_tells_the_intra_stage_whether_a_backward_follows(monkeypatch):
     monkeypatch.setattr(intra, "INTRA_WGMMA", "sometimes")
     with pytest.raises(ValueError, match="INTRA_WGMMA"):
         _chunk(x)
+
+
+
+def test_forward_beside_solve_falls_back_where_the_gluon_walk_cannot_run():
+    """chunk._forward_beside_solve (the inference forward with its walk beside the solve, Hopper) keeps the walk after
+    the solve where the Gluon walk does not run the tensors: here the interpreter's, the same bits as the forward."""
+    from hla.ops.kda.triton import chunk
+
+    x = make_inputs(T=150, N=2)
+    cu = torch.tensor([0, 70, 150])
+    with torch.no_grad():
+        o, s = _chunk(x, cu_seqlens=cu)
+        K = x["q"].shape[-1]
+        meta = chunk._ChunkMeta(1, 150, cu, 64, x["q"].device)
+        opts = dict(scale=K**-0.5, output_final_state=True, lower_bound=x["lower_bound"], use_qk_l2norm=True,
+                    use_beta_sigmoid=True)
+        flat = [x[n].reshape(150, *x[n].shape[2:]).contiguous() for n in ("q", "k", "v", "g", "beta")]
+        o_b, s_b = chunk._forward_beside_solve(flat, meta, x["h0"], opts, x["A_log"].reshape(-1).float(),
+                                               x["dt_bias"].reshape(-1).float())
+    assert torch.equal(o_b.view_as(o), o) and torch.equal(s_b, s)

@@ -3,6 +3,8 @@
 Forward, four launches: the intra-chunk stage (intra.py: a fast pass with the gate, l2norm and beta
 fused, an exact pass only for the key blocks it flagged, and the solve, which folds M diag(beta) into the
 walk's kd and A_qk: PREMULTIPLY), then the recurrence that also writes the output (recurrence.py).
+A forward whose outputs need no gradient takes launches chosen for the forward alone: the Gluon fast intra launch
+(intra.INTRA_WGMMA) and, where the walk's grid leaves half the SMs free, the walk beside the solve (BESIDE_SOLVE).
 Saved for the backward: the inputs and stage 1's per-chunk matrices A_qk, P and M (three [64, 64]
 tiles per chunk and value head, P and M in fp32, A_qk in bf16 for bf16 inputs: 640 bytes per token
 and head, about 0.6x the bf16 q, k, v, g at K = V = 128; 768 with an fp32 A_qk), the part of stage 1
@@ -21,7 +23,7 @@ import torch
 
 from hla.ops.kda.triton.intra import kda_intra_fwd
 from hla.ops.kda.triton.intra_bwd import kda_intra_bwd
-from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
+from hla.ops.kda.triton.recurrence import _use_wgmma_walk, kda_recurrence_fwd
 from hla.ops.kda.triton.recurrence_bwd import kda_state_grad
 
 
@@ -86,6 +88,62 @@ def _intra_kwargs(opts: dict, A_log: torch.Tensor | None, dt_bias: torch.Tensor 
 # (M diag(beta))^T kd and A_qk M diag(beta) instead of w and an fp32 u, and the walk reads v instead of u. False: the
 # walk over w, u as the backward's states walk still takes them.
 PREMULTIPLY = True
+# A forward that feeds no backward, whose output walk fills at most half the SMs, runs its walk beside the solve: the
+# walk is launched on the side stream once the launches before the solve are done, and waits chunk by chunk for the
+# per-chunk flags the solve sets as it stores each chunk-head's kd and AqkM (its grid then runs chunk by chunk across
+# heads). The solve never waits, and the walk's programs leave at least half the SMs to it, so this cannot deadlock.
+# H200, forward ms: B1 T8192 H32 0.739 -> 0.683 (bounded gate), 0.775 -> 0.725 (Kimi); T32K 2.883 -> 2.688, 2.932 ->
+# 2.736 (session 19). The walk's 107 KB two-programs-per-SM form (room for two solve programs beside it on its SMs)
+# was slower: 0.800 at B1.
+BESIDE_SOLVE = True
+
+
+@functools.lru_cache(maxsize=4)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device, priority=torch.cuda.Stream.priority_range()[1])
+
+
+def _walk_beside_solve(meta: _ChunkMeta, HV: int, V: int, x: torch.Tensor, opts: dict) -> bool:
+    from hla.ops.kda.triton.recurrence_wgmma import _sm_count
+
+    return (BESIDE_SOLVE and not opts["needs_grad"] and PREMULTIPLY and x.device.type == "cuda"
+            and not torch.cuda.is_current_stream_capturing()
+            and -(-V // 64) * meta.N * HV <= _sm_count(x.device) // 2)
+
+
+def _forward_beside_solve(flat, meta: _ChunkMeta, h0, opts: dict, A_log, dt_bias):
+    """The inference forward with its walk beside the solve (BESIDE_SOLVE): o [TT, HV, V] and the final state. Where
+    the Gluon output walk does not run these tensors (not Hopper, fp16 / fp32 inputs), the walk after the solve."""
+    q, k, v, g, beta = flat
+    TT, HV, V = v.shape
+    o = torch.empty(TT, HV, V, device=q.device, dtype=v.dtype)
+    walk = dict(initial_state=h0, output_final_state=opts["output_final_state"], out_dtype=v.dtype,
+                premultiplied=True, out=o)
+    walked = {}
+
+    def solve_and_walk(st: dict, issue_solve) -> None:
+        st = dict(st, Aqk=st["AqkM"])
+        if not _use_wgmma_walk(st, True, False, True, (None,), out_dtype=v.dtype, premultiplied=True):
+            issue_solve(None)
+            walked["ht"] = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, **walk)[1]
+            return
+        main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+        ready = torch.zeros(meta.NC, HV, device=q.device, dtype=torch.int32)
+        issued = torch.cuda.Event()
+        issued.record(main)  # the fast and exact launches, and the zeroed flags
+        issue_solve(ready)  # first: see kda_intra_fwd's beside_solve
+        with torch.cuda.stream(side):
+            side.wait_event(issued)
+            walked["ht"] = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, **walk, ready=ready)[1]
+        main.wait_stream(side)
+        walked["ready"] = ready  # (alive until the walk is waited for)
+        if walked["ht"] is not None:
+            walked["ht"].record_stream(main)  # allocated on the side stream, handed to the caller's
+
+    st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **_intra_kwargs(opts, A_log, dt_bias),
+                       premultiply=True, for_backward=False, beside_solve=solve_and_walk)
+    del st  # (kept until the side stream was waited for)
+    return o, walked["ht"]
 
 
 class KDAChunkTriton(torch.autograd.Function):
@@ -103,6 +161,9 @@ class KDAChunkTriton(torch.autograd.Function):
             return v.new_empty(B, T, HV, V), ht
         flat = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (q, k, v, g, beta)]
         h0 = initial_state.contiguous() if initial_state is not None else None
+        if _walk_beside_solve(meta, HV, V, q, opts):  # a forward that feeds no backward: nothing is saved
+            o, ht = _forward_beside_solve(flat, meta, h0, opts, A_log, dt_bias)
+            return o.view(B, T, HV, V), ht
         st = kda_intra_fwd(*flat, meta.chunk_bounds, chunk_size=meta.BT, **_intra_kwargs(opts, A_log, dt_bias),
                            premultiply=PREMULTIPLY, for_backward=opts["needs_grad"])
         o, ht, _, _ = kda_recurrence_fwd(dict(st, Aqk=st["AqkM"]) if PREMULTIPLY else st, meta.cu,

@@ -396,16 +396,21 @@ def kda_intra_fwd_kernel(
 
 @triton.jit
 def kda_intra_solve_kernel(
-    v, beta, w, u, Pbuf, Mbuf, chunk_bounds, kd, Aqk, AqkM,
+    v, beta, w, u, Pbuf, Mbuf, chunk_bounds, kd, Aqk, AqkM, ready,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr, INVERT: tl.constexpr = True,
-    M_PIECES: tl.constexpr = False, PREMUL: tl.constexpr = False,
+    M_PIECES: tl.constexpr = False, PREMUL: tl.constexpr = False, SIGNAL: tl.constexpr = False,
 ):
     """Second launch of stage 1 (its own registers, so more programs fit per SM): M from P, then
     w = M diag(beta) (k exp(Gamma)) in place over w's buffer and u = M diag(beta) v. INVERT=False:
     M is read from Mbuf (saved by the forward). PREMUL (the forward's output walk): no w, u; instead
-    kd <- (M diag(beta))^T kd in place and AqkM = A_qk M diag(beta) (see ``kda_intra_fwd``)."""
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    kd <- (M diag(beta))^T kd in place and AqkM = A_qk M diag(beta) (see ``kda_intra_fwd``). SIGNAL (PREMUL, for a
+    walk running beside this launch): the grid is (HV, NC), so that chunks complete in order across heads, and each
+    program sets ready[i_c, i_hv] = 1 with release semantics once its kd and AqkM are stored."""
+    if SIGNAL:
+        i_hv, i_c = tl.program_id(0), tl.program_id(1)
+    else:
+        i_c, i_hv = tl.program_id(0), tl.program_id(1)
     bos = tl.load(chunk_bounds + 2 * i_c).to(tl.int64)
     n_rows = tl.load(chunk_bounds + 2 * i_c + 1) - tl.load(chunk_bounds + 2 * i_c)
     hk_base = (bos * HV + i_hv) * K
@@ -493,6 +498,10 @@ def kda_intra_solve_kernel(
             else:
                 b_kx = tl.dot(b_mt, b_x.to(tl.float32), input_precision=PREC)
             tl.store(p_kd, b_kx.to(kd.dtype.element_ty), mask=m)
+        if SIGNAL:
+            # every thread's stores are done (CTA barrier), then one release at GPU scope publishes them all
+            tl.debug_barrier()
+            tl.atomic_xchg(ready + i_c * HV + i_hv, 1, sem="release", scope="gpu")
         return
     for i_v in range(0, V, BV):
         o_v = i_v + tl.arange(0, BV)
@@ -555,6 +564,7 @@ def kda_intra_fwd(
     store_gamma: bool = False,
     premultiply: bool = False,
     for_backward: bool = True,
+    beside_solve=None,
 ) -> dict[str, torch.Tensor]:
     """q, k ``[TT, H, K]``, v ``[TT, HV, V]``, g ``[TT, HV, K]`` (raw when A_log), beta ``[TT, HV]``
     (flattened tokens), chunk_bounds int32 ``[NC, 2]`` -> dict: Aqk ``[TT, HV, 64]`` (zero above the
@@ -585,7 +595,14 @@ def kda_intra_fwd(
     chunk in each 64-column walk program).
 
     for_backward: the results (A_qk, P, M) feed a backward. False (a forward whose outputs need no gradient) lets
-    INTRA_WGMMA = "inference" take the Gluon fast launch."""
+    INTRA_WGMMA = "inference" take the Gluon fast launch.
+
+    beside_solve (with premultiply): called as beside_solve(out, issue_solve) once the launches before the solve are
+    issued, in place of the solve's launch: issue_solve(ready) issues it, ready an int32 tensor ``[NC, HV]`` of zeros
+    whose entries the solve sets to 1 as each chunk-head's kd and AqkM are stored (release semantics; the grid then
+    runs chunk by chunk across heads), for a walk that runs beside it. The walk must be launched after the solve: a
+    kernel's first launch may load its module, which can wait for the device, and so for a walk that waits for a solve
+    not yet issued (CUDA's lazy loading)."""
     if premultiply and saved is not None:
         raise ValueError("kda_intra_fwd: premultiply is for the forward's own pair products, not with saved")
     if chunk_size != 64:
@@ -658,12 +675,19 @@ def kda_intra_fwd(
     m_pieces = SOLVE_M_PIECES and not INTERPRET and v.dtype == torch.bfloat16
     if premultiply:
         out["AqkM"] = torch.empty_like(out["Aqk"])
-    kda_intra_solve_kernel[(NC, HV)](
-        v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds, out["kd"], out["Aqk"],
-        out.get("AqkM", out["Aqk"]),
-        HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
-        PREC="ieee" if INTERPRET else "tf32", PREC_INV=inv_prec, INVERT=pairs, M_PIECES=m_pieces, PREMUL=premultiply,
-        num_warps=solve_warps or SOLVE_WARPS, num_stages=SOLVE_STAGES,
-        **reg_cap(SOLVE_MAX_REGISTERS if half_inputs and not m_pieces else None),
-    )
+
+    def issue_solve(ready: torch.Tensor | None) -> None:
+        kda_intra_solve_kernel[(HV, NC) if ready is not None else (NC, HV)](
+            v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds, out["kd"], out["Aqk"],
+            out.get("AqkM", out["Aqk"]), ready if ready is not None else flag,
+            HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
+            PREC="ieee" if INTERPRET else "tf32", PREC_INV=inv_prec, INVERT=pairs, M_PIECES=m_pieces,
+            PREMUL=premultiply, SIGNAL=ready is not None, num_warps=solve_warps or SOLVE_WARPS, num_stages=SOLVE_STAGES,
+            **reg_cap(SOLVE_MAX_REGISTERS if half_inputs and not m_pieces else None),
+        )
+
+    if beside_solve is not None and premultiply:
+        beside_solve(out, issue_solve)
+    else:
+        issue_solve(None)
     return out

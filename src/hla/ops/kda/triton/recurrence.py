@@ -154,7 +154,8 @@ def kda_recurrence_fwd(
     initial_state: torch.Tensor | None, output_final_state: bool, out_dtype: torch.dtype,
     store_h: bool = False, write_o: bool = True, block_v: int | None = None, num_warps: int | None = None,
     num_stages: int | None = None, split: bool = True, h_dtype: torch.dtype | None = None,
-    vnew_dtype: torch.dtype | None = None, premultiplied: bool = False,
+    vnew_dtype: torch.dtype | None = None, premultiplied: bool = False, out: torch.Tensor | None = None,
+    ready: torch.Tensor | None = None,
 ):
     """st: the intra stage's dict (w, u, qg, kd, dl, Aqk) -> (o ``[TT, HV, V]``, final ``[N, HV, K, V]``
     or None, h ``[NC, HV, K, V]`` or None, v_new ``[TT, HV, V]`` or None); h, v_new for the backward, in
@@ -164,7 +165,10 @@ def kda_recurrence_fwd(
     dtype, and what the walk calls v_new is Z = v - k exp(Gamma) S, whose M diag(beta) sits in kd and A_qk). Z enters
     the state update as bf16 hi + lo halves: with it rounded once, the float64 model
     (benchmarks/kda_premultiplied_model.py) put the final state's error 8-20% above the unpremultiplied walk's, with
-    the halves 2-9% below it."""
+    the halves 2-9% below it.
+
+    out: o's tensor (``[TT, HV, V]``, out_dtype) to write into instead of a new one. ready: the Gluon output walk's per-chunk flags, set by a solve running
+    beside it (recurrence_wgmma.kda_walk_wgmma); refused where the tl walk would run."""
     TT, HV, K = st["w"].shape
     V = st["u"].shape[-1]
     N = cu_seqlens.shape[0] - 1
@@ -184,14 +188,20 @@ def kda_recurrence_fwd(
     else:
         BV, num_warps = block_v or _pick_bv(N * HV, V), num_warps or 4
     dev = st["w"].device
-    o = torch.empty(TT, HV, V, device=dev, dtype=out_dtype) if write_o else None
+    if out is not None and (not write_o or tuple(out.shape) != (TT, HV, V) or out.dtype != out_dtype):
+        raise ValueError(f"kda_recurrence_fwd: out expected [{TT}, {HV}, {V}] {out_dtype} with write_o, got "
+                         f"{list(out.shape)} {out.dtype}")
+    o = (out if out is not None else torch.empty(TT, HV, V, device=dev, dtype=out_dtype)) if write_o else None
     ht = torch.empty(N, HV, K, V, device=dev, dtype=torch.float32) if output_final_state else None
     h = torch.empty(NC, HV, K, V, device=dev, dtype=h_dtype) if store_h else None
     vnew = torch.empty(TT, HV, V, device=dev, dtype=vnew_dtype) if store_h else None
+    if ready is not None and not wgmma:
+        raise ValueError("kda_recurrence_fwd: ready (a walk beside the solve) needs the Gluon output walk")
     if wgmma:
         from hla.ops.kda.triton.recurrence_wgmma import kda_walk_wgmma
 
-        kda_walk_wgmma(st, cu_seqlens, chunk_offsets, initial_state, o, ht, h, vnew, vn_split=premultiplied)
+        kda_walk_wgmma(st, cu_seqlens, chunk_offsets, initial_state, o, ht, h, vnew, vn_split=premultiplied,
+                       ready=ready)
         return o, ht, h, vnew
     dummy = st["u"]
     if num_stages is None:

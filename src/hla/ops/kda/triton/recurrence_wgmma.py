@@ -81,6 +81,19 @@ def _split_hi_lo(x, L: gl.constexpr):
 
 
 @gluon.jit
+def _await_chunk(ready, c, i_hv, ok, HV: gl.constexpr, WAIT: gl.constexpr):
+    """WAIT: spin until the solve running beside this walk has published chunk c's kd and AqkM (ready[c, i_hv] = 1,
+    set with release semantics after the CTA's stores), then order the TMA loads that read them after that (an
+    acquire, and a proxy fence: the loads are the async proxy's, the stores were the generic proxy's)."""
+    if WAIT:
+        if ok:
+            p = ready + (c * HV + i_hv)
+            while gl.atomic_add(p, 0, sem="acquire", scope="gpu") == 0:
+                pass
+            gl.inline_asm_elementwise("fence.proxy.async.global;", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _fill_o(qg_desc, a_desc, qg_s, a_s, bar, tn, NT, seq_bos, i_hv, K: gl.constexpr, BT: gl.constexpr):
     """TMA loads of chunk tn's qg and A_qk tiles into the o slot (O_SLOT; nothing past the sequence)."""
     ok = tn < NT
@@ -113,10 +126,10 @@ def _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, w_s, kd_s, qg_s, a_
 
 @gluon.jit
 def kda_walk_wgmma_kernel(
-    w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, h0, o, ht, h, vnew, cu_seqlens, chunk_offsets,
+    w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, h0, o, ht, h, vnew, cu_seqlens, chunk_offsets, ready,
     HV: gl.constexpr, K: gl.constexpr, V: gl.constexpr, BT: gl.constexpr,
     HAS_H0: gl.constexpr, STORE_FINAL: gl.constexpr, WRITE_O: gl.constexpr, STORE_H: gl.constexpr, NS: gl.constexpr,
-    VN_SPLIT: gl.constexpr = False, O_SLOT: gl.constexpr = False,
+    VN_SPLIT: gl.constexpr = False, O_SLOT: gl.constexpr = False, WAIT: gl.constexpr = False,
 ):
     """WRITE_O: the forward's walk (o, and the final state with STORE_FINAL). STORE_H: the backward's states walk,
     storing each chunk's entry state h ``[NC, HV, K, V]`` and the v_new tiles ``[TT, HV, V]`` (both bf16), no o.
@@ -124,7 +137,8 @@ def kda_walk_wgmma_kernel(
     O_SLOT (the output walk): the ring's NS slots hold what the state chain reads (w, kd, u, dl) and the o products'
     tiles (qg, A_qk) have one slot of their own, filled for the next chunk once this chunk's products are done: with
     NS = 2 and the premultiplied walk's bf16 u that is ~105 KB, so two programs share an SM (where the grid has more
-    programs than SMs, each hides the other's waits)."""
+    programs than SMs, each hides the other's waits). WAIT (the output walk beside the solve that writes its kd and
+    A_qk): each chunk's tiles are loaded once ready[chunk, head] is set (``_await_chunk``)."""
     BV: gl.constexpr = 64
     # wgmma accumulators: [BV, BT] (v_new^T, o^T) and [BV, K] (S^T); each warp owns 16 of the BV rows
     MT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BT, 16])
@@ -166,6 +180,7 @@ def kda_walk_wgmma_kernel(
     for s in gl.static_range(NS):
         mbarrier.init(bars.index(s), count=1)
     for s in gl.static_range(NS - 1):
+        _await_chunk(ready, c_lo + s, i_hv, s < NT, HV, WAIT)
         _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, w_s, kd_s, qg_s, a_s, u_s, dl_s, bars, s, s, NT,
               seq_bos, c_lo, i_hv, i_v, HV, K, V, BT, BV, NBYTES, RING_O)
     if O_SLOT:
@@ -204,6 +219,7 @@ def kda_walk_wgmma_kernel(
         # every warp is past chunk t-1 (its products were waited for): its slot takes chunk t+NS-1
         gl.thread_barrier()
         tn = t + NS - 1
+        _await_chunk(ready, c_lo + tn, i_hv, tn < NT, HV, WAIT)
         _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, w_s, kd_s, qg_s, a_s, u_s, dl_s, bars, tn % NS, tn, NT,
               seq_bos, c_lo, i_hv, i_v, HV, K, V, BT, BV, NBYTES, RING_O)
         y = warpgroup_mma_wait(2 if WRITE_O else 0, deps=(y,))
@@ -254,13 +270,16 @@ def _box_layout(block: tuple[int, ...], bf16: bool) -> gl.NVMMASharedLayout:
 def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor,
                    initial_state: torch.Tensor | None, o: torch.Tensor | None, ht: torch.Tensor | None,
                    h: torch.Tensor | None = None, vnew: torch.Tensor | None = None,
-                   num_slots: int | None = None, vn_split: bool = False) -> None:
+                   num_slots: int | None = None, vn_split: bool = False,
+                   ready: torch.Tensor | None = None) -> None:
     """The walk over the intra stage's w, qg, kd ``[TT, HV, K]`` bf16, u ``[TT, HV, V]`` fp32 (v itself, bf16, for the
     premultiplied walk: vn_split), A_qk ``[TT, HV, 64]``
     bf16 and dl ``[NC, HV, K]`` fp32, from initial_state ``[N, HV, K, V]`` fp32 (or zeros), writing what is given:
     o ``[TT, HV, V]`` (the output walk), or h ``[NC, HV, K, V]`` and vnew ``[TT, HV, V]`` bf16 (the states walk), and
     the final state ht ``[N, HV, K, V]`` fp32. Check ``wgmma_walk_supported`` first. The premultiplied output walk takes
-    the kernel's O_SLOT (two ring slots unless num_slots says otherwise) by TWO_PER_SM's rule."""
+    the kernel's O_SLOT (two ring slots unless num_slots says otherwise) by TWO_PER_SM's rule.
+    ready (the output walk): int32 ``[NC, HV]`` flags the solve sets as it goes (``intra.kda_intra_fwd``'s
+    beside_solve): each chunk's tiles wait for theirs, so the walk can run beside the solve."""
     TT, HV, K = st["w"].shape
     V = st["u"].shape[-1]
     N = cu_seqlens.shape[0] - 1
@@ -278,10 +297,10 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
         TensorDescriptor.from_tensor(st["dl"].view(-1, K), [1, K], DL_LAYOUT),
         initial_state if initial_state is not None else dummy, o if write_o else dummy,
         ht if ht is not None else dummy, h if h is not None else dummy, vnew if vnew is not None else dummy,
-        cu_seqlens, chunk_offsets,
+        cu_seqlens, chunk_offsets, ready if ready is not None else cu_seqlens,
         HV=HV, K=K, V=V, BT=64, HAS_H0=initial_state is not None, STORE_FINAL=ht is not None, WRITE_O=write_o,
         STORE_H=h is not None, NS=num_slots or (2 if o_slot else WALK_SLOTS), VN_SPLIT=vn_split, O_SLOT=o_slot,
-        num_warps=4,
+        WAIT=ready is not None, num_warps=4,
     )
 
 
