@@ -135,14 +135,13 @@ def _forward_beside_solve(flat, meta: _ChunkMeta, h0, opts: dict, A_log, dt_bias
         with torch.cuda.stream(side):
             side.wait_event(issued)
             walked["ht"] = kda_recurrence_fwd(st, meta.cu, meta.chunk_offsets, **walk, ready=ready)[1]
+        # the caller's stream waits for the walk before anything the walk reads (ready, st, h0) can be freed into it
         main.wait_stream(side)
-        walked["ready"] = ready  # (alive until the walk is waited for)
         if walked["ht"] is not None:
             walked["ht"].record_stream(main)  # allocated on the side stream, handed to the caller's
 
-    st = kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **_intra_kwargs(opts, A_log, dt_bias),
-                       premultiply=True, for_backward=False, beside_solve=solve_and_walk)
-    del st  # (kept until the side stream was waited for)
+    kda_intra_fwd(q, k, v, g, beta, meta.chunk_bounds, chunk_size=meta.BT, **_intra_kwargs(opts, A_log, dt_bias),
+                  premultiply=True, for_backward=False, beside_solve=solve_and_walk)
     return o, walked["ht"]
 
 

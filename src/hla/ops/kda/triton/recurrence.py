@@ -167,8 +167,9 @@ def kda_recurrence_fwd(
     (benchmarks/kda_premultiplied_model.py) put the final state's error 8-20% above the unpremultiplied walk's, with
     the halves 2-9% below it.
 
-    out: o's tensor (``[TT, HV, V]``, out_dtype) to write into instead of a new one. ready: the Gluon output walk's per-chunk flags, set by a solve running
-    beside it (recurrence_wgmma.kda_walk_wgmma); refused where the tl walk would run."""
+    out: o's tensor (``[TT, HV, V]``, out_dtype) to write into instead of a new one. ready: the Gluon output walk's
+    per-chunk flags, set by a solve running beside it (recurrence_wgmma.kda_walk_wgmma); refused where the tl walk
+    would run."""
     TT, HV, K = st["w"].shape
     V = st["u"].shape[-1]
     N = cu_seqlens.shape[0] - 1
