@@ -38,6 +38,12 @@ against 2.397 / 2.228; B1 T32768 2.165 / 2.101 against 2.342 / 2.227; B1 T8192 H
 11.7 cycles per issued instruction, stalls on shared-memory / shuffle dependencies (short scoreboard 25%, MIO 15%)
 and barriers (11%). 3208 SASS instructions per warp for both key blocks (8 warps) against the tl launch's 4720 per
 key block (4 warps).
+
+Session 20: Gamma in log2 units (no x log2(e) multiply before each of the ~200 ex2 a thread), two factors of ten an
+element as products of others, the bounded gate's division as one MUFU rcp, Kimi's softplus as lg2(1 + ex2) and one
+compare an entry for the final masks: 3208 -> 2552 SASS a warp (Kimi gate), 3064 -> 2520 (bounded). The launch
+itself 0.331 -> 0.322 ms (Kimi), 0.342 -> 0.326 (bounded) at B1 (torch.profiler, H200); the forward 1-2.5% less.
+So the launch was not issue-bound alone: its 16 warps an SM also wait on the loads, shuffles and barriers.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from hla.ops.kda.triton.common import on_hopper, reg_cap
+from hla.ops.kda.triton.common import LOG2E, on_hopper, reg_cap
 
 BLOCK_K = 64  # key-block width: also the flags' width, which the exact launch reads
 NUM_WARPS = 8
@@ -63,9 +69,15 @@ def fast_wgmma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
 
 
 @gluon.jit
-def _exp(x):
-    # e^x on one MUFU ex2 (see common.exp_ftz: every exponential here is a factor whose underflow is harmless)
-    return gl.exp2(x * 1.4426950408889634)
+def _rcp(x):
+    # 1 / x on one MUFU rcp (x >= 1 here: no subnormal to flush); `/` lowers to div.full with its range checks
+    return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _lg2(x):
+    return gl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -74,29 +86,26 @@ def _add(a, b):
 
 
 @gluon.jit
-def _softplus(x):
-    # common.softplus_f32, in Gluon (which cannot call tl functions): series below t = 1/64, lg2.approx above
-    t = _exp(-gl.abs(x))
-    series = t * (1.0 - t * (0.5 - t * (0.3333333333333333 - 0.25 * t)))
-    lg = gl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [1.0 + t], dtype=gl.float32, is_pure=True,
-                                   pack=1)
-    lp = gl.where(t < 0.015625, series, 0.6931471805599453 * lg)
-    return gl.where(x > 20.0, x, gl.maximum(x, 0.0) + lp)
-
-
-@gluon.jit
 def _gate(x, mask, a, bias, lower_bound, HAS_GATE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LB: gl.constexpr):
-    """The per-token log-decay of one loaded half tile [32, BK] -> fp32 (common.kda_gate_f32 when the gate is
-    fused; 0 on masked rows)."""
+    """The per-token log-decay of one loaded half tile [32, BK] in log2 units (g log2(e)) -> fp32, 0 on masked rows
+    when the gate is fused. With the gate fused, a and lower_bound come scaled by the caller: a = -exp(A_log)
+    log2(e) for the bounded gate (the sigmoid's exponent), -exp(A_log) for Kimi's; lower_bound log2(e).
+
+    Kimi's softplus as lg2(1 + 2^(x log2 e)) (x itself above 20, as torch): where e^x is small, lg2.approx's
+    absolute error (~2^-22) is most of the result, where ``common.softplus_f32`` keeps its relative precision for the
+    backward's dA_log. A forward's outputs see only the absolute error of Gamma: <= 64 x 2^-22 x |a| over a chunk."""
     x = x.to(gl.float32)
     if HAS_GATE:
         if HAS_BIAS:
             x = x + bias[None, :]
         if HAS_LB:
-            x = lower_bound / (1.0 + _exp(-(a * x)))
+            x = lower_bound * _rcp(1.0 + gl.exp2(a * x))
         else:
-            x = -a * _softplus(x)
+            xl = x * LOG2E
+            x = a * gl.where(x > 20.0, xl, _lg2(1.0 + gl.exp2(xl)))
         x = gl.where(mask, x, 0.0)
+    else:
+        x = x * LOG2E
     return x
 
 
@@ -121,17 +130,12 @@ def _row(x, i: gl.constexpr, BK: gl.constexpr, L: gl.constexpr):
 
 
 @gluon.jit
-def _token_tiles(bq, bk, rq, rk, G, Gl, qg, w, kd, off, mask):
-    """One half tile's per-token outputs from its loaded q, k and Gamma: qg = q exp(Gamma), k exp(Gamma) (into w's
-    buffer) and kd = k exp(Gamma_last - Gamma), bf16, at the chunk-head's scalar bases qg, w, kd plus the int32 tile
-    offsets off -> q and k scaled and normalised, fp32."""
-    bq = bq.to(gl.float32) * rq[:, None]
-    bk = bk.to(gl.float32) * rk[:, None]
-    eg = _exp(G)
-    gl.store(qg + off, (bq * eg).to(gl.bfloat16), mask=mask)
-    gl.store(w + off, (bk * eg).to(gl.bfloat16), mask=mask)
-    gl.store(kd + off, (bk * _exp(gl.minimum(Gl - G, 0.0))).to(gl.bfloat16), mask=mask)
-    return bq, bk
+def _store_tokens(qg, w, kd, off, mask, x_qg, x_w, x_kd):
+    """A half tile's per-token outputs qg = q 2^Gamma, k 2^Gamma (into w's buffer) and kd = k 2^(Gamma_last - Gamma)
+    as bf16, at the chunk-head's scalar bases qg, w, kd plus the int32 tile offsets off."""
+    gl.store(qg + off, x_qg.to(gl.bfloat16), mask=mask)
+    gl.store(w + off, x_w.to(gl.bfloat16), mask=mask)
+    gl.store(kd + off, x_kd.to(gl.bfloat16), mask=mask)
 
 
 @gluon.jit
@@ -139,9 +143,14 @@ def _key_block(bq_lo, bq_hi, bk_lo, bk_hi, g_lo, g_hi, kb: gl.constexpr, rq_lo, 
                t_hi, a, dt_bias, lower_bound, dl, qg, w, kd, hk, i_c, i_hv, c, xa_s, ma_s, mb_s, km_s, kc_s,
                HV: gl.constexpr, K: gl.constexpr, BK: gl.constexpr, BT: gl.constexpr, L: gl.constexpr,
                CL: gl.constexpr, HAS_GATE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LB: gl.constexpr,
-               SAFE_SPAN: gl.constexpr):
-    """One key block from its loaded half tiles: the gate and Gamma, dl, qg, k exp(Gamma), kd stored, the five
-    operand tiles into shared memory (within-half factors unconditionally) -> the span's per-column part [1, BK]."""
+               SPAN2: gl.constexpr):
+    """One key block from its loaded half tiles: the gate and Gamma (log2 units, so that each factor is one ex2), dl,
+    qg, k exp(Gamma), kd stored, the five operand tiles into shared memory (within-half factors unconditionally) -> the
+    span's per-column part [1, BK], in log2 units (SPAN2 = SAFE_SPAN log2(e)).
+
+    Two of the ten factors an element are products of others, both factors <= 1 (Gamma does not increase down the
+    chunk), so a product underflows only where the factor itself does: kd's 2^(Gl - G) = 2^(G2 - G) 2^(Gl - G2) in
+    rows 0..31, 2^G = 2^(G - G2) 2^G2 in rows 32..63."""
     HB: gl.constexpr = BT // 2
     QB: gl.constexpr = HB // 2
     i_k = kb * BK
@@ -157,22 +166,33 @@ def _key_block(bq_lo, bq_hi, bk_lo, bk_hi, g_lo, g_hi, kb: gl.constexpr, rq_lo, 
     Gl = _row(G_hi, HB - 1, BK, L)
     G1 = _row(G_lo, QB - 1, BK, L)
     G3 = _row(G_hi, QB - 1, BK, L)
-    gl.store(dl + (i_c * HV + i_hv).to(gl.int64) * K + i_k + c[None, :], _exp(Gl))
+    gl.store(dl + (i_c * HV + i_hv).to(gl.int64) * K + i_k + c[None, :], gl.exp2(Gl))
 
     # rows 0..31
-    bq, bk = _token_tiles(bq_lo, bk_lo, rq_lo, rk_lo, G_lo, Gl, qg + hk, w + hk, kd + hk, t_lo + i_k, m_lo)
+    bq = bq_lo.to(gl.float32) * rq_lo[:, None]
+    bk = bk_lo.to(gl.float32) * rk_lo[:, None]
+    eg = gl.exp2(G_lo)
+    kc = bk * gl.exp2(G2 - G_lo)
+    _store_tokens(qg + hk, w + hk, kd + hk, t_lo + i_k, m_lo, bq * eg, bk * eg, kc * gl.exp2(Gl - G2))
     zero = gl.zeros([HB, BK], gl.bfloat16, L)
-    kc_s.index(kb).slice(0, BT).store(_stack((bk * _exp(gl.minimum(G2 - G_lo, 0.0))).to(gl.bfloat16), zero))
-    em = _exp(gl.minimum(G_lo - G1, SAFE_SPAN))
+    kc_s.index(kb).slice(0, BT).store(_stack(kc.to(gl.bfloat16), zero))
+    d = G_lo - G1  # its negation is free in the min below: one subtraction for both within-half factors
+    em = gl.exp2(gl.minimum(d, SPAN2))
     mb_s.index(kb).store(_stack((bk * em).to(gl.bfloat16), (bq * em).to(gl.bfloat16)))
-    km_lo = (bk * _exp(gl.minimum(G1 - G_lo, SAFE_SPAN))).to(gl.bfloat16)
+    km_lo = (bk * gl.exp2(gl.minimum(-d, SPAN2))).to(gl.bfloat16)
     # rows 32..63
-    bq, bk = _token_tiles(bq_hi, bk_hi, rq_hi, rk_hi, G_hi, Gl, qg + hk, w + hk, kd + hk, t_hi + i_k, m_hi)
-    ex = _exp(gl.minimum(G_hi - G2, 0.0))
-    xa_s.index(kb).store(_stack((bk * ex).to(gl.bfloat16), (bq * ex).to(gl.bfloat16)))
-    em = _exp(gl.minimum(G_hi - G3, SAFE_SPAN))
+    bq = bq_hi.to(gl.float32) * rq_hi[:, None]
+    bk = bk_hi.to(gl.float32) * rk_hi[:, None]
+    ex = gl.exp2(G_hi - G2)
+    bkx = bk * ex
+    bqx = bq * ex
+    xa_s.index(kb).store(_stack(bkx.to(gl.bfloat16), bqx.to(gl.bfloat16)))
+    e2 = gl.exp2(G2)
+    _store_tokens(qg + hk, w + hk, kd + hk, t_hi + i_k, m_hi, bqx * e2, bkx * e2, bk * gl.exp2(Gl - G_hi))
+    d = G_hi - G3
+    em = gl.exp2(gl.minimum(d, SPAN2))
     ma_s.index(kb).store(_stack((bk * em).to(gl.bfloat16), (bq * em).to(gl.bfloat16)))
-    km_hi = (bk * _exp(gl.minimum(G3 - G_hi, SAFE_SPAN))).to(gl.bfloat16)
+    km_hi = (bk * gl.exp2(gl.minimum(-d, SPAN2))).to(gl.bfloat16)
     km_s.index(kb).store(_stack(km_lo, km_hi))
     kc_s.index(kb).slice(BT, BT).store(_stack(zero, km_hi))
     return gl.maximum(gl.maximum(-G1, G1 - G2), gl.maximum(G2 - G3, G3 - Gl))
@@ -263,9 +283,14 @@ def kda_intra_fast_wgmma_kernel(
         rk_lo = gl.full([HB], 1.0, gl.float32, RL)
         rk_hi = rk_lo
 
+    # the gate's scalars in the log2 units of Gamma (see _gate)
+    SPAN2: gl.constexpr = SAFE_SPAN * LOG2E
     a = 0.0
+    lb2 = lower_bound * LOG2E
     if HAS_GATE:
-        a = gl.exp(gl.load(A_log + i_hv).to(gl.float32))
+        a = -gl.exp(gl.load(A_log + i_hv).to(gl.float32))
+        if HAS_LB:
+            a = a * LOG2E
 
     # operand tiles, one set per key block (no reuse, so no wait between key blocks): xa = [k_hi e; q_hi e],
     # ma = [k_hi m; q_hi m], mb = [k_lo m; q_lo m], km = [k_lo m'; k_hi m'], kc = [k_lo e'; 0; 0; k_hi m'] (its
@@ -281,20 +306,20 @@ def kda_intra_fast_wgmma_kernel(
     # Kimi gate, none bounded), so the one cross-warp reduction (both key blocks' spans) sits beside the barrier the
     # products need anyway.
     sp0 = _key_block(q0l, q0h, k0l, k0h, g0l, g0h, 0, rq_lo, rq_hi, rk_lo, rk_hi, m_lo, m_hi, t_lo, t_hi, a, dt_bias,
-                     lower_bound, dl, qg, w, kd, hk, i_c, i_hv, c, xa_s, ma_s, mb_s, km_s, kc_s, HV, K, BK, BT, L, CL,
-                     HAS_GATE, HAS_BIAS, HAS_LB, SAFE_SPAN)
+                     lb2, dl, qg, w, kd, hk, i_c, i_hv, c, xa_s, ma_s, mb_s, km_s, kc_s, HV, K, BK, BT, L, CL,
+                     HAS_GATE, HAS_BIAS, HAS_LB, SPAN2)
     sp1 = sp0
     if NK == 2:
         sp1 = _key_block(q1l, q1h, k1l, k1h, g1l, g1h, 1, rq_lo, rq_hi, rk_lo, rk_hi, m_lo, m_hi, t_lo, t_hi, a,
-                         dt_bias, lower_bound, dl, qg, w, kd, hk, i_c, i_hv, c, xa_s, ma_s, mb_s, km_s, kc_s, HV, K, BK,
-                         BT, L, CL, HAS_GATE, HAS_BIAS, HAS_LB, SAFE_SPAN)
+                         dt_bias, lb2, dl, qg, w, kd, hk, i_c, i_hv, c, xa_s, ma_s, mb_s, km_s, kc_s, HV, K, BK,
+                         BT, L, CL, HAS_GATE, HAS_BIAS, HAS_LB, SPAN2)
     span0, span1 = gl.split(gl.max(gl.join(sp0, sp1), axis=1))
     span0 = gl.max(span0, axis=0)
     span1 = gl.max(span1, axis=0)
     n_flagged = 0
     for kb in gl.static_range(NK):
         span = span0 if kb == 0 else span1
-        flagged = span > SAFE_SPAN
+        flagged = span > SPAN2
         gl.store(exact_flag + (i_c * HV + i_hv) * NK + kb, flagged.to(gl.int32))
         n_flagged += flagged.to(gl.int32)
         if flagged:  # no within-half products for this key block: the exact launch adds them
@@ -319,8 +344,9 @@ def kda_intra_fast_wgmma_kernel(
     top = (ri < HB)[:, None]
     i1 = gl.where(ri < HB, ri + HB, ri)[:, None]
     i2 = gl.where(ri < HB, ri, ri - HB)[:, None]
-    x1 = gl.where(gl.where(top, i1 > cj, i1 >= cj), x1, 0.0)
-    x2 = gl.where(gl.where(top, i2 > cj, i2 >= cj), x2, 0.0)
+    # kept where cj < i (P, the top rows) or cj < i + 1 (A_qk): one compare an entry against a per-row bound
+    x1 = gl.where(cj < i1 + (ri >= HB).to(gl.int32)[:, None], x1, 0.0)
+    x2 = gl.where(cj < i2 + (ri >= HB).to(gl.int32)[:, None], x2, 0.0)
     p_base = Pbuf + (i_c * HV + i_hv).to(gl.int64) * BT * BT
     gl.store(p_base + (i1 * BT + cj), x1, mask=top)
     gl.store(p_base + (i2 * BT + cj), x2, mask=top)
