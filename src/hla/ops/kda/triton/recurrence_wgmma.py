@@ -81,15 +81,24 @@ def _split_hi_lo(x, L: gl.constexpr):
 
 
 @gluon.jit
-def _await_chunk(ready, c, i_hv, ok, HV: gl.constexpr, WAIT: gl.constexpr):
-    """WAIT: spin until the solve running beside this walk has published chunk c's kd and AqkM (ready[c, i_hv] = 1,
-    set with release semantics after the CTA's stores), then order the TMA loads that read them after that (an
-    acquire, and a proxy fence: the loads are the async proxy's, the stores were the generic proxy's)."""
+def _acquire_flag(p):
+    """The ready flag at p: an acquire load at GPU scope, by every thread (no atomic, no CTA broadcast)."""
+    return gl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [p], dtype=gl.int32,
+                                     is_pure=False, pack=1)
+
+
+@gluon.jit
+def _await_chunk(ready, c, i_hv, ok, seen, HV: gl.constexpr, WAIT: gl.constexpr):
+    """WAIT: make sure the solve running beside this walk has published chunk c's kd and AqkM (ready[c, i_hv] = 1,
+    set with release semantics after the CTA's stores) before the TMA loads that read them. seen is that flag as an
+    acquire load read it earlier (the kernel issues it where the walk waits for its products anyway); only while it
+    reads 0 is the flag read again. Then a proxy fence: the loads are the async proxy's, the stores were the generic
+    proxy's."""
     if WAIT:
         if ok:
-            p = ready + (c * HV + i_hv)
-            while gl.atomic_add(p, 0, sem="acquire", scope="gpu") == 0:
-                pass
+            f = seen
+            while f == 0:
+                f = _acquire_flag(ready + (c * HV + i_hv))
             gl.inline_asm_elementwise("fence.proxy.async.global;", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
 
@@ -180,7 +189,7 @@ def kda_walk_wgmma_kernel(
     for s in gl.static_range(NS):
         mbarrier.init(bars.index(s), count=1)
     for s in gl.static_range(NS - 1):
-        _await_chunk(ready, c_lo + s, i_hv, s < NT, HV, WAIT)
+        _await_chunk(ready, c_lo + s, i_hv, s < NT, 0, HV, WAIT)
         _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, w_s, kd_s, qg_s, a_s, u_s, dl_s, bars, s, s, NT,
               seq_bos, c_lo, i_hv, i_v, HV, K, V, BT, BV, NBYTES, RING_O)
     if O_SLOT:
@@ -198,6 +207,11 @@ def kda_walk_wgmma_kernel(
     co = gl.arange(0, BT, gl.SliceLayout(0, LO))
     ck_o = gl.arange(0, K, gl.SliceLayout(0, LO))
 
+    # WAIT: the flag of the chunk an iteration's fill loads, read by the iteration before (chunk 0 for an empty sequence:
+    # an index inside the flags, value unused)
+    seen = 0
+    if WAIT:
+        seen = _acquire_flag(ready + gl.where(NT > 0, c_lo + gl.minimum(NS - 1, NT - 1), 0) * HV + i_hv)
     for t in range(0, NT):
         sl = t % NS
         mbarrier.wait(bars.index(sl), (t // NS) & 1)
@@ -219,7 +233,7 @@ def kda_walk_wgmma_kernel(
         # every warp is past chunk t-1 (its products were waited for): its slot takes chunk t+NS-1
         gl.thread_barrier()
         tn = t + NS - 1
-        _await_chunk(ready, c_lo + tn, i_hv, tn < NT, HV, WAIT)
+        _await_chunk(ready, c_lo + tn, i_hv, tn < NT, seen, HV, WAIT)
         _fill(w_desc, kd_desc, qg_desc, a_desc, u_desc, dl_desc, w_s, kd_s, qg_s, a_s, u_s, dl_s, bars, tn % NS, tn, NT,
               seq_bos, c_lo, i_hv, i_v, HV, K, V, BT, BV, NBYTES, RING_O)
         y = warpgroup_mma_wait(2 if WRITE_O else 0, deps=(y,))
@@ -238,6 +252,12 @@ def kda_walk_wgmma_kernel(
         if VN_SPLIT:
             vn_lo = (vn32 - vn.to(gl.float32)).to(gl.bfloat16)
             b_s = warpgroup_mma(gl.convert_layout(vn_lo, AK), kd_s.index(sl), b_s, is_async=True)
+        if WAIT:
+            # The next iteration's flag, here: an acquire load holds the warp until it returns (its SASS invalidates
+            # the L1 after it), and here the warp would wait for the products in flight anyway. The acquire atomic
+            # when the tiles were due (session 19) cost the walk ~25% (H200: alone with every flag set, B1 T8192
+            # 0.229 -> 0.286 ms; 0.257 here), the forward 0.06 (B1) to 0.19 ms (T32K): kda_notes.md, session 20.
+            seen = _acquire_flag(ready + (c_lo + gl.minimum(t + NS, NT - 1)) * HV + i_hv)
         if WRITE_O:
             oT, b_s, a_hi, a_lo = warpgroup_mma_wait(0, deps=(oT, b_s, a_hi, a_lo))
             if O_SLOT:  # every warp is past this chunk's products: the o slot takes the next chunk's tiles
