@@ -29,14 +29,15 @@ def _forward(x, cu=None):
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (the Gluon walk)")
 def test_walk_beside_the_solve_gives_the_same_bits(monkeypatch):
     """chunk.BESIDE_SOLVE: the walk on the side stream, waiting chunk by chunk for the solve's flags, gives the bits
-    of the walk after the solve, on a varlen batch (chunks of three sequences, a partial one, a one-token one)."""
+    of the walk after the solve, on a varlen batch (chunks of three sequences, a partial one, a one-token one and an
+    empty one), with the solve's flags read a chunk ahead."""
     from hla.ops.kda.triton import recurrence_wgmma
 
     dev = torch.device("cuda")
     T = 5000
     x = _inputs(T, 8, "kimi", dev)
-    x["h0"] = torch.randn(3, 8, 128, 128, device=dev)
-    cu = torch.tensor([0, 2100, 2101, T], device=dev, dtype=torch.int32)
+    x["h0"] = torch.randn(4, 8, 128, 128, device=dev)
+    cu = torch.tensor([0, 2100, 2100, 2101, T], device=dev, dtype=torch.int32)
     readies = []
     real = recurrence_wgmma.kda_walk_wgmma
     monkeypatch.setattr(recurrence_wgmma, "kda_walk_wgmma",
