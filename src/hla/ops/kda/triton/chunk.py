@@ -94,7 +94,9 @@ PREMULTIPLY = True
 # heads). The solve never waits, and the walk's programs leave at least half the SMs to it, so this cannot deadlock.
 # H200, forward ms: B1 T8192 H32 0.739 -> 0.683 (bounded gate), 0.775 -> 0.725 (Kimi); T32K 2.883 -> 2.688, 2.932 ->
 # 2.736 (session 19). The walk's 107 KB two-programs-per-SM form (room for two solve programs beside it on its SMs)
-# was slower: 0.800 at B1.
+# was slower: 0.800 at B1. Session 20: with the flags read an iteration ahead (recurrence_wgmma), B1 0.637 / 0.688 ms
+# (bounded / Kimi), T32K 2.437 / 2.513. A head start for the solve (its first chunks before the walk starts) and one
+# solve program beside each walk program (2 stages, the largest carveout) were both slower (kda_notes.md).
 BESIDE_SOLVE = True
 
 
