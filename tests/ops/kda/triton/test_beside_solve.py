@@ -58,7 +58,8 @@ def test_walk_beside_the_solve_gives_the_same_bits(monkeypatch):
 
 
 def test_where_the_walk_runs_beside_the_solve():
-    """Never with gradients, nor on the CPU, nor where the walk's grid would take more than half the SMs."""
+    """Never with gradients, nor on the CPU, nor where the walk's grid would take more than half the SMs, nor with
+    more chunks than a grid's second dimension holds."""
     meta = chunk._ChunkMeta(1, 8192, None, 64, torch.device("cpu"))
     opts = dict(needs_grad=False)
     x = torch.zeros(1)
@@ -69,3 +70,6 @@ def test_where_the_walk_runs_beside_the_solve():
         assert chunk._walk_beside_solve(meta, 32, 128, g, opts) == (64 <= sms // 2)
         assert not chunk._walk_beside_solve(meta, 32, 128, g, dict(needs_grad=True))
         assert not chunk._walk_beside_solve(meta, sms, 128, g, opts)
+        # chunks past the grid's second dimension (the solve's head-major grid): the walk after the solve
+        long = chunk._ChunkMeta(1, 64 * (chunk.MAX_GRID_Y + 1), None, 64, torch.device("cpu"))
+        assert not chunk._walk_beside_solve(long, 1, 128, g, opts)

@@ -72,3 +72,24 @@ def test_the_premultiplied_walk_gives_the_plain_walk(h0):
     with pytest.raises(ValueError, match="premultiply"):
         kda_intra_fwd(*(torch.zeros(1),) * 6, scale=1.0, A_log=None, dt_bias=None, lower_bound=None,
                       use_qk_l2norm=False, use_beta_sigmoid=False, saved=plain, premultiply=True)
+
+
+@pytest.mark.parametrize("premultiply", [False, True])
+def test_the_solve_grid_orders_agree(premultiply, monkeypatch):
+    """intra.SOLVE_HEAD_MAJOR (the grid (HV, NC), the default) and the chunk-major grid: the same bits."""
+    from hla.ops.kda.triton import intra
+
+    torch.manual_seed(2)
+    TT = sum(LENGTHS)
+    cu = torch.tensor([0] + list(torch.tensor(LENGTHS).cumsum(0)), dtype=torch.int32)
+    meta = _ChunkMeta(1, TT, cu, 64, cu.device)
+    q, k, g = (torch.randn(TT, 2, 32) for _ in range(3))
+    args = (q, k, torch.randn(TT, 2, 16), g, torch.randn(TT, 2), meta.chunk_bounds)
+    opts = dict(scale=32**-0.5, A_log=torch.rand(2) * 2, dt_bias=torch.randn(2 * 32) - 2, lower_bound=None,
+                use_qk_l2norm=True, use_beta_sigmoid=True, premultiply=premultiply)
+    runs = []
+    for head_major in (True, False):
+        monkeypatch.setattr(intra, "SOLVE_HEAD_MAJOR", head_major)
+        runs.append(kda_intra_fwd(*args, **opts))
+    for name, x in runs[0].items():
+        assert torch.equal(x, runs[1][name]), name

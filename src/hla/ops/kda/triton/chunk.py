@@ -21,6 +21,7 @@ import functools
 
 import torch
 
+from hla.ops.kda.triton.common import MAX_GRID_Y
 from hla.ops.kda.triton.intra import kda_intra_fwd
 from hla.ops.kda.triton.intra_bwd import kda_intra_bwd
 from hla.ops.kda.triton.recurrence import _use_wgmma_walk, kda_recurrence_fwd
@@ -110,7 +111,7 @@ def _walk_beside_solve(meta: _ChunkMeta, HV: int, V: int, x: torch.Tensor, opts:
 
     return (BESIDE_SOLVE and not opts["needs_grad"] and PREMULTIPLY and x.device.type == "cuda"
             and not torch.cuda.is_current_stream_capturing()
-            and -(-V // 64) * meta.N * HV <= _sm_count(x.device) // 2)
+            and -(-V // 64) * meta.N * HV <= _sm_count(x.device) // 2 and meta.NC <= MAX_GRID_Y)
 
 
 def _forward_beside_solve(flat, meta: _ChunkMeta, h0, opts: dict, A_log, dt_bias):

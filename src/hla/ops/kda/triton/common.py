@@ -9,6 +9,9 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The largest grid dimension after the first (CUDA's gridDim.y / z): a launch whose chunks run along it (a head-major
+# grid) takes at most this many chunks.
+MAX_GRID_Y = 65535
 
 
 _INTERPRET = tl.constexpr(INTERPRET)

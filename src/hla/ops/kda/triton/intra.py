@@ -60,6 +60,7 @@ import triton.language as tl
 from hla.ops.kda.triton import intra_wgmma as wgmma_intra
 from hla.ops.kda.triton.common import (
     INTERPRET,
+    MAX_GRID_Y,
     beta_rows,
     bf16_halves,
     exp_ftz,
@@ -113,6 +114,10 @@ SOLVE_WARPS = 2
 # 0.441, 4 stages within 0.001 of 3. The recompute's first launch at 2 / 3 stages and the exact launch at 2 / 3
 # (Kimi gate) moved nothing beyond 0.002 ms: both stay at 1.
 SOLVE_STAGES = 3
+# The solve's programs in head-major order (grid (HV, NC)) where the chunks fit the grid's second dimension: 0.3-1.4%
+# off the forward (H200, session 20; intra_wgmma.HEAD_MAJOR_GRID has the numbers of both). The solve beside the walk
+# always runs so (its chunks complete in order across heads).
+SOLVE_HEAD_MAJOR = True
 RECOMPUTE_STAGES = 1
 EXACT_STAGES = 1
 # Register caps (None: ptxas chooses) of the fast launch, the backward's recompute (its first launch) and
@@ -400,14 +405,16 @@ def kda_intra_solve_kernel(
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     USE_SIGMOID: tl.constexpr, PREC: tl.constexpr, PREC_INV: tl.constexpr, INVERT: tl.constexpr = True,
     M_PIECES: tl.constexpr = False, PREMUL: tl.constexpr = False, SIGNAL: tl.constexpr = False,
+    HEAD_MAJOR: tl.constexpr = False,
 ):
     """Second launch of stage 1 (its own registers, so more programs fit per SM): M from P, then
     w = M diag(beta) (k exp(Gamma)) in place over w's buffer and u = M diag(beta) v. INVERT=False:
     M is read from Mbuf (saved by the forward). PREMUL (the forward's output walk): no w, u; instead
     kd <- (M diag(beta))^T kd in place and AqkM = A_qk M diag(beta) (see ``kda_intra_fwd``). SIGNAL (PREMUL, for a
-    walk running beside this launch): the grid is (HV, NC), so that chunks complete in order across heads, and each
-    program sets ready[i_c, i_hv] = 1 with release semantics once its kd and AqkM are stored."""
-    if SIGNAL:
+    walk running beside this launch, with HEAD_MAJOR): each program sets ready[i_c, i_hv] = 1 with release semantics
+    once its kd and AqkM are stored; chunks complete in order across heads. HEAD_MAJOR: the grid is (HV, NC) instead
+    of (NC, HV)."""
+    if HEAD_MAJOR:
         i_hv, i_c = tl.program_id(0), tl.program_id(1)
     else:
         i_c, i_hv = tl.program_id(0), tl.program_id(1)
@@ -677,12 +684,16 @@ def kda_intra_fwd(
         out["AqkM"] = torch.empty_like(out["Aqk"])
 
     def issue_solve(ready: torch.Tensor | None) -> None:
-        kda_intra_solve_kernel[(HV, NC) if ready is not None else (NC, HV)](
+        head_major = (ready is not None or SOLVE_HEAD_MAJOR) and NC <= MAX_GRID_Y
+        if ready is not None and not head_major:
+            raise ValueError(f"kda_intra_fwd: the solve beside the walk needs NC <= {MAX_GRID_Y} chunks, got {NC}")
+        kda_intra_solve_kernel[(HV, NC) if head_major else (NC, HV)](
             v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds, out["kd"], out["Aqk"],
             out.get("AqkM", out["Aqk"]), ready if ready is not None else flag,
             HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,
             PREC="ieee" if INTERPRET else "tf32", PREC_INV=inv_prec, INVERT=pairs, M_PIECES=m_pieces,
-            PREMUL=premultiply, SIGNAL=ready is not None, num_warps=solve_warps or SOLVE_WARPS, num_stages=SOLVE_STAGES,
+            PREMUL=premultiply, SIGNAL=ready is not None, HEAD_MAJOR=head_major,
+            num_warps=solve_warps or SOLVE_WARPS, num_stages=SOLVE_STAGES,
             **reg_cap(SOLVE_MAX_REGISTERS if half_inputs and not m_pieces else None),
         )
 

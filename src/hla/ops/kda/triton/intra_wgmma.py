@@ -53,7 +53,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from hla.ops.kda.triton.common import LOG2E, on_hopper, reg_cap
+from hla.ops.kda.triton.common import LOG2E, MAX_GRID_Y, on_hopper, reg_cap
 
 BLOCK_K = 64  # key-block width: also the flags' width, which the exact launch reads
 NUM_WARPS = 8
@@ -61,6 +61,10 @@ NUM_WARPS = 8
 # 2 x 96 KB of operand tiles fit the shared memory). Offline sm_90a compile, kda_prefill_regs.py. H200, B1 T8192 H32,
 # a first version: the intra stage 0.896 ms uncapped against 0.675 at 128.
 MAX_REGISTERS: int | None = 128
+# Programs in head-major order (the grid (HV, NC): the programs running together read and write neighbouring token
+# rows) where the chunks fit the grid's second dimension. H200, forward ms (session 20, with the solve's the same):
+# B1 T8192 H96 1.891 -> 1.864 bounded, B4 2.365 -> 2.299, T32K 2.436 -> 2.400, B1 0.638 -> 0.630: 1-3%.
+HEAD_MAJOR_GRID = True
 
 
 def fast_wgmma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -203,9 +207,10 @@ def kda_intra_fast_wgmma_kernel(
     q, k, g, A_log, dt_bias, Aqk, Apart, w, qg, kd, dl, Pbuf, exact_flag, chunk_bounds, scale, lower_bound,
     H: gl.constexpr, HV: gl.constexpr, K: gl.constexpr, BK: gl.constexpr, BT: gl.constexpr,
     HAS_GATE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LB: gl.constexpr, USE_L2: gl.constexpr,
-    SAFE_SPAN: gl.constexpr, SPLIT_A: gl.constexpr,
+    SAFE_SPAN: gl.constexpr, SPLIT_A: gl.constexpr, HEAD_MAJOR: gl.constexpr = False,
 ):
-    """Arguments as ``intra.kda_intra_fwd_kernel``'s fast launch (EXACT=False, PAIRS=True); flags per BK channels."""
+    """Arguments as ``intra.kda_intra_fwd_kernel``'s fast launch (EXACT=False, PAIRS=True); flags per BK channels.
+    HEAD_MAJOR: the grid is (HV, NC) instead of (NC, HV)."""
     HB: gl.constexpr = BT // 2
     NK: gl.constexpr = K // BK
     # [32, 64] half tiles: a thread 2 rows x 4 columns, 16 lanes down the rows, a warp 8 whole columns
@@ -220,7 +225,10 @@ def kda_intra_fast_wgmma_kernel(
     SG: gl.constexpr = HV * K
     SA: gl.constexpr = HV * BT
 
-    i_c, i_hv = gl.program_id(0), gl.program_id(1)
+    if HEAD_MAJOR:
+        i_hv, i_c = gl.program_id(0), gl.program_id(1)
+    else:
+        i_c, i_hv = gl.program_id(0), gl.program_id(1)
     i_h = i_hv // (HV // H)
     bos = gl.load(chunk_bounds + 2 * i_c).to(gl.int64)
     n_rows = gl.load(chunk_bounds + 2 * i_c + 1) - gl.load(chunk_bounds + 2 * i_c)
@@ -371,11 +379,12 @@ def kda_intra_fast_wgmma(q, k, g, A_log, dt_bias, out: dict, apart: torch.Tensor
     HV = g.shape[1]
     NC = chunk_bounds.shape[0]
     has_gate = A_log is not None
-    kda_intra_fast_wgmma_kernel[(NC, HV)](
+    head_major = HEAD_MAJOR_GRID and NC <= MAX_GRID_Y
+    kda_intra_fast_wgmma_kernel[(HV, NC) if head_major else (NC, HV)](
         q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g, out["Aqk"], apart, out["w"],
         out["qg"], out["kd"], out["dl"], out["P"], flag, chunk_bounds, float(scale),
         float(lower_bound) if lower_bound is not None else 0.0,
         H=H, HV=HV, K=K, BK=BLOCK_K, BT=64, HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None,
         HAS_LB=has_gate and lower_bound is not None, USE_L2=use_qk_l2norm, SAFE_SPAN=safe_span, SPLIT_A=split_a,
-        num_warps=NUM_WARPS, **reg_cap(MAX_REGISTERS),
+        HEAD_MAJOR=head_major, num_warps=NUM_WARPS, **reg_cap(MAX_REGISTERS),
     )
