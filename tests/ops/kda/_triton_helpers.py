@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 from hla.ops.kda.gate import kda_gate, l2norm
 from hla.ops.kda.reference import kda_reference
+
+# Module mark of the interpreter tests (CPU tensors): skipped where HLA_TEST_ON_GPU runs the kernels on the GPU instead,
+# so that `HLA_TEST_ON_GPU=1 pytest tests/ops/kda` runs the GPU tests and skips these rather than failing them.
+INTERPRETER_ONLY = pytest.mark.skipif(bool(os.environ.get("HLA_TEST_ON_GPU")), reason="interpreter test (CPU tensors)")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

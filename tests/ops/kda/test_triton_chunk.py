@@ -12,7 +12,9 @@ from hla.ops.kda.reference import kda_reference
 from hla.ops.kda.triton import kda_chunk_triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _triton_helpers import make_inputs, precompute, reference, rel  # noqa: E402
+from _triton_helpers import INTERPRETER_ONLY, make_inputs, precompute, reference, rel  # noqa: E402
+
+pytestmark = INTERPRETER_ONLY
 
 
 def _chunk(x, cu_seqlens=None, fused=True, **kw):

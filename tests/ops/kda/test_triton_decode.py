@@ -9,7 +9,9 @@ import torch
 from hla.ops.kda.triton import kda_decode_triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _triton_helpers import make_inputs, precompute, reference, rel  # noqa: E402
+from _triton_helpers import INTERPRETER_ONLY, make_inputs, precompute, reference, rel  # noqa: E402
+
+pytestmark = INTERPRETER_ONLY
 
 
 def _decode(x, pool, idx, **kw):

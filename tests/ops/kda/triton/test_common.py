@@ -3,11 +3,19 @@
 numpy's exp / log2 where the GPU takes MUFU ex2 / lg2; the GPU's approximation error is bounded in
 `common.softplus_f32` and checked end to end by benchmarks/check_kda_gpu.py)."""
 
+import sys
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
 
 from hla.ops.kda.triton.common import kda_gate_f32, softplus_f32
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from _triton_helpers import INTERPRETER_ONLY  # noqa: E402
+
+pytestmark = INTERPRETER_ONLY
 
 
 @triton.jit

@@ -12,7 +12,9 @@ import triton.language as tl
 from hla.ops.kda.triton import intra, kda_chunk_triton
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _triton_helpers import make_inputs, reference, rel  # noqa: E402
+from _triton_helpers import INTERPRETER_ONLY, make_inputs, reference, rel  # noqa: E402
+
+pytestmark = INTERPRETER_ONLY
 
 
 def test_fp16_inputs_stay_finite_and_match_reference():

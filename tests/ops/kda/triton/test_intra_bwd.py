@@ -13,7 +13,9 @@ from hla.ops.kda.triton import intra_bwd, kda_chunk_triton
 from hla.ops.kda.triton.intra_bwd import kda_intra_bwd
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _triton_helpers import make_inputs, reference, rel  # noqa: E402
+from _triton_helpers import INTERPRETER_ONLY, make_inputs, reference, rel  # noqa: E402
+
+pytestmark = INTERPRETER_ONLY
 
 
 @pytest.mark.parametrize("gate", ["kimi", "veryneg", "safe"])

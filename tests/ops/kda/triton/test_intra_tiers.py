@@ -13,7 +13,9 @@ from hla.ops.kda.triton.chunk import _ChunkMeta
 from hla.ops.kda.triton.intra import aqk_dtype, kda_intra_fwd
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _triton_helpers import rel  # noqa: E402
+from _triton_helpers import INTERPRETER_ONLY, rel  # noqa: E402
+
+pytestmark = INTERPRETER_ONLY
 
 BT, BK = 64, 64
 

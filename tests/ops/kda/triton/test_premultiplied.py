@@ -1,7 +1,6 @@
 """The forward's premultiplied walk operands (intra.kda_intra_fwd(premultiply=True)): what the solve writes,
 and that the walk over them gives the walk over w, u; fp32 under the Triton interpreter."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,11 +12,12 @@ from hla.ops.kda.triton.intra import kda_intra_fwd
 from hla.ops.kda.triton.recurrence import kda_recurrence_fwd
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _triton_helpers import rel  # noqa: E402
+from _triton_helpers import INTERPRETER_ONLY, rel  # noqa: E402
+
+pytestmark = INTERPRETER_ONLY
 
 # fp32 tiles under the interpreter (exact products); on the GPU the premultiplied walk is tested with bf16 tiles in
 # test_recurrence_wgmma.py and by benchmarks/check_kda_gpu.py
-pytestmark = pytest.mark.skipif(bool(os.environ.get("HLA_TEST_ON_GPU")), reason="interpreter test (CPU tensors)")
 
 LENGTHS = [150, 64, 30]
 

@@ -18,7 +18,9 @@ from hla.ops.kda.triton.recurrence_bwd import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _triton_helpers import rel  # noqa: E402
+from _triton_helpers import INTERPRETER_ONLY, rel  # noqa: E402
+
+pytestmark = INTERPRETER_ONLY
 
 
 @pytest.fixture
