@@ -45,6 +45,7 @@ from hla.ops.kda.triton.intra_bwd import (  # noqa: E402
     kda_intra_bwd_gate_kernel,
 )
 from hla.ops.kda.triton.intra_wgmma import BLOCK_K as FAST_WGMMA_BK  # noqa: E402
+from hla.ops.kda.triton.intra_wgmma import HEAD_MAJOR_GRID as FAST_WGMMA_HEAD_MAJOR  # noqa: E402
 from hla.ops.kda.triton.intra_wgmma import MAX_REGISTERS as FAST_WGMMA_CAP  # noqa: E402
 from hla.ops.kda.triton.intra_wgmma import NUM_WARPS as FAST_WGMMA_WARPS  # noqa: E402
 from hla.ops.kda.triton.intra_wgmma import kda_intra_fast_wgmma_kernel  # noqa: E402
@@ -82,7 +83,8 @@ def cases():
     for lb in (False, True):
         yield (f"intra fast wgmma BK={FAST_WGMMA_BK}{' bounded gate' if lb else ''}", kda_intra_fast_wgmma_kernel,
                fast_t, dict(H=HV, HV=HV, K=K, BK=FAST_WGMMA_BK, BT=BT, HAS_GATE=True, HAS_BIAS=True, HAS_LB=lb,
-                            USE_L2=True, SAFE_SPAN=SAFE_SPAN, SPLIT_A=AQK_BF16), FAST_WGMMA_WARPS, 1, FAST_WGMMA_CAP)
+                            USE_L2=True, SAFE_SPAN=SAFE_SPAN, SPLIT_A=AQK_BF16, HEAD_MAJOR=FAST_WGMMA_HEAD_MAJOR),
+               FAST_WGMMA_WARPS, 1, FAST_WGMMA_CAP)
     # the backward's recompute with A_qk, P, M saved: per-token tensors, Gamma and the row norms
     # (launched: BK 64 / 4 warps / 168 registers, intra.RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS / RECOMPUTE_MAX_REGISTERS)
     for bk, nw, cap in ((64, 4, RECOMPUTE_MAX_REGISTERS), (32, 4, None), (64, 4, None), (128, 8, None)):
@@ -108,7 +110,8 @@ def cases():
            SOLVE_STAGES, None)
     yield ("solve premultiplied, signalling a walk beside it", kda_intra_solve_kernel,
            solve_t, dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32",
-                         PREC_INV=SOLVE_INV_PRECISION, INVERT=True, M_PIECES=SOLVE_M_PIECES, PREMUL=True, SIGNAL=True),
+                         PREC_INV=SOLVE_INV_PRECISION, INVERT=True, M_PIECES=SOLVE_M_PIECES, PREMUL=True, SIGNAL=True,
+                         HEAD_MAJOR=True),
            2, SOLVE_STAGES, None)
     yield (f"solve, saved M, M halves {SOLVE_M_PIECES}", kda_intra_solve_kernel, solve_t,
            dict(HV=HV, K=K, V=V, BK=64, BV=64, BT=BT, USE_SIGMOID=True, PREC="tf32", PREC_INV="ieee",
