@@ -22,19 +22,25 @@ pytestmark = INTERPRETER_ONLY
 LENGTHS = [150, 64, 30]
 
 
-def _stage1(lengths, HV=2, K=32, V=16, seed=0):
-    """(the plain stage-1 dict, the premultiplied one, v, sigmoid(beta), meta) of random raw projections."""
+def _raw_inputs(lengths, HV=2, K=32, V=16, seed=0):
+    """(kda_intra_fwd's positional arguments, its options, meta) of random raw projections."""
     torch.manual_seed(seed)
     TT = sum(lengths)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
     meta = _ChunkMeta(1, TT, cu, 64, cu.device)
     q, k, g = (torch.randn(TT, HV, K) for _ in range(3))
     v, beta = torch.randn(TT, HV, V), torch.randn(TT, HV)
-    args = (q, k, v, g, beta, meta.chunk_bounds)
     opts = dict(scale=K**-0.5, A_log=torch.rand(HV) * 2, dt_bias=torch.randn(HV * K) - 2,
                 lower_bound=None, use_qk_l2norm=True, use_beta_sigmoid=True)
+    return (q, k, v, g, beta, meta.chunk_bounds), opts, meta
+
+
+def _stage1(lengths, HV=2, K=32, V=16, seed=0):
+    """(the plain stage-1 dict, the premultiplied one, v, sigmoid(beta), meta) of random raw projections."""
+    args, opts, meta = _raw_inputs(lengths, HV, K, V, seed)
     plain = kda_intra_fwd(*args, **opts)
     pre = kda_intra_fwd(*args, **opts, premultiply=True)
+    v, beta = args[2], args[4]
     return plain, pre, v, torch.sigmoid(beta.double()), meta
 
 
@@ -79,17 +85,10 @@ def test_the_solve_grid_orders_agree(premultiply, monkeypatch):
     """intra.SOLVE_HEAD_MAJOR (the grid (HV, NC), the default) and the chunk-major grid: the same bits."""
     from hla.ops.kda.triton import intra
 
-    torch.manual_seed(2)
-    TT = sum(LENGTHS)
-    cu = torch.tensor([0] + list(torch.tensor(LENGTHS).cumsum(0)), dtype=torch.int32)
-    meta = _ChunkMeta(1, TT, cu, 64, cu.device)
-    q, k, g = (torch.randn(TT, 2, 32) for _ in range(3))
-    args = (q, k, torch.randn(TT, 2, 16), g, torch.randn(TT, 2), meta.chunk_bounds)
-    opts = dict(scale=32**-0.5, A_log=torch.rand(2) * 2, dt_bias=torch.randn(2 * 32) - 2, lower_bound=None,
-                use_qk_l2norm=True, use_beta_sigmoid=True, premultiply=premultiply)
+    args, opts, _ = _raw_inputs(LENGTHS, seed=2)
     runs = []
     for head_major in (True, False):
         monkeypatch.setattr(intra, "SOLVE_HEAD_MAJOR", head_major)
-        runs.append(kda_intra_fwd(*args, **opts))
+        runs.append(kda_intra_fwd(*args, **opts, premultiply=premultiply))
     for name, x in runs[0].items():
         assert torch.equal(x, runs[1][name]), name

@@ -127,7 +127,7 @@ def test_premultiplied_walk_matches_the_tl_walk_and_float64(K, lengths, o_slot, 
     import hla.ops.kda.triton.recurrence as rec
     import hla.ops.kda.triton.recurrence_wgmma as walk
 
-    monkeypatch.setattr(walk, "_sm_count", lambda device: 1 if o_slot else 1 << 20)
+    monkeypatch.setattr(walk, "sm_count", lambda device: 1 if o_slot else 1 << 20)
 
     torch.manual_seed(0)
     pre, meta = _gpu_stage1(lengths, 3, K, 128, premultiply=True)

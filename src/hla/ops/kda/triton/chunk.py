@@ -107,11 +107,11 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _walk_beside_solve(meta: _ChunkMeta, HV: int, V: int, x: torch.Tensor, opts: dict) -> bool:
-    from hla.ops.kda.triton.recurrence_wgmma import _sm_count
+    from hla.ops.kda.triton.recurrence_wgmma import sm_count, walk_programs
 
     return (BESIDE_SOLVE and not opts["needs_grad"] and PREMULTIPLY and x.device.type == "cuda"
             and not torch.cuda.is_current_stream_capturing()
-            and -(-V // 64) * meta.N * HV <= _sm_count(x.device) // 2 and meta.NC <= MAX_GRID_Y)
+            and walk_programs(meta.N, HV, V) <= sm_count(x.device) // 2 and meta.NC <= MAX_GRID_Y)
 
 
 def _forward_beside_solve(flat, meta: _ChunkMeta, h0, opts: dict, A_log, dt_bias):

@@ -310,7 +310,7 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
     w_desc = _descriptor(st["w"], [64, K])
     dummy = st["u"]
     o_slot = (TWO_PER_SM and write_o and st["u"].dtype == torch.bfloat16
-              and (V // BV) * N * HV > _sm_count(st["w"].device))
+              and walk_programs(N, HV, V) > sm_count(st["w"].device))
     kda_walk_wgmma_kernel[(V // BV, N * HV)](
         w_desc, _descriptor(st["kd"], [64, K]), _descriptor(st["qg"], [64, K]) if write_o else w_desc,
         _descriptor(st["Aqk"], [64, 64]) if write_o else w_desc, _descriptor(st["u"], [64, BV]),
@@ -324,6 +324,11 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
     )
 
 
+def walk_programs(N: int, HV: int, V: int) -> int:
+    """The walk's grid size: one program per (sequence, value head, BV value columns)."""
+    return -(-V // BV) * N * HV
+
+
 @functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
