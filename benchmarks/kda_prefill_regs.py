@@ -48,6 +48,7 @@ from hla.ops.kda.triton.intra_wgmma import BLOCK_K as FAST_WGMMA_BK  # noqa: E40
 from hla.ops.kda.triton.intra_wgmma import HEAD_MAJOR_GRID as FAST_WGMMA_HEAD_MAJOR  # noqa: E402
 from hla.ops.kda.triton.intra_wgmma import MAX_REGISTERS as FAST_WGMMA_CAP  # noqa: E402
 from hla.ops.kda.triton.intra_wgmma import NUM_WARPS as FAST_WGMMA_WARPS  # noqa: E402
+from hla.ops.kda.triton.intra_wgmma import TMA_LOADS as FAST_WGMMA_TMA  # noqa: E402
 from hla.ops.kda.triton.intra_wgmma import kda_intra_fast_wgmma_kernel  # noqa: E402
 from hla.ops.kda.triton.recurrence import kda_recurrence_fwd_kernel  # noqa: E402
 from hla.ops.kda.triton.recurrence_bwd import (  # noqa: E402
@@ -79,11 +80,13 @@ def cases():
                     SAFE_SPAN=SAFE_SPAN, EXACT=exact, PAIRS=True, STORE_GAMMA=False, OP=tl.bfloat16,
                     SPLIT_A=AQK_BF16, **GATE), nw, ns)
     # the Gluon fast launch (intra_wgmma.py, launched on sm_90 for bf16 inputs), both gates
-    fast_t = {n: t for n, t in intra_t.items() if n not in ("gam", "inorm")}
+    fast_t = {n: t for n, t in intra_t.items() if n not in ("gam", "inorm")} | {
+        n: tma_type((8192, HV * K), [BT, FAST_WGMMA_BK], torch.bfloat16) for n in ("q_desc", "k_desc", "g_desc")}
     for lb in (False, True):
         yield (f"intra fast wgmma BK={FAST_WGMMA_BK}{' bounded gate' if lb else ''}", kda_intra_fast_wgmma_kernel,
                fast_t, dict(H=HV, HV=HV, K=K, BK=FAST_WGMMA_BK, BT=BT, HAS_GATE=True, HAS_BIAS=True, HAS_LB=lb,
-                            USE_L2=True, SAFE_SPAN=SAFE_SPAN, SPLIT_A=AQK_BF16, HEAD_MAJOR=FAST_WGMMA_HEAD_MAJOR),
+                            USE_L2=True, SAFE_SPAN=SAFE_SPAN, SPLIT_A=AQK_BF16, HEAD_MAJOR=FAST_WGMMA_HEAD_MAJOR,
+                            TMA_LOADS=FAST_WGMMA_TMA),
                FAST_WGMMA_WARPS, 1, FAST_WGMMA_CAP)
     # the backward's recompute with A_qk, P, M saved: per-token tensors, Gamma and the row norms
     # (launched: BK 64 / 4 warps / 168 registers, intra.RECOMPUTE_BLOCK_K / RECOMPUTE_WARPS / RECOMPUTE_MAX_REGISTERS)

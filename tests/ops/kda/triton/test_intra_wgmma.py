@@ -103,6 +103,37 @@ def test_matches_the_tl_fast_launch(gate, lengths, H, HV, K, span, monkeypatch):
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (wgmma)")
+@pytest.mark.parametrize("gate,lengths,H,HV,K,g32", [
+    ("bounded", [1000, 64, 333, 1], 2, 2, 128, False),  # chunks ending inside a sequence: the next one's rows zeroed
+    ("kimi", [1000, 64, 333, 1], 2, 4, 64, False),
+    ("raw", [700, 77], 2, 2, 128, False),
+    ("raw", [700, 77], 2, 2, 128, True),  # fp32 g: loaded by pointer whatever TMA_LOADS says
+])
+def test_tma_loads_give_the_bits_of_pointer_loads(gate, lengths, H, HV, K, g32, monkeypatch):
+    from hla.ops.kda.triton import intra_wgmma
+
+    (q, k, v, g, beta, bounds), kw = _inputs(lengths, H, HV, K, 128, gate)
+    args = (q, k, v, g.float() if g32 else g, beta, bounds)
+    descriptors = []
+    layout = intra_wgmma._box_layout
+    monkeypatch.setattr(intra_wgmma, "_box_layout", lambda: descriptors.append(1) or layout())
+    monkeypatch.setattr(intra, "INTRA_WGMMA", "always")
+    runs = {}
+    for on in (False, True):
+        monkeypatch.setattr(intra_wgmma, "TMA_LOADS", on)
+        runs[on] = intra.kda_intra_fwd(*args, **kw, safe_span=None)
+    assert len(descriptors) == (0 if g32 else 3)
+    torch.testing.assert_close(runs[True]["exact_flag"], runs[False]["exact_flag"], rtol=0, atol=0)
+    for name in ("Aqk", "P", "M", "u", "w", "qg", "kd", "dl"):
+        if gate == "raw":  # without the gate's exponentials the compiler contracts g log2(e) + Gamma differently in
+            # the two programs: Gamma (dl) moves by one fp32 ulp, which the bf16 tiles and the inverse carry on
+            err = _rel(runs[True][name], runs[False][name])
+            assert err < (4e-3 if name == "Aqk" else 1e-3), f"{name}: {err:.2e}"
+        else:
+            assert torch.equal(runs[True][name], runs[False][name]), name
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU (wgmma)")
 @pytest.mark.parametrize("gate", ["kimi", "bounded"])
 def test_inference_forward_takes_it(gate, monkeypatch):
     """By default (INTRA_WGMMA = "inference") a forward without gradients takes the Gluon launch and a training

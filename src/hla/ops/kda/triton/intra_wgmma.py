@@ -44,27 +44,47 @@ element as products of others, the bounded gate's division as one MUFU rcp, Kimi
 compare an entry for the final masks: 3208 -> 2552 SASS a warp (Kimi gate), 3064 -> 2520 (bounded). The launch
 itself 0.331 -> 0.322 ms (Kimi), 0.342 -> 0.326 (bounded) at B1 (torch.profiler, H200); the forward 1-2.5% less.
 So the launch was not issue-bound alone: its 16 warps an SM also wait on the loads, shuffles and barriers.
+
+Session 21 (ncu, B1 T8192 H96 bounded gate): the L1 was the limit (77% busy), not the issue rate (27%): the row
+norms' cross-warp sum (gl.sum's exchange through shared memory) had 16-way bank conflicts, 25 M of the launch's 59 M
+shared-memory wavefronts, and the per-thread loads of q, k, g (8 bytes a row, a warp 16 bytes a row) moved each
+32-byte sector twice. Now the norms go through a buffer of each warp's partial sums that every warp reads whole
+(broadcast loads), and q, k, g come by TMA into three of the operand buffers (TMA_LOADS): the launch 1.008 -> 0.813
+ms at H96, the forward 1.889 -> 1.690 (bounded gate), same outputs bit for bit with the gate fused.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from hla.ops.kda.triton.common import LOG2E, MAX_GRID_Y, on_hopper, reg_cap
 
 BLOCK_K = 64  # key-block width: also the flags' width, which the exact launch reads
 NUM_WARPS = 8
-# ~175 registers uncapped (one program of 8 warps per SM); at 128, 56-84 B of spills and two programs per SM (their
-# 2 x 96 KB of operand tiles fit the shared memory). Offline sm_90a compile, kda_prefill_regs.py. H200, B1 T8192 H32,
+# ~175 registers uncapped (one program of 8 warps per SM); at 128, 56-84 B of spills (132 B with the TMA loads, whose
+# tiles come from shared memory) and two programs per SM (their 2 x 100 KB of operand tiles and norms fit). Offline sm_90a compile, kda_prefill_regs.py. H200, B1 T8192 H32,
 # a first version: the intra stage 0.896 ms uncapped against 0.675 at 128.
 MAX_REGISTERS: int | None = 128
 # Programs in head-major order (the grid (HV, NC): the programs running together read and write neighbouring token
 # rows) where the chunks fit the grid's second dimension. H200, forward ms (session 20, with the solve's the same):
 # B1 T8192 H96 1.891 -> 1.864 bounded, B4 2.365 -> 2.299, T32K 2.436 -> 2.400, B1 0.638 -> 0.630: 1-3%.
 HEAD_MAJOR_GRID = True
+# q, k, g by TMA into three of the operand buffers, then read into the tiles' layout, where g is bf16 and the three are
+# contiguous (else per-thread loads of 8 bytes a row, which move each 32-byte sector twice). H200, session 21, forward
+# ms: B1 T8192 H96 1.842 -> 1.690 bounded, 1.891 -> 1.751 Kimi; B4 2.268 -> 2.110; the launch 0.956 -> 0.813 at H96.
+TMA_LOADS = True
 
 
 def fast_wgmma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -117,6 +137,34 @@ def _gate(x, mask, a, bias, lower_bound, HAS_GATE: gl.constexpr, HAS_BIAS: gl.co
 def _sq(x):
     x = x.to(gl.float32)
     return x * x
+
+
+@gluon.jit
+def _warp_partials(buf, x0, x1, x2, x3, HB: gl.constexpr, BK: gl.constexpr, NW: gl.constexpr):
+    """x0..x3 [HB, BK] (a warp owning BK // NW whole columns) -> each warp's row sums into buf [4 NW, HB] (xj's in
+    rows j NW..j NW + NW - 1, each row's HB sums contiguous: the 16 row lanes of a store write consecutive words), in
+    one store (stores into slices of one buffer get a CTA barrier between them)."""
+    p0 = gl.sum(gl.reshape(x0, [HB, NW, BK // NW]), axis=2)
+    p1 = gl.sum(gl.reshape(x1, [HB, NW, BK // NW]), axis=2)
+    p2 = gl.sum(gl.reshape(x2, [HB, NW, BK // NW]), axis=2)
+    p3 = gl.sum(gl.reshape(x3, [HB, NW, BK // NW]), axis=2)
+    p = gl.permute(gl.join(gl.join(p0, p1), gl.join(p2, p3)), [3, 2, 1, 0])  # [2, 2, NW, HB]: x(2b + a) at [b, a]
+    buf.store(gl.reshape(p, [4 * NW, HB]))
+
+
+@gluon.jit
+def _warp_total(buf, NW: gl.constexpr, RL: gl.constexpr):
+    """The sum over buf [NW, HB]'s warps, in the row layout RL (the fast launch's: 2 rows a thread, 16 lanes down the
+    rows): each thread reads all NW partials of its rows, the same words in every warp (broadcast loads)."""
+    LW: gl.constexpr = gl.BlockedLayout([NW, 2], [2, 16], [NW, 1], [0, 1])
+    return gl.convert_layout(gl.sum(buf.load(LW), axis=0), RL)
+
+
+@gluon.jit
+def _half(buf, kb: gl.constexpr, row: gl.constexpr, mask, HB: gl.constexpr, L: gl.constexpr):
+    """Rows row..row + HB of key block kb of a TMA-filled [NK, BT, BK] buffer, in L, zero where mask is not set."""
+    x = buf.index(kb).slice(row, HB).load(L)
+    return gl.where(mask, x, gl.zeros_like(x))  # kept bf16 (a float 0.0 would promote the tile to fp32)
 
 
 @gluon.jit
@@ -204,13 +252,16 @@ def _key_block(bq_lo, bq_hi, bk_lo, bk_hi, g_lo, g_hi, kb: gl.constexpr, rq_lo, 
 
 @gluon.jit
 def kda_intra_fast_wgmma_kernel(
-    q, k, g, A_log, dt_bias, Aqk, Apart, w, qg, kd, dl, Pbuf, exact_flag, chunk_bounds, scale, lower_bound,
+    q, k, g, q_desc, k_desc, g_desc, A_log, dt_bias, Aqk, Apart, w, qg, kd, dl, Pbuf, exact_flag, chunk_bounds, scale,
+    lower_bound,
     H: gl.constexpr, HV: gl.constexpr, K: gl.constexpr, BK: gl.constexpr, BT: gl.constexpr,
     HAS_GATE: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LB: gl.constexpr, USE_L2: gl.constexpr,
     SAFE_SPAN: gl.constexpr, SPLIT_A: gl.constexpr, HEAD_MAJOR: gl.constexpr = False,
+    TMA_LOADS: gl.constexpr = False,
 ):
     """Arguments as ``intra.kda_intra_fwd_kernel``'s fast launch (EXACT=False, PAIRS=True); flags per BK channels.
-    HEAD_MAJOR: the grid is (HV, NC) instead of (NC, HV)."""
+    HEAD_MAJOR: the grid is (HV, NC) instead of (NC, HV). TMA_LOADS: q, k, g are read through q_desc, k_desc, g_desc
+    (TMA descriptors of their [TT, heads * K] views, [BT, BK] boxes in the operand tiles' layout), else by pointer."""
     HB: gl.constexpr = BT // 2
     NK: gl.constexpr = K // BK
     # [32, 64] half tiles: a thread 2 rows x 4 columns, 16 lanes down the rows, a warp 8 whole columns
@@ -232,39 +283,79 @@ def kda_intra_fast_wgmma_kernel(
     i_h = i_hv // (HV // H)
     bos = gl.load(chunk_bounds + 2 * i_c).to(gl.int64)
     n_rows = gl.load(chunk_bounds + 2 * i_c + 1) - gl.load(chunk_bounds + 2 * i_c)
-    q_base = q + (bos * H + i_h) * K
-    k_base = k + (bos * H + i_h) * K
-    g_base = g + (bos * HV + i_hv) * K
     hk = (bos * HV + i_hv) * K
     r = gl.arange(0, HB, RL)
     c = gl.arange(0, BK, CL)
     m_lo = (r < n_rows)[:, None]
     m_hi = (r + HB < n_rows)[:, None]
-    p_lo = r[:, None] * SQ + c[None, :]
-    p_hi = p_lo + HB * SQ
     t_lo = r[:, None] * SG + c[None, :]
     t_hi = t_lo + HB * SG
 
-    # every global load first (q, k, g of both key blocks: 12 half tiles, 48 registers as bf16), so their latency
-    # overlaps; the l2 norms and the key blocks then work from registers
-    q0l = gl.load(q_base + p_lo, mask=m_lo, other=0.0)
-    q0h = gl.load(q_base + p_hi, mask=m_hi, other=0.0)
-    k0l = gl.load(k_base + p_lo, mask=m_lo, other=0.0)
-    k0h = gl.load(k_base + p_hi, mask=m_hi, other=0.0)
-    g0l = gl.load(g_base + t_lo, mask=m_lo, other=0.0)
-    g0h = gl.load(g_base + t_hi, mask=m_hi, other=0.0)
-    if NK == 2:
-        q1l = gl.load(q_base + (p_lo + BK), mask=m_lo, other=0.0)
-        q1h = gl.load(q_base + (p_hi + BK), mask=m_hi, other=0.0)
-        k1l = gl.load(k_base + (p_lo + BK), mask=m_lo, other=0.0)
-        k1h = gl.load(k_base + (p_hi + BK), mask=m_hi, other=0.0)
-        g1l = gl.load(g_base + (t_lo + BK), mask=m_lo, other=0.0)
-        g1h = gl.load(g_base + (t_hi + BK), mask=m_hi, other=0.0)
+    # operand tiles, one set per key block (no reuse, so no wait between key blocks): xa = [k_hi e; q_hi e],
+    # ma = [k_hi m; q_hi m], mb = [k_lo m; q_lo m], km = [k_lo m'; k_hi m'], kc = [k_lo e'; 0; 0; k_hi m'] (its
+    # rows 0..63 and 64..127 are the two right operands of X1: a slice may only start at a multiple of its length)
+    xa_s = gl.allocate_shared_memory(gl.bfloat16, [NK, BT, BK], SL)
+    ma_s = gl.allocate_shared_memory(gl.bfloat16, [NK, BT, BK], SL)
+    mb_s = gl.allocate_shared_memory(gl.bfloat16, [NK, BT, BK], SL)
+    km_s = gl.allocate_shared_memory(gl.bfloat16, [NK, BT, BK], SL)
+    kc_s = gl.allocate_shared_memory(gl.bfloat16, [NK, 2 * BT, BK], SL)
+
+    if TMA_LOADS:
+        # q, k, g of the chunk-head by TMA into three of the operand buffers (whole 32-byte sectors, no load
+        # instructions: per-thread loads of 8 bytes a row used half of each sector they moved), then into registers;
+        # rows past the sequence's end (the next sequence's tokens) are zeroed here, rows past the tensor by TMA
+        bar = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar.index(0), count=1)
+        mbarrier.expect(bar.index(0), 3 * NK * BT * BK * 2)
+        tok = bos.to(gl.int32)
+        for kb in gl.static_range(NK):
+            tma.async_copy_global_to_shared(q_desc, [tok, i_h * K + kb * BK], bar.index(0), xa_s.index(kb))
+            tma.async_copy_global_to_shared(k_desc, [tok, i_h * K + kb * BK], bar.index(0), ma_s.index(kb))
+            tma.async_copy_global_to_shared(g_desc, [tok, i_hv * K + kb * BK], bar.index(0), mb_s.index(kb))
+        mbarrier.wait(bar.index(0), 0)
+        q0l = _half(xa_s, 0, 0, m_lo, HB, L)
+        q0h = _half(xa_s, 0, HB, m_hi, HB, L)
+        k0l = _half(ma_s, 0, 0, m_lo, HB, L)
+        k0h = _half(ma_s, 0, HB, m_hi, HB, L)
+        g0l = _half(mb_s, 0, 0, m_lo, HB, L)
+        g0h = _half(mb_s, 0, HB, m_hi, HB, L)
+        if NK == 2:
+            q1l = _half(xa_s, 1, 0, m_lo, HB, L)
+            q1h = _half(xa_s, 1, HB, m_hi, HB, L)
+            k1l = _half(ma_s, 1, 0, m_lo, HB, L)
+            k1h = _half(ma_s, 1, HB, m_hi, HB, L)
+            g1l = _half(mb_s, 1, 0, m_lo, HB, L)
+            g1h = _half(mb_s, 1, HB, m_hi, HB, L)
+        else:
+            q1l, q1h, k1l, k1h, g1l, g1h = q0l, q0h, k0l, k0h, g0l, g0h
+        if not USE_L2:  # every warp's reads done before the key blocks overwrite the buffers (else the norms' barrier)
+            gl.thread_barrier()
     else:
-        q1l, q1h, k1l, k1h, g1l, g1h = q0l, q0h, k0l, k0h, g0l, g0h
+        # every global load first (q, k, g of both key blocks: 12 half tiles, 48 registers as bf16), so their latency
+        # overlaps; the l2 norms and the key blocks then work from registers
+        q_base = q + (bos * H + i_h) * K
+        k_base = k + (bos * H + i_h) * K
+        g_base = g + (bos * HV + i_hv) * K
+        p_lo = r[:, None] * SQ + c[None, :]
+        p_hi = p_lo + HB * SQ
+        q0l = gl.load(q_base + p_lo, mask=m_lo, other=0.0)
+        q0h = gl.load(q_base + p_hi, mask=m_hi, other=0.0)
+        k0l = gl.load(k_base + p_lo, mask=m_lo, other=0.0)
+        k0h = gl.load(k_base + p_hi, mask=m_hi, other=0.0)
+        g0l = gl.load(g_base + t_lo, mask=m_lo, other=0.0)
+        g0h = gl.load(g_base + t_hi, mask=m_hi, other=0.0)
+        if NK == 2:
+            q1l = gl.load(q_base + (p_lo + BK), mask=m_lo, other=0.0)
+            q1h = gl.load(q_base + (p_hi + BK), mask=m_hi, other=0.0)
+            k1l = gl.load(k_base + (p_lo + BK), mask=m_lo, other=0.0)
+            k1h = gl.load(k_base + (p_hi + BK), mask=m_hi, other=0.0)
+            g1l = gl.load(g_base + (t_lo + BK), mask=m_lo, other=0.0)
+            g1h = gl.load(g_base + (t_hi + BK), mask=m_hi, other=0.0)
+        else:
+            q1l, q1h, k1l, k1h, g1l, g1h = q0l, q0h, k0l, k0h, g0l, g0h
 
     if USE_L2:
-        # the four row norms in one cross-warp reduction: squares summed over the key blocks, then joined
+        # the four row norms: squares summed over the key blocks, then over each warp's columns, then across warps
         sq_ql = _sq(q0l)
         sq_qh = _sq(q0h)
         sq_kl = _sq(k0l)
@@ -274,13 +365,17 @@ def kda_intra_fast_wgmma_kernel(
             sq_qh += _sq(q1h)
             sq_kl += _sq(k1l)
             sq_kh += _sq(k1h)
-        n_q, n_k = gl.split(gl.sum(gl.join(gl.join(sq_ql, sq_qh), gl.join(sq_kl, sq_kh)), axis=1))
-        nq_lo, nq_hi = gl.split(n_q)
-        nk_lo, nk_hi = gl.split(n_k)
-        nq_lo = gl.convert_layout(nq_lo, RL)
-        nq_hi = gl.convert_layout(nq_hi, RL)
-        nk_lo = gl.convert_layout(nk_lo, RL)
-        nk_hi = gl.convert_layout(nk_hi, RL)
+        # the four row norms' cross-warp step through a buffer the 16 row lanes write in consecutive words and every
+        # warp reads whole (broadcast loads): gl.sum's own exchange had 16-way bank conflicts, ~40% of the launch's
+        # shared-memory traffic (ncu, session 21)
+        NW: gl.constexpr = 8  # L's warps, along the columns
+        nbuf = gl.allocate_shared_memory(gl.float32, [4 * NW, HB], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        _warp_partials(nbuf, sq_ql, sq_qh, sq_kl, sq_kh, HB, BK, NW)
+        gl.thread_barrier()  # also: every warp has read the TMA-filled buffers before the key blocks overwrite them
+        nq_lo = _warp_total(nbuf.slice(0 * NW, NW), NW, RL)
+        nq_hi = _warp_total(nbuf.slice(1 * NW, NW), NW, RL)
+        nk_lo = _warp_total(nbuf.slice(2 * NW, NW), NW, RL)
+        nk_hi = _warp_total(nbuf.slice(3 * NW, NW), NW, RL)
         rq_lo = scale / gl.sqrt(nq_lo + 1e-6)
         rq_hi = scale / gl.sqrt(nq_hi + 1e-6)
         rk_lo = 1.0 / gl.sqrt(nk_lo + 1e-6)
@@ -299,15 +394,6 @@ def kda_intra_fast_wgmma_kernel(
         a = -gl.exp(gl.load(A_log + i_hv).to(gl.float32))
         if HAS_LB:
             a = a * LOG2E
-
-    # operand tiles, one set per key block (no reuse, so no wait between key blocks): xa = [k_hi e; q_hi e],
-    # ma = [k_hi m; q_hi m], mb = [k_lo m; q_lo m], km = [k_lo m'; k_hi m'], kc = [k_lo e'; 0; 0; k_hi m'] (its
-    # rows 0..63 and 64..127 are the two right operands of X1: a slice may only start at a multiple of its length)
-    xa_s = gl.allocate_shared_memory(gl.bfloat16, [NK, BT, BK], SL)
-    ma_s = gl.allocate_shared_memory(gl.bfloat16, [NK, BT, BK], SL)
-    mb_s = gl.allocate_shared_memory(gl.bfloat16, [NK, BT, BK], SL)
-    km_s = gl.allocate_shared_memory(gl.bfloat16, [NK, BT, BK], SL)
-    kc_s = gl.allocate_shared_memory(gl.bfloat16, [NK, 2 * BT, BK], SL)
 
     # Every key block's tiles first, with no cross-warp step between them: the within-half factors are stored
     # unconditionally and a flagged key block's are zeroed afterwards (rare: ~8% of chunk-heads at the benchmark's
@@ -367,6 +453,15 @@ def kda_intra_fast_wgmma_kernel(
     else:
         gl.store(Aqk + a_off + (i1 * SA + cj), x1.to(Aqk.dtype.element_ty), mask=m1)
         gl.store(Aqk + a_off + (i2 * SA + cj), x2.to(Aqk.dtype.element_ty), mask=m2)
+    if TMA_LOADS:  # here, so that no later buffer takes the barrier's place (a CTA barrier before each use of it)
+        mbarrier.invalidate(bar.index(0))
+
+
+
+@functools.lru_cache(maxsize=1)
+def _box_layout() -> gl.NVMMASharedLayout:
+    # the operand tiles' layout (128-byte swizzle), built once: building it is most of a descriptor's host cost
+    return gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], gl.bfloat16)
 
 
 def kda_intra_fast_wgmma(q, k, g, A_log, dt_bias, out: dict, apart: torch.Tensor, flag: torch.Tensor,
@@ -380,11 +475,19 @@ def kda_intra_fast_wgmma(q, k, g, A_log, dt_bias, out: dict, apart: torch.Tensor
     NC = chunk_bounds.shape[0]
     has_gate = A_log is not None
     head_major = HEAD_MAJOR_GRID and NC <= MAX_GRID_Y
+    # TMA needs 16-byte aligned bases and row strides (the rows are heads * K >= 64 elements)
+    tma_loads = TMA_LOADS and g.dtype == torch.bfloat16 and all(
+        x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (q, k, g))
+    if tma_loads:
+        q_desc, k_desc, g_desc = (TensorDescriptor.from_tensor(x.view(TT, -1), [64, BLOCK_K], _box_layout())
+                                  for x in (q, k, g))
+    else:
+        q_desc = k_desc = g_desc = q  # never read
     kda_intra_fast_wgmma_kernel[(HV, NC) if head_major else (NC, HV)](
-        q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g, out["Aqk"], apart, out["w"],
-        out["qg"], out["kd"], out["dl"], out["P"], flag, chunk_bounds, float(scale),
+        q, k, g, q_desc, k_desc, g_desc, A_log if has_gate else g, dt_bias if dt_bias is not None else g, out["Aqk"],
+        apart, out["w"], out["qg"], out["kd"], out["dl"], out["P"], flag, chunk_bounds, float(scale),
         float(lower_bound) if lower_bound is not None else 0.0,
         H=H, HV=HV, K=K, BK=BLOCK_K, BT=64, HAS_GATE=has_gate, HAS_BIAS=has_gate and dt_bias is not None,
         HAS_LB=has_gate and lower_bound is not None, USE_L2=use_qk_l2norm, SAFE_SPAN=safe_span, SPLIT_A=split_a,
-        HEAD_MAJOR=head_major, num_warps=NUM_WARPS, **reg_cap(MAX_REGISTERS),
+        HEAD_MAJOR=head_major, TMA_LOADS=tma_loads, num_warps=NUM_WARPS, **reg_cap(MAX_REGISTERS),
     )
