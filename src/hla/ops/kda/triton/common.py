@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -38,7 +39,14 @@ def refuse_one_stage_16bit(num_stages: int, K: int, tile_bytes: int, walk: str) 
 def on_hopper(x: torch.Tensor) -> bool:
     """Whether x lives on an sm_90 GPU and kernels really run there (not the interpreter): where the Gluon kernels
     (wgmma, TMA) apply."""
-    return not INTERPRET and x.is_cuda and torch.cuda.get_device_capability(x.device) == (9, 0)
+    return not INTERPRET and x.is_cuda and _capability(x.device) == (9, 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _capability(device: torch.device) -> tuple[int, int]:
+    # cached: torch's query is ~5 us of host time, asked three times a forward (a B1 forward's host time is about
+    # its GPU time, session 20)
+    return torch.cuda.get_device_capability(device)
 
 
 @triton.jit

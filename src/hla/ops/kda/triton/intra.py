@@ -72,6 +72,7 @@ from hla.ops.kda.triton.common import (
     reg_cap,
     tile_row,
 )
+from hla.ops.kda.triton.launch import LeanLaunch
 
 # A chunk's key block takes the one-anchor fast path (and, in the exact launch, the quarter-anchor tier)
 # when no factor exp(|Gamma_i - Gamma_anchor|) exceeds exp(SAFE_SPAN). What bounds it is the operands:
@@ -545,6 +546,10 @@ def pair_operand_dtype(dtype: torch.dtype):
     return tl.float32 if dtype == torch.float32 or INTERPRET else tl.bfloat16
 
 
+_FWD_LAUNCH = LeanLaunch(kda_intra_fwd_kernel)
+_SOLVE_LAUNCH = LeanLaunch(kda_intra_solve_kernel)
+
+
 def kda_intra_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -663,7 +668,7 @@ def kda_intra_fwd(
                                          split_a=split_a)
         launches = launches[1:]
     for exact, bk, nw in launches:
-        kda_intra_fwd_kernel[(NC, HV)](
+        _FWD_LAUNCH[(NC, HV)](
             q, k, g, A_log if has_gate else g, dt_bias if dt_bias is not None else g,
             out["Aqk"], apart, out["w"], out["qg"], out["kd"], out["dl"], out["P"], flag,
             out.get("gam", flag), out.get("inorm", flag), chunk_bounds,
@@ -687,7 +692,7 @@ def kda_intra_fwd(
         head_major = (ready is not None or SOLVE_HEAD_MAJOR) and NC <= MAX_GRID_Y
         if ready is not None and not head_major:
             raise ValueError(f"kda_intra_fwd: the solve beside the walk needs NC <= {MAX_GRID_Y} chunks, got {NC}")
-        kda_intra_solve_kernel[(HV, NC) if head_major else (NC, HV)](
+        _SOLVE_LAUNCH[(HV, NC) if head_major else (NC, HV)](
             v, beta, out["w"], out["u"], out["P"], out["M"], chunk_bounds, out["kd"], out["Aqk"],
             out.get("AqkM", out["Aqk"]), ready if ready is not None else flag,
             HV=HV, K=K, V=V, BK=solve_bk, BV=min(64, next_pow2(V)), BT=64, USE_SIGMOID=use_beta_sigmoid,

@@ -70,6 +70,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from hla.ops.kda.triton.common import LOG2E, MAX_GRID_Y, on_hopper, reg_cap
+from hla.ops.kda.triton.launch import LeanLaunch
 
 BLOCK_K = 64  # key-block width: also the flags' width, which the exact launch reads
 NUM_WARPS = 8
@@ -457,6 +458,8 @@ def kda_intra_fast_wgmma_kernel(
         mbarrier.invalidate(bar.index(0))
 
 
+_FAST_LAUNCH = LeanLaunch(kda_intra_fast_wgmma_kernel)
+
 
 @functools.lru_cache(maxsize=1)
 def _box_layout() -> gl.NVMMASharedLayout:
@@ -483,7 +486,7 @@ def kda_intra_fast_wgmma(q, k, g, A_log, dt_bias, out: dict, apart: torch.Tensor
                                   for x in (q, k, g))
     else:
         q_desc = k_desc = g_desc = q  # never read
-    kda_intra_fast_wgmma_kernel[(HV, NC) if head_major else (NC, HV)](
+    _FAST_LAUNCH[(HV, NC) if head_major else (NC, HV)](
         q, k, g, q_desc, k_desc, g_desc, A_log if has_gate else g, dt_bias if dt_bias is not None else g, out["Aqk"],
         apart, out["w"], out["qg"], out["kd"], out["dl"], out["P"], flag, chunk_bounds, float(scale),
         float(lower_bound) if lower_bound is not None else 0.0,

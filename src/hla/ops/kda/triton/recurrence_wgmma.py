@@ -38,6 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from hla.ops.kda.triton.common import on_hopper
+from hla.ops.kda.triton.launch import LeanLaunch
 
 # Ring slots (chunks in flight). H200, B1 T8192 H32 D128 (session 15, forward walk): 3 slots 0.210 / 0.219 ms,
 # 2 slots 0.256: TMA's latency is not covered by one chunk's products. A slot holds w, kd, qg [64, K] bf16,
@@ -274,6 +275,9 @@ def kda_walk_wgmma_kernel(
         gl.store(ht + (i_n * HV + i_hv).to(gl.int64) * K * V + p_s, b_s)
 
 
+_WALK_LAUNCH = LeanLaunch(kda_walk_wgmma_kernel)
+
+
 def _descriptor(x: torch.Tensor, block: list[int]) -> TensorDescriptor:
     """TMA descriptor of a [TT, heads, D] tensor seen as [TT, heads * D], boxes of `block`."""
     flat = x.view(x.shape[0], -1)
@@ -311,7 +315,7 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
     dummy = st["u"]
     o_slot = (TWO_PER_SM and write_o and st["u"].dtype == torch.bfloat16
               and walk_programs(N, HV, V) > sm_count(st["w"].device))
-    kda_walk_wgmma_kernel[(V // BV, N * HV)](
+    _WALK_LAUNCH[(V // BV, N * HV)](
         w_desc, _descriptor(st["kd"], [64, K]), _descriptor(st["qg"], [64, K]) if write_o else w_desc,
         _descriptor(st["Aqk"], [64, 64]) if write_o else w_desc, _descriptor(st["u"], [64, BV]),
         TensorDescriptor.from_tensor(st["dl"].view(-1, K), [1, K], DL_LAYOUT),
