@@ -169,6 +169,13 @@ def _half(buf, kb: gl.constexpr, row: gl.constexpr, mask, HB: gl.constexpr, L: g
 
 
 @gluon.jit
+def _loaded_tiles(q_s, k_s, g_s, kb: gl.constexpr, m_lo, m_hi, HB: gl.constexpr, L: gl.constexpr):
+    """Key block kb's six half tiles (q, k, g; rows 0..HB - 1, then HB..) from the TMA-filled buffers."""
+    return (_half(q_s, kb, 0, m_lo, HB, L), _half(q_s, kb, HB, m_hi, HB, L), _half(k_s, kb, 0, m_lo, HB, L),
+            _half(k_s, kb, HB, m_hi, HB, L), _half(g_s, kb, 0, m_lo, HB, L), _half(g_s, kb, HB, m_hi, HB, L))
+
+
+@gluon.jit
 def _stack(lo, hi):
     """Two [32, BK] half tiles as one [64, BK] tile (lo's rows first): one shared-memory store instead of two into
     slices of one buffer, between which the compiler places a CTA barrier."""
@@ -314,19 +321,9 @@ def kda_intra_fast_wgmma_kernel(
             tma.async_copy_global_to_shared(k_desc, [tok, i_h * K + kb * BK], bar.index(0), ma_s.index(kb))
             tma.async_copy_global_to_shared(g_desc, [tok, i_hv * K + kb * BK], bar.index(0), mb_s.index(kb))
         mbarrier.wait(bar.index(0), 0)
-        q0l = _half(xa_s, 0, 0, m_lo, HB, L)
-        q0h = _half(xa_s, 0, HB, m_hi, HB, L)
-        k0l = _half(ma_s, 0, 0, m_lo, HB, L)
-        k0h = _half(ma_s, 0, HB, m_hi, HB, L)
-        g0l = _half(mb_s, 0, 0, m_lo, HB, L)
-        g0h = _half(mb_s, 0, HB, m_hi, HB, L)
+        q0l, q0h, k0l, k0h, g0l, g0h = _loaded_tiles(xa_s, ma_s, mb_s, 0, m_lo, m_hi, HB, L)
         if NK == 2:
-            q1l = _half(xa_s, 1, 0, m_lo, HB, L)
-            q1h = _half(xa_s, 1, HB, m_hi, HB, L)
-            k1l = _half(ma_s, 1, 0, m_lo, HB, L)
-            k1h = _half(ma_s, 1, HB, m_hi, HB, L)
-            g1l = _half(mb_s, 1, 0, m_lo, HB, L)
-            g1h = _half(mb_s, 1, HB, m_hi, HB, L)
+            q1l, q1h, k1l, k1h, g1l, g1h = _loaded_tiles(xa_s, ma_s, mb_s, 1, m_lo, m_hi, HB, L)
         else:
             q1l, q1h, k1l, k1h, g1l, g1h = q0l, q0h, k0l, k0h, g0l, g0h
         if not USE_L2:  # every warp's reads done before the key blocks overwrite the buffers (else the norms' barrier)
