@@ -75,8 +75,9 @@ from hla.ops.kda.triton.launch import LeanLaunch
 BLOCK_K = 64  # key-block width: also the flags' width, which the exact launch reads
 NUM_WARPS = 8
 # ~175 registers uncapped (one program of 8 warps per SM); at 128, 56-84 B of spills (132 B with the TMA loads, whose
-# tiles come from shared memory) and two programs per SM (their 2 x 100 KB of operand tiles and norms fit). Offline sm_90a compile, kda_prefill_regs.py. H200, B1 T8192 H32,
-# a first version: the intra stage 0.896 ms uncapped against 0.675 at 128.
+# tiles come from shared memory) and two programs per SM (their 2 x 100 KB of operand tiles and norms fit). Offline
+# sm_90a compile, kda_prefill_regs.py. H200, B1 T8192 H32, a first version: the intra stage 0.896 ms uncapped against
+# 0.675 at 128.
 MAX_REGISTERS: int | None = 128
 # Programs in head-major order (the grid (HV, NC): the programs running together read and write neighbouring token
 # rows) where the chunks fit the grid's second dimension. H200, forward ms (session 20, with the solve's the same):
