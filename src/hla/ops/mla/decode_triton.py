@@ -21,11 +21,12 @@ import torch
 import triton
 import triton.language as tl
 
+from hla.ops.device import sm_count
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Split lengths are a multiple of this, so every BS below divides them.
 _CHUNK_ALIGN = 64
-_SM_COUNT: dict[int, int] = {}
 # Programs launched per SM (split count = WAVES * SMs / (B * M-blocks), splits >= 256 keys).
 WAVES = 2  # benchmarks/mla_decode.py sweeps it by setting this attribute
 
@@ -131,15 +132,6 @@ def mla_combine_kernel(
     tl.store(o_ptr + i_row * R + o_r, out.to(o_ptr.dtype.element_ty), mask=r_ok)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
 def mla_decode(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
@@ -188,7 +180,7 @@ def mla_decode(
     n_m = triton.cdiv(M, BM)
     if num_splits is None:
         # Enough programs for WAVES per SM, but no split shorter than 256 keys.
-        num_splits = max(1, min(triton.cdiv(span, 256), triton.cdiv(WAVES * _num_sms(latent.device), B * n_m)))
+        num_splits = max(1, min(triton.cdiv(span, 256), triton.cdiv(WAVES * sm_count(latent.device), B * n_m)))
     chunk = triton.cdiv(triton.cdiv(span, num_splits), _CHUNK_ALIGN) * _CHUNK_ALIGN
     nsplit = triton.cdiv(span, chunk)
     f32 = torch.float32

@@ -107,7 +107,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _walk_beside_solve(meta: _ChunkMeta, HV: int, V: int, x: torch.Tensor, opts: dict) -> bool:
-    from hla.ops.kda.triton.recurrence_wgmma import sm_count, walk_programs
+    from hla.ops.device import sm_count
+    from hla.ops.kda.triton.recurrence_wgmma import walk_programs
 
     return (BESIDE_SOLVE and not opts["needs_grad"] and PREMULTIPLY and x.device.type == "cuda"
             and not torch.cuda.is_current_stream_capturing()

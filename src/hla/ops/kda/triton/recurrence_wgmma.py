@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from hla.ops.device import sm_count
 from hla.ops.kda.triton.common import on_hopper
 from hla.ops.kda.triton.launch import LeanLaunch
 
@@ -332,7 +333,3 @@ def walk_programs(N: int, HV: int, V: int) -> int:
     """The walk's grid size: one program per (sequence, value head, BV value columns)."""
     return -(-V // BV) * N * HV
 
-
-@functools.lru_cache(maxsize=8)
-def sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
