@@ -115,8 +115,8 @@ def test_tma_loads_give_the_bits_of_pointer_loads(gate, lengths, H, HV, K, g32, 
     (q, k, v, g, beta, bounds), kw = _inputs(lengths, H, HV, K, 128, gate)
     args = (q, k, v, g.float() if g32 else g, beta, bounds)
     descriptors = []
-    layout = intra_wgmma._box_layout
-    monkeypatch.setattr(intra_wgmma, "_box_layout", lambda: descriptors.append(1) or layout())
+    make = intra_wgmma.tma_descriptor
+    monkeypatch.setattr(intra_wgmma, "tma_descriptor", lambda *a: descriptors.append(1) or make(*a))
     monkeypatch.setattr(intra, "INTRA_WGMMA", "always")
     runs = {}
     for on in (False, True):

@@ -21,11 +21,13 @@ import functools
 
 import torch
 
+from hla.ops.device import sm_count
 from hla.ops.kda.triton.common import MAX_GRID_Y
 from hla.ops.kda.triton.intra import kda_intra_fwd
 from hla.ops.kda.triton.intra_bwd import kda_intra_bwd
 from hla.ops.kda.triton.recurrence import _use_wgmma_walk, kda_recurrence_fwd
 from hla.ops.kda.triton.recurrence_bwd import kda_state_grad
+from hla.ops.kda.triton.recurrence_wgmma import walk_programs
 
 
 def _build_equal_length_bounds(B: int, T: int, BT: int, device: torch.device):
@@ -107,9 +109,6 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _walk_beside_solve(meta: _ChunkMeta, HV: int, V: int, x: torch.Tensor, opts: dict) -> bool:
-    from hla.ops.device import sm_count
-    from hla.ops.kda.triton.recurrence_wgmma import walk_programs
-
     return (BESIDE_SOLVE and not opts["needs_grad"] and PREMULTIPLY and x.device.type == "cuda"
             and not torch.cuda.is_current_stream_capturing()
             and walk_programs(meta.N, HV, V) <= sm_count(x.device) // 2 and meta.NC <= MAX_GRID_Y)

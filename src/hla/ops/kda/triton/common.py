@@ -8,6 +8,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from hla.ops.device import capability
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The largest grid dimension after the first (CUDA's gridDim.y / z): a launch whose chunks run along it (a head-major
@@ -39,14 +43,21 @@ def refuse_one_stage_16bit(num_stages: int, K: int, tile_bytes: int, walk: str) 
 def on_hopper(x: torch.Tensor) -> bool:
     """Whether x lives on an sm_90 GPU and kernels really run there (not the interpreter): where the Gluon kernels
     (wgmma, TMA) apply."""
-    return not INTERPRET and x.is_cuda and _capability(x.device) == (9, 0)
+    return not INTERPRET and x.is_cuda and capability(x.device) == (9, 0)
 
 
-@functools.lru_cache(maxsize=8)
-def _capability(device: torch.device) -> tuple[int, int]:
-    # cached: torch's query is ~5 us of host time, asked three times a forward (a B1 forward's host time is about
-    # its GPU time, session 20)
-    return torch.cuda.get_device_capability(device)
+def tma_descriptor(x: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """TMA descriptor of a [TT, heads, D] tensor seen as [TT, heads * D], boxes of `block` in the default NVMMA
+    shared layout (the Gluon kernels' operand tiles)."""
+    return TensorDescriptor.from_tensor(x.view(x.shape[0], -1), block,
+                                        _box_layout(tuple(block), x.dtype == torch.bfloat16))
+
+
+@functools.lru_cache(maxsize=16)
+def _box_layout(block: tuple[int, ...], bf16: bool) -> gl.NVMMASharedLayout:
+    # the shared layout of a TMA box, built once per shape: building it took 7.6 of the 12 us a descriptor costs the
+    # host (CPU, session 18), and a forward makes nine descriptors
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if bf16 else gl.float32)
 
 
 @triton.jit

@@ -55,8 +55,6 @@ ms at H96, the forward 1.889 -> 1.690 (bounded gate), same outputs bit for bit w
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -67,9 +65,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from hla.ops.kda.triton.common import LOG2E, MAX_GRID_Y, on_hopper, reg_cap
+from hla.ops.kda.triton.common import LOG2E, MAX_GRID_Y, on_hopper, reg_cap, tma_descriptor
 from hla.ops.kda.triton.launch import LeanLaunch
 
 BLOCK_K = 64  # key-block width: also the flags' width, which the exact launch reads
@@ -459,12 +456,6 @@ def kda_intra_fast_wgmma_kernel(
 _FAST_LAUNCH = LeanLaunch(kda_intra_fast_wgmma_kernel)
 
 
-@functools.lru_cache(maxsize=1)
-def _box_layout() -> gl.NVMMASharedLayout:
-    # the operand tiles' layout (128-byte swizzle), built once: building it is most of a descriptor's host cost
-    return gl.NVMMASharedLayout.get_default_for([64, BLOCK_K], gl.bfloat16)
-
-
 def kda_intra_fast_wgmma(q, k, g, A_log, dt_bias, out: dict, apart: torch.Tensor, flag: torch.Tensor,
                          chunk_bounds: torch.Tensor, *, scale: float, lower_bound: float | None, use_qk_l2norm: bool,
                          safe_span: float, split_a: bool) -> None:
@@ -480,8 +471,7 @@ def kda_intra_fast_wgmma(q, k, g, A_log, dt_bias, out: dict, apart: torch.Tensor
     tma_loads = TMA_LOADS and g.dtype == torch.bfloat16 and all(
         x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (q, k, g))
     if tma_loads:
-        q_desc, k_desc, g_desc = (TensorDescriptor.from_tensor(x.view(TT, -1), [64, BLOCK_K], _box_layout())
-                                  for x in (q, k, g))
+        q_desc, k_desc, g_desc = (tma_descriptor(x, [64, BLOCK_K]) for x in (q, k, g))
     else:
         q_desc = k_desc = g_desc = q  # never read
     _FAST_LAUNCH[(HV, NC) if head_major else (NC, HV)](

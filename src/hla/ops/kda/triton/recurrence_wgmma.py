@@ -24,8 +24,6 @@ as bf16 snapshots, no output).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -38,7 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from hla.ops.device import sm_count
-from hla.ops.kda.triton.common import on_hopper
+from hla.ops.kda.triton.common import on_hopper, tma_descriptor
 from hla.ops.kda.triton.launch import LeanLaunch
 
 # Ring slots (chunks in flight). H200, B1 T8192 H32 D128 (session 15, forward walk): 3 slots 0.210 / 0.219 ms,
@@ -279,19 +277,6 @@ def kda_walk_wgmma_kernel(
 _WALK_LAUNCH = LeanLaunch(kda_walk_wgmma_kernel)
 
 
-def _descriptor(x: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    """TMA descriptor of a [TT, heads, D] tensor seen as [TT, heads * D], boxes of `block`."""
-    flat = x.view(x.shape[0], -1)
-    return TensorDescriptor.from_tensor(flat, block, _box_layout(tuple(block), x.dtype == torch.bfloat16))
-
-
-@functools.lru_cache(maxsize=16)
-def _box_layout(block: tuple[int, ...], bf16: bool) -> gl.NVMMASharedLayout:
-    # the shared layout of a TMA box, built once per shape: building it took 7.6 of the 12 us a descriptor costs the
-    # host (CPU, session 18), and the forward's walk makes five of its six descriptors here a call
-    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if bf16 else gl.float32)
-
-
 def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_offsets: torch.Tensor,
                    initial_state: torch.Tensor | None, o: torch.Tensor | None, ht: torch.Tensor | None,
                    h: torch.Tensor | None = None, vnew: torch.Tensor | None = None,
@@ -312,13 +297,13 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
     # The output walk keeps three chunks in flight (two, and qg / A_qk one chunk ahead, with the o slot); the states walk
     # loads no qg / A_qk (48 KB a slot) and keeps three as well (its stores take the scratch the output walk's tiles
     # would).
-    w_desc = _descriptor(st["w"], [64, K])
+    w_desc = tma_descriptor(st["w"], [64, K])
     dummy = st["u"]
     o_slot = (TWO_PER_SM and write_o and st["u"].dtype == torch.bfloat16
               and walk_programs(N, HV, V) > sm_count(st["w"].device))
     _WALK_LAUNCH[(V // BV, N * HV)](
-        w_desc, _descriptor(st["kd"], [64, K]), _descriptor(st["qg"], [64, K]) if write_o else w_desc,
-        _descriptor(st["Aqk"], [64, 64]) if write_o else w_desc, _descriptor(st["u"], [64, BV]),
+        w_desc, tma_descriptor(st["kd"], [64, K]), tma_descriptor(st["qg"], [64, K]) if write_o else w_desc,
+        tma_descriptor(st["Aqk"], [64, 64]) if write_o else w_desc, tma_descriptor(st["u"], [64, BV]),
         TensorDescriptor.from_tensor(st["dl"].view(-1, K), [1, K], DL_LAYOUT),
         initial_state if initial_state is not None else dummy, o if write_o else dummy,
         ht if ht is not None else dummy, h if h is not None else dummy, vnew if vnew is not None else dummy,
@@ -332,4 +317,3 @@ def kda_walk_wgmma(st: dict[str, torch.Tensor], cu_seqlens: torch.Tensor, chunk_
 def walk_programs(N: int, HV: int, V: int) -> int:
     """The walk's grid size: one program per (sequence, value head, BV value columns)."""
     return -(-V // BV) * N * HV
-
